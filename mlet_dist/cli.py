@@ -1,0 +1,135 @@
+"""Command line: ``mlet-dist <command> [--config FILE] [--section.key=value ...]``.
+
+Commands:
+    generate   write synthetic Criteo-format day files (the built-in default data)
+    train      train a model (one process, or every rank under torchrun / torchx)
+    evaluate   AUC / log loss / NE of a run's latest checkpoint on a split or files
+    collapse   collapse a run's MLET tables into a plain d-dim model for serving
+    run        the whole job end to end: generate (if needed), train, evaluate, collapse, check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from mlet_dist.config import ConfigError, load_config
+
+logger = logging.getLogger("mlet_dist")
+
+
+def _setup_logging(level: str) -> None:
+    """Logs of mlet_dist at ``level`` on rank 0 and WARNING elsewhere; libraries at WARNING.
+
+    TorchRec's planner and fbgemm log many INFO lines (partly through the root logger), so the
+    root logger stays at WARNING. Set MLET_LOG_ALL_RANKS=1 to see every rank's logs.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0 and os.environ.get("MLET_LOG_ALL_RANKS") != "1":
+        level = "WARNING"
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("mlet_dist").setLevel(getattr(logging, level.upper()))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlet-dist",
+        description="Distributed multi-layer embedding training (MLET) with TorchRec.",
+        epilog="Any --section.key=value after the options overrides the config file "
+        "(e.g. --model.inner_dim=128 --train.max_steps=100).",
+    )
+    p.add_argument("--log-level", default="INFO", help="logging level on rank 0 (default INFO)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str, config: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        if config:
+            sp.add_argument("--config", help="TOML config file (see configs/)")
+        return sp
+
+    add("generate", "write synthetic Criteo-format day files into data.dir")
+    t = add("train", "train a model; resumes the latest checkpoint of train.run_dir")
+    t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    e = add("evaluate", "evaluate a run's latest checkpoint", config=False)
+    e.add_argument("--run", required=True, help="run directory of a training run")
+    e.add_argument("--split", default="eval", choices=["eval", "test", "train"])
+    e.add_argument("--data", nargs="+", help="Criteo TSV files to evaluate instead of a split")
+    c = add("collapse", "collapse a run's MLET tables into a plain d-dim model", config=False)
+    c.add_argument("--run", required=True, help="run directory of a training run")
+    c.add_argument("--out", required=True, help="output directory of the collapsed model")
+    c.add_argument("--chunk-rows", type=int, default=65536, help="rows per collapse matmul")
+    r = add("run", "end to end: generate (if needed), train, evaluate, collapse, check")
+    r.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mlet-dist`` and ``python -m mlet_dist``; returns the exit code."""
+    args, rest = _parser().parse_known_args(argv)
+    _setup_logging(args.log_level)
+    bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
+    if bad:
+        print(
+            f"mlet-dist: unrecognized arguments {bad}; overrides look like --section.key=value",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return _dispatch(args, rest)
+    except ConfigError as e:
+        print(f"mlet-dist {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        from mlet_dist.checkpoint import CheckpointError
+        from mlet_dist.data import CriteoFormatError
+
+        if isinstance(e, (CheckpointError, CriteoFormatError, FileNotFoundError)):
+            print(f"mlet-dist {args.command}: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.command == "generate":
+        from mlet_dist.data import generate_synthetic
+
+        cfg = load_config(args.config, overrides)
+        files = generate_synthetic(cfg.data.dir, cfg.synthetic, progress=cfg.train.progress)
+        logger.info("wrote %d day files to %s", len(files), cfg.data.dir)
+        return 0
+    if args.command == "train":
+        from mlet_dist.train import train
+
+        train(load_config(args.config, overrides), resume=not args.no_resume)
+        return 0
+    if args.command == "evaluate":
+        from mlet_dist.workflow import evaluate_run
+
+        metrics = evaluate_run(args.run, split=args.split, files=args.data, overrides=overrides)
+        print(json.dumps(metrics, indent=1))
+        return 0
+    if args.command == "collapse":
+        from mlet_dist.export import collapse_run
+
+        if overrides:
+            raise ConfigError(f"collapse takes no config overrides (got {overrides})")
+        collapse_run(args.run, args.out, chunk_rows=args.chunk_rows)
+        return 0
+    if args.command == "run":
+        from mlet_dist.workflow import run_end_to_end
+
+        summary = run_end_to_end(load_config(args.config, overrides), resume=not args.no_resume)
+        print(json.dumps(summary, indent=1))
+        return 0 if summary["collapse_check"]["passed"] else 1
+    raise AssertionError(args.command)  # argparse restricts the choices
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""DLRM over (optionally factorized) embedding tables.
+
+The model classes are TorchRec's own (``torchrec.models.dlrm.DLRM`` with the dot interaction and
+``DLRM_DCN`` with the DCNv2 low-rank cross net, as in MLPerf DLRMv2) wrapped in ``DLRMTrain`` for
+the loss; they take any module with ``embedding_bag_configs()`` and a KeyedTensor output, so the
+MLET module and a plain EBC are interchangeable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+from torchrec.modules.embedding_configs import PoolingType
+
+from mlet_dist.config import ConfigError, ModelConfig
+from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, MLETEmbeddingBagConfig
+
+
+def table_name(feature: str) -> str:
+    return f"t_{feature}"
+
+
+def build_tables(
+    model_cfg: ModelConfig,
+    num_embeddings_per_feature: list[int],
+    feature_names: list[str] | None = None,
+) -> list[MLETEmbeddingBagConfig]:
+    """One table per categorical feature, factorized when its k (inner_dim) is non-zero.
+
+    Args:
+        model_cfg: model section (d, k, per-table k, pooling).
+        num_embeddings_per_feature: table rows per feature.
+        feature_names: defaults to Criteo's cat_0..cat_{n-1}.
+    """
+    names = feature_names or list(DEFAULT_CAT_NAMES[: len(num_embeddings_per_feature)])
+    if len(names) != len(num_embeddings_per_feature):
+        raise ConfigError(
+            f"{len(num_embeddings_per_feature)} table sizes given for {len(names)} features; "
+            f"data.num_embeddings_per_feature needs one size per categorical feature"
+        )
+    known = {table_name(f) for f in names}
+    unknown = sorted(set(model_cfg.inner_dim_per_table) - known)
+    if unknown:
+        raise ConfigError(
+            f"model.inner_dim_per_table names unknown tables {unknown}; tables are "
+            f"{', '.join(sorted(known))}"
+        )
+    pooling = PoolingType.SUM if model_cfg.pooling == "sum" else PoolingType.MEAN
+    tables = []
+    for feature, rows in zip(names, num_embeddings_per_feature):
+        name = table_name(feature)
+        k = model_cfg.inner_dim_per_table.get(name, model_cfg.inner_dim)
+        tables.append(
+            MLETEmbeddingBagConfig(
+                name=name,
+                num_embeddings=rows,
+                embedding_dim=model_cfg.embedding_dim,
+                feature_names=[feature],
+                pooling=pooling,
+                inner_dim=k or None,
+            )
+        )
+    return tables
+
+
+def build_dlrm(
+    model_cfg: ModelConfig,
+    num_embeddings_per_feature: list[int],
+    embedding_device: torch.device | None = None,
+    dense_device: torch.device | None = None,
+    embedding_module: nn.Module | None = None,
+) -> DLRMTrain:
+    """Builds ``DLRMTrain(DLRM | DLRM_DCN)`` over an MLET module (or a given embedding module).
+
+    Args:
+        model_cfg: model section.
+        num_embeddings_per_feature: table rows per categorical feature.
+        embedding_device: device of W1; ``meta`` to defer allocation to the sharder (default).
+        dense_device: device of W2 and the MLPs (default CPU).
+        embedding_module: use this module (e.g. a collapsed plain EBC) instead of building one.
+    """
+    dense_device = dense_device or torch.device("cpu")
+    embedding_device = embedding_device or torch.device("meta")
+    with dense_device:
+        if embedding_module is None:
+            embedding_module = MLETEmbeddingBagCollection(
+                build_tables(model_cfg, num_embeddings_per_feature),
+                device=embedding_device,
+                projection_device=dense_device,
+                projection_init=model_cfg.projection_init,
+                projection_init_std=model_cfg.projection_init_std or None,
+            )
+        common = dict(
+            embedding_bag_collection=embedding_module,
+            dense_in_features=INT_FEATURE_COUNT,
+            dense_arch_layer_sizes=model_cfg.dense_arch_layer_sizes,
+            over_arch_layer_sizes=model_cfg.over_arch_layer_sizes,
+            dense_device=dense_device,
+        )
+        if model_cfg.interaction == "dot":
+            dlrm = DLRM(**common)
+        else:
+            dlrm = DLRM_DCN(
+                **common,
+                dcn_num_layers=model_cfg.dcn_num_layers,
+                dcn_low_rank_dim=model_cfg.dcn_low_rank_dim,
+            )
+    return DLRMTrain(dlrm)

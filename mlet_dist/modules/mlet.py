@@ -1,0 +1,252 @@
+"""The pure (unsharded) MLET module: a factorized EmbeddingBagCollection.
+
+Each factorized table is W = W1 @ W2 with W1 (vocab × k) an ordinary TorchRec
+``EmbeddingBagCollection`` table of dimension k, and W2 (k × d) a small dense projection held in a
+separate module (:class:`MLETProjection`) so that TorchRec shards W1 while W2 is replicated (data
+parallel). Pooling is linear, so ``pool(W1[ids]) @ W2 == pool((W1 @ W2)[ids])``: after training the
+two factors collapse exactly into one vocab × d table (see :mod:`mlet_dist.modules.collapse`).
+
+A table whose ``inner_dim`` is None is an ordinary single-layer table of dimension d that goes
+through the same module with no projection: the baseline is this code path with ``inner_dim=None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+PROJECTION_INITS = ("normal", "xavier", "orthogonal")
+
+
+class MLETConfigError(ValueError):
+    """An MLET table configuration is invalid; the message names the table and the fix."""
+
+
+@dataclass
+class MLETEmbeddingBagConfig(EmbeddingBagConfig):
+    """A TorchRec ``EmbeddingBagConfig`` plus the MLET inner dimension.
+
+    ``embedding_dim`` is d, the dimension served after collapse. ``inner_dim`` is k, the width of
+    the trained factor W1; None makes the table an ordinary single-layer table.
+
+    Example::
+
+        MLETEmbeddingBagConfig(
+            name="t_ad", num_embeddings=1000, embedding_dim=16, inner_dim=64,
+            feature_names=["ad_id"],
+        )
+    """
+
+    inner_dim: int | None = None
+
+
+def _plain_config(cfg: EmbeddingBagConfig, **changes) -> EmbeddingBagConfig:
+    """A vanilla ``EmbeddingBagConfig`` (not the MLET subclass) with some fields replaced.
+
+    The planner, the sharders and the inference helpers only need to see vanilla configs.
+    """
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EmbeddingBagConfig)}
+    values.update(changes)
+    return EmbeddingBagConfig(**values)
+
+
+def served_tables(tables: Iterable[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:
+    """The plain d-dim configs a collapsed (served) EBC of these tables is built from."""
+    return [_plain_config(t) for t in tables]
+
+
+def inner_dim_of(cfg: EmbeddingBagConfig) -> int | None:
+    """The k of a table config (None for an ordinary table or a plain EmbeddingBagConfig)."""
+    return getattr(cfg, "inner_dim", None)
+
+
+def validate_tables(tables: Iterable[EmbeddingBagConfig]) -> None:
+    """Checks MLET table configs; raises :class:`MLETConfigError` naming the table."""
+    names: set[str] = set()
+    features: set[str] = set()
+    for t in tables:
+        if not t.name:
+            raise MLETConfigError(
+                f"every table needs a name; got one with features {t.feature_names}"
+            )
+        if t.name in names:
+            raise MLETConfigError(
+                f"table name '{t.name}' is used twice; table names must be unique"
+            )
+        names.add(t.name)
+        for f in t.feature_names:
+            if f in features:
+                raise MLETConfigError(
+                    f"feature '{f}' is mapped to more than one table (again in '{t.name}'); "
+                    f"a feature reads exactly one table"
+                )
+            features.add(f)
+        k = inner_dim_of(t)
+        if k is not None and k < t.embedding_dim:
+            raise MLETConfigError(
+                f"table '{t.name}': inner_dim k={k} is smaller than embedding_dim d={t.embedding_dim}; "
+                f"MLET needs k >= d (a wider inner factor). Use inner_dim >= {t.embedding_dim}, "
+                f"or inner_dim=None for an ordinary single-layer table."
+            )
+        if k is not None and k <= 0:
+            raise MLETConfigError(f"table '{t.name}': inner_dim must be positive, got {k}")
+
+
+class MLETProjection(nn.Module):
+    """The per-table W2 (k × d, no bias) of the factorized tables, kept apart from W1 so it can be
+    replicated by data parallelism while TorchRec shards W1.
+
+    Args:
+        shapes: table name -> (k, d) for each factorized table.
+        init: 'normal', 'xavier' or 'orthogonal'.
+        init_std: std of the 'normal' init; None or 0 means 1/sqrt(k), which gives the entries
+            of W1 @ W2 the same variance as those of W1, so the collapsed table starts at the scale
+            of an ordinary d-dim table.
+        device: where to allocate W2.
+    """
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, int]],
+        init: str = "normal",
+        init_std: float | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        if init not in PROJECTION_INITS:
+            raise MLETConfigError(
+                f"projection init '{init}' is unknown; use one of {', '.join(PROJECTION_INITS)}"
+            )
+        self.init = init
+        self.init_std = init_std
+        self.weights = nn.ParameterDict(
+            {
+                name: nn.Parameter(torch.empty(k, d, device=device))
+                for name, (k, d) in shapes.items()
+            }
+        )
+        if not any(p.is_meta for p in self.weights.values()):
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for w in self.weights.values():
+            k = w.shape[0]
+            if self.init == "normal":
+                nn.init.normal_(w, std=self.init_std or 1.0 / math.sqrt(k))
+            elif self.init == "xavier":
+                nn.init.xavier_uniform_(w)
+            else:
+                nn.init.orthogonal_(w)
+
+    def forward(self, name: str) -> torch.Tensor:
+        return self.weights[name]
+
+
+class MLETEmbeddingBagCollection(nn.Module):
+    """A factorized (multi-layer) EmbeddingBagCollection.
+
+    ``forward(KeyedJaggedTensor) -> KeyedTensor`` of d-dim pooled embeddings keyed by feature
+    name, in the declared order of the tables' features. It looks W1's output up by key, never by
+    position (a sharded EBC reorders its output keys).
+
+    Args:
+        tables: table configs; ``MLETEmbeddingBagConfig`` with ``inner_dim`` set are factorized,
+            others (or inner_dim=None) are ordinary d-dim tables.
+        is_weighted: the input KJT carries per-id weights (weighted pooling).
+        device: device of W1; ``torch.device("meta")`` defers allocation to sharding.
+        projection_device: device of W2 (default: ``device`` unless that is meta, then CPU).
+        projection_init, projection_init_std: see :class:`MLETProjection`.
+
+    Example::
+
+        tables = [MLETEmbeddingBagConfig(name="t0", num_embeddings=100, embedding_dim=8,
+                                         inner_dim=32, feature_names=["f0", "f1"])]
+        mlet = MLETEmbeddingBagCollection(tables)
+        kt = mlet(KeyedJaggedTensor.from_lengths_sync(
+            keys=["f0", "f1"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 0, 1, 0])))
+        kt["f0"].shape  # (2, 8)
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: torch.device | None = None,
+        projection_device: torch.device | None = None,
+        projection_init: str = "normal",
+        projection_init_std: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not tables:
+            raise MLETConfigError("MLETEmbeddingBagCollection needs at least one table")
+        validate_tables(tables)
+        self._tables = list(tables)
+        self._is_weighted = is_weighted
+        # The served view: what a plain EBC of the collapsed model is configured with.
+        self._served_configs = served_tables(tables)
+        w1_configs = [
+            _plain_config(t, embedding_dim=inner_dim_of(t) or t.embedding_dim) for t in tables
+        ]
+        self.w1 = EmbeddingBagCollection(tables=w1_configs, is_weighted=is_weighted, device=device)
+        if projection_device is None:
+            projection_device = device if device is not None and device.type != "meta" else None
+        self.projection = MLETProjection(
+            {t.name: (inner_dim_of(t), t.embedding_dim) for t in tables if inner_dim_of(t)},
+            init=projection_init,
+            init_std=projection_init_std,
+            device=projection_device,
+        )
+        self._feature_names = [f for t in tables for f in t.feature_names]
+        self._feature_dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        # Factorized features grouped by (k, d) so each group is one batched matmul.
+        groups: dict[tuple[int, int], list[tuple[str, str]]] = {}
+        for t in tables:
+            k = inner_dim_of(t)
+            if k:
+                for f in t.feature_names:
+                    groups.setdefault((k, t.embedding_dim), []).append((f, t.name))
+        self._groups = list(groups.values())
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The served (collapsed) configs: same names, features, pooling, dimension d."""
+        return self._served_configs
+
+    def mlet_configs(self) -> list[EmbeddingBagConfig]:
+        """The configs as given, including ``inner_dim``."""
+        return self._tables
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self._feature_names
+
+    def reset_parameters(self) -> None:
+        """(Re)initializes W1 (uniform ±sqrt(1/vocab), as the DLRM reference) and W2."""
+        self.w1.reset_parameters()
+        self.projection.reset_parameters()
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        pooled = self.w1(features).to_dict()  # by key: robust to the sharded output order
+        out: dict[str, torch.Tensor] = {}
+        for group in self._groups:
+            # (F, B, k) @ (F, k, d) -> (F, B, d): one bmm for all features of equal (k, d).
+            x = torch.stack([pooled[f] for f, _ in group])
+            w2 = torch.stack([self.projection.weights[t] for _, t in group])
+            y = torch.bmm(x, w2)
+            for i, (f, _) in enumerate(group):
+                out[f] = y[i]
+        values = torch.cat([out.get(f, pooled[f]) for f in self._feature_names], dim=1)
+        return KeyedTensor(
+            keys=self._feature_names, length_per_key=self._feature_dims, values=values
+        )
