@@ -6,6 +6,7 @@ Commands:
     evaluate   AUC / log loss / NE of a run's latest checkpoint on a split or files
     collapse   collapse a run's MLET tables into a plain d-dim model for serving
     run        the whole job end to end: generate (if needed), train, evaluate, collapse, check
+    plan       dry run of the sharding plan and per-rank memory for a cluster (nothing allocated)
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--chunk-rows", type=int, default=65536, help="rows per collapse matmul")
     r = add("run", "end to end: generate (if needed), train, evaluate, collapse, check")
     r.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    pl = add("plan", "dry run: sharding plan and per-rank memory for a cluster (no allocation)")
+    pl.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) to plan for")
+    pl.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    pl.add_argument("--local-world-size", type=int, help="ranks per node (8 on cuda)")
+    pl.add_argument("--batch-size", type=int, help="batch per rank (data.batch_size/world)")
+    pl.add_argument("--hbm-gb", type=float, help="GPU memory per rank (dist.hbm_cap_gb)")
+    pl.add_argument("--ddr-gb", type=float, help="host memory per rank (dist.ddr_cap_gb)")
+    pl.add_argument("--out", help="JSON report (default <train.run_dir>/plan.json)")
     return p
 
 
@@ -128,6 +137,28 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         summary = run_end_to_end(load_config(args.config, overrides), resume=not args.no_resume)
         print(json.dumps(summary, indent=1))
         return 0 if summary["collapse_check"]["passed"] else 1
+    if args.command == "plan":
+        from mlet_dist.distributed import planning
+
+        cfg = load_config(args.config, overrides)
+        cfg.dist.hbm_cap_gb = args.hbm_gb if args.hbm_gb is not None else cfg.dist.hbm_cap_gb
+        cfg.dist.ddr_cap_gb = args.ddr_gb if args.ddr_gb is not None else cfg.dist.ddr_cap_gb
+        try:
+            report = planning.dry_run(
+                cfg,
+                args.world_size,
+                args.device,
+                local_world_size=args.local_world_size,
+                batch_size_per_rank=args.batch_size,
+            )
+        except planning.PlanningError as e:
+            print(f"mlet-dist plan: {e}", file=sys.stderr)
+            return 1
+        out = planning.write_report(
+            report, args.out or os.path.join(cfg.train.run_dir, "plan.json")
+        )
+        print(planning.format_report(report) + f"\nwrote {out}")
+        return 0 if report["totals"]["fits"] else 1
     raise AssertionError(args.command)  # argparse restricts the choices
 
 

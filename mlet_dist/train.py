@@ -124,6 +124,7 @@ class Trainer:
             model, env, cfg.dist, cfg.optim, cfg.data.batch_size // env.world_size
         )
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim)
+        self._sync_fused_lr()
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -160,10 +161,24 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         self.scheduler.load_state_dict(train_state["scheduler"])
+        # load_state_dict restores the schedule's position but not the groups' current LR.
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self._sync_fused_lr()
         self.step = train_state["step"]
         self.epoch = train_state["epoch"]
         self.batch_in_epoch = train_state["batch_in_epoch"]
         logger.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+
+    def _sync_fused_lr(self) -> None:
+        """Pushes the scheduled LR into fbgemm's TBEs before the next backward.
+
+        The fused optimizer updates W1 inside backward with the LR the TBE holds, which its
+        ``step()`` sets from the param group (that is all the fused ``step()`` does). Without
+        this call W1 would train with the previous step's LR, and a resumed run would use the
+        construction-time LR for its first step.
+        """
+        self.model.fused_optimizer.step()
 
     # -- training ----------------------------------------------------------------------------
     def fit(self, train: CriteoArrays) -> dict[str, Any]:
@@ -210,6 +225,7 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
                 self.scheduler.step()
+                self._sync_fused_lr()
                 self.optimizer.zero_grad()
                 self.step += 1
                 self.batch_in_epoch = i + 1

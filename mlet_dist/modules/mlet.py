@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -189,6 +189,13 @@ class MLETEmbeddingBagCollection(nn.Module):
         if not tables:
             raise MLETConfigError("MLETEmbeddingBagCollection needs at least one table")
         validate_tables(tables)
+        mean = [t.name for t in tables if t.pooling == PoolingType.MEAN]
+        if is_weighted and mean:
+            raise MLETConfigError(
+                f"weighted features with MEAN pooling (tables {mean}) are not supported by "
+                f"PyTorch's EmbeddingBag (per-id weights need SUM pooling); use SUM pooling, or "
+                f"divide the weights by the bag length yourself"
+            )
         self._tables = list(tables)
         self._is_weighted = is_weighted
         # The served view: what a plain EBC of the collapsed model is configured with.
@@ -231,9 +238,19 @@ class MLETEmbeddingBagCollection(nn.Module):
     def feature_names(self) -> list[str]:
         return self._feature_names
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """(Re)initializes W1 (uniform ±sqrt(1/vocab), as the DLRM reference) and W2."""
-        self.w1.reset_parameters()
+        """(Re)initializes W1 (uniform ±sqrt(1/vocab), as the DLRM reference) and W2.
+
+        Done here rather than by ``EmbeddingBagCollection.reset_parameters``, which is a no-op
+        for an EBC constructed on the meta device even after ``to_empty``.
+        """
+        for cfg in self.w1.embedding_bag_configs():
+            weight = self.w1.embedding_bags[cfg.name].weight
+            if cfg.init_fn is not None:
+                cfg.init_fn(weight)
+            else:
+                weight.uniform_(cfg.get_weight_init_min(), cfg.get_weight_init_max())
         self.projection.reset_parameters()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

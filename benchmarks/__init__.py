@@ -1,0 +1,1 @@
+"""Benchmarks of mlet_dist (see the README)."""

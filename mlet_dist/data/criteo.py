@@ -1,0 +1,532 @@
+"""Reader of the Criteo click-log TSV format and batching into TorchRec ``Batch`` objects.
+
+One row per line, 40 tab-separated fields: label (0/1), 13 integer features I1..I13, 26 categorical
+features C1..C26 (hex hashes). An empty field is a missing value. Files may be plain text or gzip
+(detected by magic bytes), with LF or CRLF line endings. This is the raw format of both the Criteo
+Kaggle ``train.txt`` and the Criteo 1TB ``day_N`` files, and of the synthetic generator's output.
+
+The transforms follow the facebookresearch/dlrm reference: integer features are clamped at 0 and
+mapped through ``log(x + 1)`` (missing = 0); categorical hashes are parsed as unsigned integers
+(missing = 0) and taken modulo the table size of their feature.
+
+Example::
+
+    arrays = read_criteo_tsv("day_0.gz", num_embeddings_per_feature=[100_000] * 26)
+    train, val, _ = split_arrays(arrays, eval_fraction=0.1, test_fraction=0.0)
+    for batch in make_batches(train, 256, shuffle=True, seed=0, rank=0, world_size=2):
+        ...  # batch.dense_features: (128, 13), batch.sparse_features: KJT with 26 keys
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from torchrec.datasets.criteo import (
+    CAT_FEATURE_COUNT,
+    DEFAULT_CAT_NAMES,
+    DEFAULT_INT_NAMES,
+    INT_FEATURE_COUNT,
+)
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CAT_FEATURE_COUNT",
+    "DEFAULT_CAT_NAMES",
+    "DEFAULT_INT_NAMES",
+    "FIELD_COUNT",
+    "INT_FEATURE_COUNT",
+    "CriteoArrays",
+    "CriteoFormatError",
+    "make_batches",
+    "num_batches",
+    "read_criteo_tsv",
+    "split_arrays",
+]
+
+FIELD_COUNT = 1 + INT_FEATURE_COUNT + CAT_FEATURE_COUNT
+"""Fields per line: label, 13 integer features, 26 categorical features (40)."""
+
+_GZIP_MAGIC = b"\x1f\x8b"
+# Decompressed bytes handed to the vectorized parser at a time: large enough that the per-chunk
+# numpy overhead is negligible, small enough that the temporary index arrays stay ~100 MB.
+_CHUNK_BYTES = 8 << 20
+# Longest categorical value accepted: 16 hex digits fit an unsigned 64-bit integer exactly, so
+# ``value % table_size`` is the true modulo (Criteo hashes have 8).
+_MAX_HEX_DIGITS = 16
+_MAX_SHOWN_CHARS = 40
+
+_HEX_LUT = np.full(256, -1, dtype=np.int16)
+for _c in b"0123456789":
+    _HEX_LUT[_c] = _c - ord("0")
+for _c in b"abcdef":
+    _HEX_LUT[_c] = _c - ord("a") + 10
+    _HEX_LUT[_c - 32] = _c - ord("a") + 10  # upper case A-F
+_DEC_LUT = np.full(256, -1, dtype=np.int16)
+for _c in b"0123456789":
+    _DEC_LUT[_c] = _c - ord("0")
+del _c
+
+_INT_RE = re.compile(rb"-?[0-9]+")
+_HEX_RE = re.compile(rb"[0-9a-fA-F]+")
+
+
+class CriteoFormatError(ValueError):
+    """A Criteo TSV file is missing, unreadable or malformed.
+
+    The message names the file, the 1-based line number (when there is one), what is wrong and how
+    to fix it. ``path`` and ``line`` hold the same information for programs.
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None, line: int | None = None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.line = line
+
+
+@dataclass
+class CriteoArrays:
+    """Parsed, transformed Criteo rows held as numpy arrays (row i of each array is one sample).
+
+    Attributes:
+        labels: float32, shape (N,), 0.0 or 1.0.
+        dense: float32, shape (N, 13), ``log(max(x, 0) + 1)`` of the integer features (missing = 0).
+        sparse: int64, shape (N, 26), categorical ids already reduced modulo the table sizes.
+    """
+
+    labels: np.ndarray
+    dense: np.ndarray
+    sparse: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def slice(self, start: int, stop: int) -> CriteoArrays:
+        """Returns rows ``start:stop`` (numpy views, no copy)."""
+        return CriteoArrays(
+            self.labels[start:stop], self.dense[start:stop], self.sparse[start:stop]
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[CriteoArrays]) -> CriteoArrays:
+        """Concatenates row-wise; an empty sequence gives zero rows."""
+        if not parts:
+            return cls.empty()
+        return cls(
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.dense for p in parts]),
+            np.concatenate([p.sparse for p in parts]),
+        )
+
+    @classmethod
+    def empty(cls) -> CriteoArrays:
+        """Zero rows with the right dtypes and trailing shapes."""
+        return cls(
+            np.zeros(0, np.float32),
+            np.zeros((0, INT_FEATURE_COUNT), np.float32),
+            np.zeros((0, CAT_FEATURE_COUNT), np.int64),
+        )
+
+
+def _check_table_sizes(num_embeddings_per_feature: Sequence[int]) -> np.ndarray:
+    sizes = list(num_embeddings_per_feature)
+    if len(sizes) != CAT_FEATURE_COUNT:
+        raise ValueError(
+            f"num_embeddings_per_feature has {len(sizes)} values but Criteo has "
+            f"{CAT_FEATURE_COUNT} categorical features (C1..C26): give one hash size per feature "
+            f"(data.num_embeddings_per_feature)"
+        )
+    bad = [(j, s) for j, s in enumerate(sizes) if isinstance(s, bool) or int(s) != s or s <= 0]
+    if bad:
+        j, s = bad[0]
+        raise ValueError(
+            f"num_embeddings_per_feature[{j}] (cat_{j}) = {s!r}: hash sizes must be positive integers"
+        )
+    if max(sizes) > 2**63 - 1:
+        raise ValueError("num_embeddings_per_feature values must be < 2**63 (int64 ids)")
+    return np.asarray(sizes, dtype=np.uint64)
+
+
+def _show(value: bytes) -> str:
+    """A field value for an error message: decoded leniently and shortened."""
+    text = value.decode("utf-8", errors="backslashreplace")
+    if len(text) > _MAX_SHOWN_CHARS:
+        text = text[:_MAX_SHOWN_CHARS] + "..."
+    return repr(text)
+
+
+def _line_error(line: bytes) -> str | None:
+    """Validates one line (without its newline) field by field; returns what is wrong, or None.
+
+    This is the slow, exact path: it only runs on a chunk where the vectorized parser found a
+    problem, to name the first bad line and field precisely. It must accept exactly what the
+    vectorized parser accepts.
+    """
+    if line == b"":
+        return (
+            f"empty line (expected {FIELD_COUNT} tab-separated fields); remove blank lines "
+            f"from the file"
+        )
+    fields = line.split(b"\t")
+    if len(fields) != FIELD_COUNT:
+        return (
+            f"{len(fields)} tab-separated fields, expected {FIELD_COUNT} (label, I1..I13, "
+            f"C1..C26; a missing value is an empty field, so a row always has 39 tabs); "
+            f"check the delimiter and that the line is not cut or merged with another"
+        )
+    if fields[0] not in (b"0", b"1"):
+        return f"label (field 1) must be 0 or 1, got {_show(fields[0])}; fix or drop the row"
+    for i in range(INT_FEATURE_COUNT):
+        value = fields[1 + i]
+        if value and _INT_RE.fullmatch(value) is None:
+            return (
+                f"integer feature I{i + 1} ({DEFAULT_INT_NAMES[i]}, field {i + 2}) is not an "
+                f"integer: {_show(value)}; integer features must be decimal integers (optionally "
+                f"negative) or empty for missing"
+            )
+    for j in range(CAT_FEATURE_COUNT):
+        value = fields[1 + INT_FEATURE_COUNT + j]
+        if value and _HEX_RE.fullmatch(value) is None:
+            return (
+                f"categorical feature C{j + 1} ({DEFAULT_CAT_NAMES[j]}, field "
+                f"{j + 2 + INT_FEATURE_COUNT}) is not a hex string: {_show(value)}; categorical "
+                f"features must be hex hashes like '68fd1e64' or empty for missing"
+            )
+        if len(value) > _MAX_HEX_DIGITS:
+            return (
+                f"categorical feature C{j + 1} ({DEFAULT_CAT_NAMES[j]}, field "
+                f"{j + 2 + INT_FEATURE_COUNT}) has {len(value)} hex digits, more than "
+                f"{_MAX_HEX_DIGITS} (64 bits): {_show(value)}; re-hash it to at most 64 bits"
+            )
+    return None
+
+
+def _raise_first_bad_line(path: Path, data: bytes, first_line: int) -> None:
+    """Finds the first invalid line of ``data`` and raises a CriteoFormatError naming it."""
+    for k, line in enumerate(data.split(b"\n")[:-1]):  # data ends with a newline
+        problem = _line_error(line)
+        if problem is not None:
+            raise CriteoFormatError(
+                f"{path}, line {first_line + k}: {problem}", path=path, line=first_line + k
+            )
+    # Unreachable when the two parsers agree; still a clean error rather than a silent skip.
+    last_line = first_line + data.count(b"\n") - 1
+    raise CriteoFormatError(
+        f"{path}, lines {first_line}-{last_line}: malformed Criteo data "
+        f"(the exact line could not be identified)",
+        path=path,
+        line=first_line,
+    )
+
+
+def _gather(buf: np.ndarray, starts: np.ndarray, p: int) -> np.ndarray:
+    # Fields end with a separator byte, so start + p <= end is always inside buf; the clip only
+    # guards positions past a field's end, whose bytes are masked out by the caller.
+    return buf[np.minimum(starts + p, buf.shape[0] - 1)]
+
+
+def _parse_hex(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Vectorized hex parse of fields; returns (uint64 values, any_bad). Empty fields give 0."""
+    values = np.zeros(starts.shape[0], dtype=np.uint64)
+    bad = bool((lens > _MAX_HEX_DIGITS).any())
+    width = min(int(lens.max(initial=0)), _MAX_HEX_DIGITS)
+    for p in range(width):
+        active = lens > p
+        nib = _HEX_LUT[_gather(buf, starts, p)]
+        if (active & (nib < 0)).any():
+            bad = True
+        values = np.where(active, (values << np.uint64(4)) | nib.astype(np.uint64), values)
+    return values, bad
+
+
+def _parse_int(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Vectorized parse of ``-?[0-9]+`` fields; returns (float64 values clamped at 0, any_bad)."""
+    neg = (lens > 0) & (_gather(buf, starts, 0) == ord("-"))
+    digit_starts = starts + neg
+    ndigits = lens - neg
+    bad = bool((neg & (ndigits == 0)).any())
+    # float64 accumulation cannot overflow; it is exact below 2**53, far above Criteo's counts.
+    values = np.zeros(starts.shape[0], dtype=np.float64)
+    for p in range(int(ndigits.max(initial=0))):
+        active = ndigits > p
+        digit = _DEC_LUT[_gather(buf, digit_starts, p)]
+        if (active & (digit < 0)).any():
+            bad = True
+        values = np.where(active, values * 10.0 + digit, values)
+    values[neg] = 0.0  # negative counts (e.g. I2 = -1) are clamped to 0, as in DLRM
+    return values, bad
+
+
+def _parse_chunk(path: Path, data: bytes, first_line: int, table_sizes: np.ndarray) -> CriteoArrays:
+    """Parses complete lines (``data`` ends with b'\\n', no CR) into arrays, vectorized."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    is_sep = (buf == 9) | (buf == 10)
+    seps = np.flatnonzero(is_sep)
+    newline_at = np.flatnonzero(buf[seps] == 10)  # index into seps of each line's newline
+    n = newline_at.shape[0]
+    fields_per_line = np.diff(newline_at, prepend=-1)
+    if (fields_per_line != FIELD_COUNT).any():
+        _raise_first_bad_line(path, data, first_line)
+    starts = np.empty_like(seps)
+    starts[0] = 0
+    starts[1:] = seps[:-1] + 1
+    starts = starts.reshape(n, FIELD_COUNT)
+    lens = seps.reshape(n, FIELD_COUNT) - starts
+
+    label_ok = (lens[:, 0] == 1) & (
+        (buf[starts[:, 0]] == ord("0")) | (buf[starts[:, 0]] == ord("1"))
+    )
+    dense_cols = slice(1, 1 + INT_FEATURE_COUNT)
+    dense, dense_bad = _parse_int(buf, starts[:, dense_cols].ravel(), lens[:, dense_cols].ravel())
+    cat_cols = slice(1 + INT_FEATURE_COUNT, FIELD_COUNT)
+    hashes, cat_bad = _parse_hex(buf, starts[:, cat_cols].ravel(), lens[:, cat_cols].ravel())
+    if dense_bad or cat_bad or not label_ok.all():
+        _raise_first_bad_line(path, data, first_line)
+
+    labels = (buf[starts[:, 0]] == ord("1")).astype(np.float32)
+    dense_out = np.log1p(dense).astype(np.float32).reshape(n, INT_FEATURE_COUNT)
+    sparse = (hashes.reshape(n, CAT_FEATURE_COUNT) % table_sizes).astype(np.int64)
+    return CriteoArrays(labels, dense_out, sparse)
+
+
+def _open_binary(path: Path) -> tuple[BinaryIO, bool]:
+    """Opens a plain or gzip file (by magic bytes); returns (stream, is_gzip)."""
+    try:
+        raw = open(path, "rb")  # closed by the caller (it owns the stream)
+    except FileNotFoundError as e:
+        raise CriteoFormatError(
+            f"{path}: file does not exist; check the path (data.train_files / data.eval_files, or "
+            f"generate synthetic data first)",
+            path=path,
+        ) from e
+    except OSError as e:
+        raise CriteoFormatError(f"{path}: cannot open file: {e}", path=path) from e
+    magic = raw.read(2)
+    raw.seek(0)
+    if magic == _GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=raw, mode="rb"), True  # type: ignore[return-value]
+    if path.suffix == ".gz":
+        logger.warning(
+            "%s ends with .gz but is not gzip-compressed; reading it as plain text", path
+        )
+    return raw, False
+
+
+def read_criteo_tsv(
+    path: str | Path, num_embeddings_per_feature: Sequence[int], max_rows: int = 0
+) -> CriteoArrays:
+    """Reads a Criteo TSV file (plain or gzip) into transformed numpy arrays.
+
+    Args:
+        path: file in the Criteo raw format (40 tab-separated fields per line); gzip is detected by
+            its magic bytes, whatever the file name.
+        num_embeddings_per_feature: hash size of each of the 26 categorical features; the parsed
+            hex value of feature j is taken modulo ``num_embeddings_per_feature[j]``.
+        max_rows: read at most this many rows (0 = all). Lines after them are not read or checked.
+
+    Returns:
+        CriteoArrays with labels (N,), dense ``log(max(x, 0) + 1)`` (N, 13) and sparse ids (N, 26).
+        An empty file gives zero rows.
+
+    Raises:
+        CriteoFormatError: missing file, truncated/corrupt gzip, or a malformed line (wrong field
+            count, label not 0/1, non-integer I value, non-hex C value); the message names the file
+            and the 1-based line.
+        ValueError: ``num_embeddings_per_feature`` does not have 26 positive values, or
+            ``max_rows`` is negative.
+
+    Example::
+
+        arrays = read_criteo_tsv("train.txt.gz", [2**20] * 26, max_rows=10_000)
+        arrays.sparse[0, 6]  # int(C7 of line 1, 16) % 2**20
+    """
+    path = Path(path)
+    table_sizes = _check_table_sizes(num_embeddings_per_feature)
+    if max_rows < 0:
+        raise ValueError(f"max_rows must be >= 0 (0 = all rows), got {max_rows}")
+    parts: list[CriteoArrays] = []
+    lines_done = 0
+    carry = b""
+    stream, is_gzip = _open_binary(path)
+    with stream:
+        while not (max_rows and lines_done >= max_rows):
+            try:
+                block = stream.read(_CHUNK_BYTES)
+            except (EOFError, OSError, zlib.error) as e:
+                if not is_gzip:
+                    raise CriteoFormatError(f"{path}: cannot read file: {e}", path=path) from e
+                # The line being decompressed when the stream broke (earlier ones were fine).
+                line = lines_done + 1
+                raise CriteoFormatError(
+                    f"{path}, line {line}: {path.name} is truncated/corrupt gzip (the stream "
+                    f"breaks at or after this line; {type(e).__name__}: {e}): re-download or "
+                    f"re-compress it",
+                    path=path,
+                    line=line,
+                ) from e
+            if block:
+                data = carry + block
+                cut = data.rfind(b"\n") + 1
+                data, carry = data[:cut], data[cut:]
+            else:
+                # End of file: a last line without a final newline still counts.
+                data, carry = (carry + b"\n" if carry else b""), b""
+            if data:
+                if max_rows:
+                    nl = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+                    if nl.shape[0] > max_rows - lines_done:
+                        data = data[: int(nl[max_rows - lines_done - 1]) + 1]
+                # The vectorized parser knows only LF; a CR before the LF is a Windows ending.
+                if b"\r" in data:
+                    data = data.replace(b"\r\n", b"\n")
+                part = _parse_chunk(path, data, lines_done + 1, table_sizes)
+                parts.append(part)
+                lines_done += len(part)
+            if not block:
+                break
+    arrays = CriteoArrays.concat(parts)
+    logger.debug("read %d rows from %s", len(arrays), path)
+    return arrays
+
+
+def split_arrays(
+    arrays: CriteoArrays, eval_fraction: float, test_fraction: float
+) -> tuple[CriteoArrays, CriteoArrays, CriteoArrays]:
+    """Splits rows contiguously into (train, eval, test), in that order.
+
+    Criteo data is chronological, so the held-out rows are the latest ones, as in the usual
+    Criteo protocol (train on the past, evaluate on the future).
+
+    Args:
+        arrays: all rows.
+        eval_fraction: fraction of rows (rounded) in the eval split, in [0, 1).
+        test_fraction: fraction of rows (rounded) in the test split, after eval, in [0, 1).
+
+    Returns:
+        (train, eval, test) views; sizes add up to ``len(arrays)``.
+
+    Raises:
+        ValueError: a fraction outside [0, 1) or fractions summing to 1 or more.
+    """
+    for name, frac in (("eval_fraction", eval_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {frac}")
+    if eval_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"eval_fraction + test_fraction = {eval_fraction + test_fraction} leaves no training "
+            f"rows; make their sum < 1"
+        )
+    n = len(arrays)
+    n_eval = round(n * eval_fraction)
+    n_test = round(n * test_fraction)
+    n_train = n - n_eval - n_test
+    return (
+        arrays.slice(0, n_train),
+        arrays.slice(n_train, n_train + n_eval),
+        arrays.slice(n_train + n_eval, n),
+    )
+
+
+def _to_batch(arrays: CriteoArrays, rows: np.ndarray) -> Batch:
+    sparse = arrays.sparse[rows]  # (B, 26)
+    batch_size = sparse.shape[0]
+    # KJT layout is key-major: all of cat_0's ids for the batch, then cat_1's, ...
+    values = torch.from_numpy(np.ascontiguousarray(sparse.T).reshape(-1))
+    lengths = torch.ones(CAT_FEATURE_COUNT * batch_size, dtype=torch.int32)
+    kjt = KeyedJaggedTensor(
+        keys=list(DEFAULT_CAT_NAMES), values=values, lengths=lengths, stride=batch_size
+    )
+    return Batch(
+        dense_features=torch.from_numpy(arrays.dense[rows]),
+        sparse_features=kjt,
+        labels=torch.from_numpy(arrays.labels[rows]),
+    )
+
+
+def num_batches(n_rows: int, batch_size: int, *, drop_last: bool, world_size: int = 1) -> int:
+    """Number of batches each rank gets from :func:`make_batches` (same arguments)."""
+    full, tail = divmod(n_rows, batch_size)
+    return full + int(not drop_last and tail // world_size > 0)
+
+
+def make_batches(
+    arrays: CriteoArrays,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Batch]:
+    """Yields this rank's TorchRec batches over one epoch of ``arrays``.
+
+    ``batch_size`` is the global batch size: global batch b covers rows ``b*batch_size`` ..
+    of the (optionally shuffled) row order, and rank r gets its contiguous r-th
+    ``batch_size // world_size`` slice of it. Every rank yields the same number of batches.
+    The last, incomplete global batch (``drop_last=False``) is split evenly too: each rank gets
+    ``tail // world_size`` rows and the ``tail % world_size`` leftover rows (fewer than
+    ``world_size``) are skipped this epoch; with a single rank nothing is skipped.
+
+    Args:
+        arrays: the rows.
+        batch_size: global batch size; must be divisible by ``world_size``.
+        shuffle: visit the rows in a seeded random order (the same permutation on every rank).
+        seed: seed of the permutation; pass a different one per epoch for a new order.
+        drop_last: drop the last incomplete global batch.
+        rank: this process' rank, in [0, world_size).
+        world_size: number of data-parallel ranks.
+
+    Returns:
+        An iterator of ``Batch(dense_features (B, 13) float32, sparse_features KJT, labels (B,) float32)``; the
+        KJT has keys ``cat_0..cat_25`` and one id per sample and key (all lengths 1).
+
+    Raises:
+        ValueError: non-positive sizes, rank out of range, or batch_size not divisible by
+            world_size.
+
+    Example::
+
+        for batch in make_batches(train, 1024, shuffle=True, seed=epoch, rank=rank, world_size=4):
+            batch.sparse_features["cat_3"].values()  # 256 ids of feature C4 on this rank
+    """
+    if batch_size <= 0 or world_size <= 0:
+        raise ValueError(
+            f"batch_size ({batch_size}) and world_size ({world_size}) must be positive"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    if batch_size % world_size:
+        raise ValueError(
+            f"global batch size {batch_size} is not divisible by world_size {world_size}: use a "
+            f"multiple of {world_size} (data.batch_size), e.g. {batch_size // world_size * world_size or world_size}"
+        )
+    n = len(arrays)
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    count = num_batches(n, batch_size, drop_last=drop_last, world_size=world_size)
+    # A nested generator, so that bad arguments raise at the call rather than at the first next().
+    return _iter_batches(arrays, order, batch_size, count, rank, world_size)
+
+
+def _iter_batches(
+    arrays: CriteoArrays, order: np.ndarray, batch_size: int, count: int, rank: int, world_size: int
+) -> Iterator[Batch]:
+    n = order.shape[0]
+    local = batch_size // world_size
+    for b in range(count):
+        start = b * batch_size
+        # Full batches: `local` rows per rank; the tail: an equal share per rank.
+        share = min(local, (n - start) // world_size)
+        begin = start + rank * share
+        yield _to_batch(arrays, order[begin : begin + share])
