@@ -4,7 +4,8 @@ Layout of a run directory::
 
     RUN/config.json                  the config used (written at start)
     RUN/checkpoints/step_00000120/   one DCP checkpoint (all ranks' shards + .metadata)
-        train_state.json             step, epoch, data position, written last by rank 0
+        train_state.json             step, epoch, data position, world size, each table's
+                                     sharding (type and shards), written last by rank 0
     RUN/checkpoints/step_00000120.tmp-*/   an unfinished checkpoint: never used
 
 A checkpoint is written under a temporary name and renamed by rank 0 after every rank finished,
@@ -27,6 +28,12 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAIN_STATE = "train_state.json"
+
+# Sharding types that split a table's columns. fbgemm's row-wise optimizer state of such a table
+# has one value per row *of each column shard* (its size is rows x shards), which TorchRec cannot
+# map onto another column split: resuming under another world size or plan fails in DCP with
+# "Size mismatch ... momentum1" (or would be wrong), so it is refused up front.
+COLUMN_BASED = ("column_wise", "table_column_wise", "grid_shard")
 
 
 class CheckpointError(RuntimeError):
@@ -106,7 +113,66 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_train_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / TRAIN_STATE).read_text())
+    file = Path(path) / TRAIN_STATE
+    if not file.is_file():
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint (no {TRAIN_STATE}); pick a directory listed "
+            f"under checkpoints/ without a .tmp suffix"
+        )
+    return json.loads(file.read_text())
+
+
+def check_optimizer_resharding(
+    path: str | Path,
+    train_state: dict[str, Any],
+    sharding: dict[str, dict[str, Any]],
+    world_size: int,
+) -> None:
+    """Refuses to load fused optimizer state that TorchRec cannot reshard.
+
+    Args:
+        path: the checkpoint (for the message).
+        train_state: its train state (``world_size`` and ``sharding`` as written by the trainer).
+        sharding: the current model's tables: name -> {"sharding_type", "shards"}.
+        world_size: the current world size.
+
+    Raises:
+        CheckpointError: a table is column-based (column_wise, table_column_wise, grid_shard) in
+            the checkpoint or now, and the world size or that table's sharding differs. Checkpoints
+            without a sharding record (older ones) are not checked.
+    """
+    saved = train_state.get("sharding")
+    if saved is None:
+        return
+    saved_ws = train_state.get("world_size")
+    bad = []
+    for table in sorted(set(saved) | set(sharding)):
+        before, now = saved.get(table), sharding.get(table)
+        if not any(s and s["sharding_type"] in COLUMN_BASED for s in (before, now)):
+            continue
+        if saved_ws != world_size or before != now:
+            bad.append(f"{table} ({_describe(before)} in the checkpoint, {_describe(now)} now)")
+    if not bad:
+        return
+    shown = "; ".join(bad[:8]) + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
+    raise CheckpointError(
+        f"cannot resume {path}: it was saved on world size {saved_ws}, this job has world size "
+        f"{world_size}, and TorchRec cannot reshard the fused optimizer state of column-based "
+        f"tables (row-wise Adagrad keeps one value per row of each column shard) to another world "
+        f"size or column split. Tables: {shown}. Fix: resume on {saved_ws} rank(s) with the same "
+        f"dist.sharding_types and dist.min_partition as the saved run, or, for a run that must "
+        f"change world size, constrain dist.sharding_types to ['table_wise'] or ['row_wise'] "
+        f"from the start. The weights alone do reshard (`mlet-dist collapse` reads this checkpoint "
+        f"on one process)."
+    )
+
+
+def _describe(sharding: dict[str, Any] | None) -> str:
+    if sharding is None:
+        return "absent"
+    shards = sharding.get("shards", [])
+    ranks = sorted({s[-1] for s in shards})
+    return f"{sharding['sharding_type']}, {len(shards)} shard(s) on rank(s) {ranks}"
 
 
 def _barrier() -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 from mlet_dist.config import ConfigError, load_config
 
@@ -37,6 +38,12 @@ def _setup_logging(level: str) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("mlet_dist").setLevel(getattr(logging, level.upper()))
+    if level.upper() != "DEBUG":
+        # Known, harmless library noise on every run (planner topology/dry-run notes, deprecations).
+        logging.getLogger("torchrec").setLevel(logging.ERROR)
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,14 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from mlet_dist.checkpoint import (
     CheckpointError,
+    check_optimizer_resharding,
     latest_checkpoint,
     load_checkpoint,
+    read_train_state,
     save_checkpoint,
 )
 from mlet_dist.config import Config, ConfigError, DataConfig, config_from_dict
@@ -133,28 +136,59 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
 
+    def sharding_layout(self) -> dict[str, dict[str, Any]]:
+        """Each sharded table's type and shards ``[row0, col0, rows, cols, rank]``, from the plan."""
+        layout: dict[str, dict[str, Any]] = {}
+        for module_plan in self.model.plan.plan.values():
+            for name, ps in module_plan.items():  # type: ignore[union-attr]
+                spec = ps.sharding_spec
+                shards = [
+                    [*m.shard_offsets, *m.shard_sizes, m.placement.rank()]
+                    for m in (spec.shards if spec is not None else [])
+                ]
+                layout[name] = {"sharding_type": ps.sharding_type, "shards": shards}
+        return layout
+
     def save(self) -> Path:
         train_state = {
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.env.world_size,
+            "sharding": self.sharding_layout(),
             "scheduler": self.scheduler.state_dict(),
             "config": self.cfg.to_dict(),
         }
         return save_checkpoint(self.cfg.train.run_dir, self.step, self.state(), train_state)
 
-    def load(self, path: Path) -> None:
-        from mlet_dist.checkpoint import read_train_state
+    def load(self, path: Path, optimizer: bool = True) -> None:
+        """Loads a checkpoint (collectively), resharding it to this job's plan.
 
-        saved_cfg = read_train_state(path)["config"]
-        diffs = model_config_diff(saved_cfg, self.cfg.to_dict())
+        Args:
+            path: a complete checkpoint directory.
+            optimizer: also load the optimizer state and LR schedule (to resume training).
+                ``False`` loads the weights only (evaluation), which reshards from any plan.
+
+        Raises:
+            CheckpointError: the model config differs from the checkpoint's (the keys are named),
+                or (with ``optimizer``) a column-based table's fused optimizer state would have
+                to be resharded to another world size or column split, which TorchRec cannot do.
+        """
+        saved = read_train_state(path)
+        diffs = model_config_diff(saved["config"], self.cfg.to_dict())
         if diffs:
             raise CheckpointError(
                 f"checkpoint {path} was written with a different model config; differing keys: "
                 + "; ".join(diffs)
                 + ". Use a new train.run_dir, or restore these values."
             )
+        if not optimizer:
+            state = {"model": self.model.state_dict()}
+            load_checkpoint(path, state)
+            self.model.load_state_dict(state["model"])
+            logger.info("loaded the weights of %s (step %d)", path, saved["step"])
+            return
+        check_optimizer_resharding(path, saved, self.sharding_layout(), self.env.world_size)
         self.optimizer.init_state()  # lazy optimizer state must exist before DCP loads into it
         state = self.state()
         train_state = load_checkpoint(path, state)
@@ -266,10 +300,35 @@ class Trainer:
 def predict(
     model: torch.nn.Module, arrays: CriteoArrays, batch_size: int, env: DistEnv
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs a (sharded) DLRMTrain over the rows; returns the logits and labels of all ranks."""
+    """Runs a (sharded) DLRMTrain over every row; returns all logits and labels, in row order.
+
+    Collective: every rank passes the same rows and gets the same result. Each global batch is
+    split across the ranks and the pieces are gathered back. ``make_batches`` leaves out the last
+    ``len(arrays) % world_size`` rows (fewer than world_size) of the final, partial batch; those
+    are evaluated in one extra batch padded with copies of the last row to one row per rank, and
+    the padded predictions are dropped.
+    """
     was_training = model.training
     model.eval()
-    batch_size = max(env.world_size, batch_size - batch_size % env.world_size)
+    try:
+        batch_size = max(env.world_size, batch_size - batch_size % env.world_size)
+        logits, labels = _predict_split(model, arrays, batch_size, env)
+        n, left = len(arrays), len(arrays) % env.world_size
+        if left:
+            pad = np.concatenate([np.arange(n - left, n), np.full(env.world_size - left, n - 1)])
+            rest = CriteoArrays(arrays.labels[pad], arrays.dense[pad], arrays.sparse[pad])
+            more_logits, more_labels = _predict_split(model, rest, env.world_size, env)
+            logits = torch.cat([logits, more_logits[:left]])
+            labels = torch.cat([labels, more_labels[:left]])
+    finally:
+        model.train(was_training)
+    return logits, labels
+
+
+def _predict_split(
+    model: torch.nn.Module, arrays: CriteoArrays, batch_size: int, env: DistEnv
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of the rows ``make_batches`` gives out (all but the leftover ones)."""
     outs, labels = [], []
     for batch in make_batches(
         arrays, batch_size, shuffle=False, seed=0, rank=env.rank, world_size=env.world_size
@@ -277,14 +336,13 @@ def predict(
         _, (_, logits, lab) = model(batch.to(env.device))
         outs.append(logits.float().cpu())
         labels.append(lab.float().cpu())
-    model.train(was_training)
     local = torch.stack([torch.cat(outs), torch.cat(labels)]) if outs else torch.zeros(2, 0)
-    if env.world_size == 1:
+    sizes = _local_sizes(len(arrays), batch_size, env.world_size)
+    if env.world_size == 1 or not sizes:
         return local[0], local[1]
     # Each rank holds a slice of every global batch: gather, then interleave back to row order.
     gathered: list[Any] = [None] * env.world_size
     dist.all_gather_object(gathered, local)
-    sizes = _local_sizes(len(arrays), batch_size, env.world_size)
     chunks = [g.split(sizes, dim=1) for g in gathered]
     merged = torch.cat(
         [chunks[r][b] for b in range(len(sizes)) for r in range(env.world_size)], dim=1
@@ -293,6 +351,7 @@ def predict(
 
 
 def _local_sizes(n: int, batch_size: int, world_size: int) -> list[int]:
+    """Rows per rank of each batch ``make_batches`` yields (drop_last=False)."""
     local = batch_size // world_size
     full, tail = divmod(n, batch_size)
     sizes = [local] * full

@@ -85,6 +85,7 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
         if "MASTER_ADDR" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
             dist.init_process_group(backend=backend, timeout=timeout)
         else:
+            os.environ.setdefault("LOCAL_WORLD_SIZE", "1")  # read by TorchRec's comm helpers
             if world_size != 1:
                 raise ConfigError(
                     f"WORLD_SIZE={world_size} but no MASTER_ADDR: launch multi-rank jobs with "
