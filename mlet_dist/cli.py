@@ -129,7 +129,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         from mlet_dist.workflow import evaluate_run
 
         metrics = evaluate_run(args.run, split=args.split, files=args.data, overrides=overrides)
-        print(json.dumps(metrics, indent=1))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(metrics, indent=1))
         return 0
     if args.command == "collapse":
         from mlet_dist.export import collapse_run
@@ -142,7 +143,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         from mlet_dist.workflow import run_end_to_end
 
         summary = run_end_to_end(load_config(args.config, overrides), resume=not args.no_resume)
-        print(json.dumps(summary, indent=1))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(summary, indent=1))
         return 0 if summary["collapse_check"]["passed"] else 1
     if args.command == "plan":
         from mlet_dist.distributed import planning

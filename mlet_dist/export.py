@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS, collapse
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, inner_dim_of, served_tables
 
 logger = logging.getLogger(__name__)
+# The collapse runs in one process, also inside a launched job (rank 0): DCP's notice about
+# single-process mode is expected there.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def served_config(cfg: Config) -> Config:
@@ -49,7 +53,7 @@ def load_unsharded(cfg: Config, checkpoint: Path) -> DLRMTrain:
     )
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(checkpoint))
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # this process alone
     except Exception as e:  # DCP raises several types for a mismatched or damaged checkpoint
         raise CheckpointError(
             f"cannot load {checkpoint} into the model of its run config ({e}); is the checkpoint "
@@ -109,7 +113,7 @@ def collapse_run(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    dcp.save({"model": served.state_dict()}, checkpoint_id=str(tmp / "model"))
+    dcp.save({"model": served.state_dict()}, checkpoint_id=str(tmp / "model"), no_dist=True)
     (tmp / "config.json").write_text(json.dumps(served_config(cfg).to_dict(), indent=1))
     report = {
         "source_run": str(Path(run_dir).resolve()),
@@ -158,6 +162,6 @@ def load_served(out_dir: str | Path) -> tuple[DLRMTrain, Config]:
     ebc = EmbeddingBagCollection(tables=served_tables(tables), device=torch.device("cpu"))
     model = build_dlrm(cfg.model, cfg.data.num_embeddings_per_feature, embedding_module=ebc)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(Path(out_dir) / "model"))
+    dcp.load(state, checkpoint_id=str(Path(out_dir) / "model"), no_dist=True)
     model.load_state_dict(state["model"])
     return model, cfg
