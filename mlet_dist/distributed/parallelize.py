@@ -146,6 +146,30 @@ def fused_params(optim_cfg: OptimConfig, device: torch.device) -> dict:
     return params
 
 
+def annotate_fused_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> None:
+    """Tells TorchRec's planner which optimizer W1 trains with, so it counts its state.
+
+    The optimizer itself is given to fbgemm as ``fused_params``; the planner's storage estimate
+    only sees optimizers recorded in a parameter's ``_optimizer_classes`` (as set by
+    ``apply_optimizer_in_backward``). The classes chosen map to the same fbgemm type as
+    :func:`fused_params`, so the sharder derives an identical fused optimizer from them.
+    """
+    from torchrec.optim import RowWiseAdagrad
+
+    cls = {
+        "rowwise_adagrad": RowWiseAdagrad,
+        "adagrad": torch.optim.Adagrad,
+        "sgd": torch.optim.SGD,
+        "adam": torch.optim.Adam,
+    }[optim_cfg.embedding_optimizer]
+    from mlet_dist.modules.mlet import MLETEmbeddingBagCollection
+
+    for m in model.modules():
+        if isinstance(m, MLETEmbeddingBagCollection):
+            for p in m.w1.parameters():
+                p._optimizer_classes = [cls]  # type: ignore[attr-defined]
+
+
 def build_constraints(
     tables: list[EmbeddingBagConfig], cfg: DistConfig
 ) -> dict[str, ParameterConstraints]:
@@ -232,6 +256,7 @@ def parallelize(
     """
     tables = embedding_tables(model)
     sharder = MLETEmbeddingBagCollectionSharder(fused_params=fused_params(optim_cfg, env.device))
+    annotate_fused_optimizer(model, optim_cfg)
     if plan is None:
         planner = EmbeddingShardingPlanner(
             topology=make_topology(dist_cfg, env),

@@ -9,8 +9,8 @@ with the same sharder, constraints, topology and storage reservation as training
 The memory report is computed here from the plan's shard shapes (W1, fused optimizer state, the
 replicated W2 and MLPs with their gradients and optimizer state), because the planner's own
 per-shard storage (``ShardingOption`` / ``Shard.storage``) is only exposed through the ``Stats``
-hook and it leaves out the fused optimizer state when the optimizer is given as ``fused_params``
-(it only knows optimizers registered with ``apply_optimizer_in_backward``). Both are reported.
+hook. The planner counts the fused optimizer state because W1's parameters are annotated with
+the optimizer class (:func:`annotate_fused_optimizer`). Both figures are reported.
 
 Example::
 
@@ -54,6 +54,7 @@ from mlet_dist.config import Config, ConfigError
 from mlet_dist.distributed.parallelize import (
     DistEnv,
     MLETEmbeddingBagCollectionSharder,
+    annotate_fused_optimizer,
     build_constraints,
     check_plan,
     embedding_tables,
@@ -164,7 +165,7 @@ class PlannerStats(Stats):
     """Collects what the planner itself estimated, through TorchRec's public ``Stats`` hook.
 
     Filled by :func:`make_plan`: per-rank storage of the chosen shards (W1 plus the planner's
-    input/output buffer estimate on GPU; no fused optimizer state, see the module docstring),
+    input/output buffer estimate on GPU and the fused optimizer state),
     the usable capacity per rank after the planner's reservation, proposals and time.
     """
 
@@ -284,6 +285,7 @@ def _run_planner(
     """One ``EmbeddingShardingPlanner.plan`` call set up as :func:`parallelize` sets it up."""
     device = torch.device(target.device)
     sharder = MLETEmbeddingBagCollectionSharder(fused_params=fused_params(cfg.optim, device))
+    annotate_fused_optimizer(model, cfg.optim)
     with _quiet_planner():
         topology = _topology(cfg, target)
         stats.cap_per_rank = getattr(topology.devices[0].storage, target.memory_kind)
@@ -769,16 +771,16 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if not tot["fits"]:
         out.append(
-            "  TorchRec's planner accepted this plan but does not count the fused optimizer "
-            "state (given as fused_params): raise the cap or the number of ranks until it fits"
+            "  TorchRec's planner accepted this plan, but it leaves out the replicated dense "
+            "state and its reservation may be too small: raise the cap or the number of ranks"
         )
     if "planner_num_proposals" in tot:
         out.append(
             f"Planner: {tot['planner_num_proposals']} proposals, {tot['planner_num_plans']} "
             f"plans, {tot['planner_run_time_s']:.2f} s; usable {kind} per rank after its "
             f"reservation {_gib(tot['planner_usable_bytes_per_rank'])}, its own busiest-rank "
-            f"estimate {_gib(tot['planner_max_rank_bytes'])} (W1 + IO buffers, no fused "
-            f"optimizer state)"
+            f"estimate {_gib(tot['planner_max_rank_bytes'])} (W1 + optimizer state + IO "
+            f"buffers)"
         )
     if "dry_run_s" in tot:
         out.append(f"Dry run: {tot['dry_run_s']:.2f} s")
