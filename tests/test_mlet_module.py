@@ -265,3 +265,32 @@ def test_unknown_projection_init_is_refused():
 def test_weighted_mean_is_refused_clearly():
     with pytest.raises(MLETConfigError, match="MEAN pooling"):
         MLETEmbeddingBagCollection(make_tables(PoolingType.MEAN), is_weighted=True)
+
+
+@pytest.mark.parametrize("inner_dim", [32, None])
+@pytest.mark.parametrize("permute", [False, True])
+def test_uniform_fast_path_matches_reference(inner_dim, permute):
+    """All tables with the same (k, d) (or all single-layer): the (B, F, d) fast path."""
+    tables = [
+        MLETEmbeddingBagConfig(
+            name=f"t{i}",
+            num_embeddings=20 + i,
+            embedding_dim=8,
+            inner_dim=inner_dim,
+            feature_names=[f"f{i}"] if i else ["f0", "f0b"],
+        )
+        for i in range(4)
+    ]
+    mlet = MLETEmbeddingBagCollection(tables, is_weighted=True)
+    assert mlet._uniform is not None
+    kjt = random_kjt(tables, 9, True, torch.Generator().manual_seed(5))
+    ref = reference_pooled(mlet, kjt)
+    if permute:
+        mlet.w1 = _PermutingEBC(mlet.w1)
+    pooled = mlet.forward_pooled(kjt)
+    kt = mlet(kjt)
+    assert kt.keys() == ["f0", "f0b", "f1", "f2", "f3"]
+    assert pooled.shape == (9, 5, 8)
+    for i, f in enumerate(kt.keys()):
+        torch.testing.assert_close(pooled[:, i].double(), ref[f], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kt[f].double(), ref[f], rtol=1e-5, atol=1e-6)

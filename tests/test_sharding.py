@@ -21,6 +21,7 @@ each case is still its own test.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import os
 import time
@@ -61,13 +62,14 @@ W1_PREFIX = W1_MODULE + ".embedding_bags."
 # -- the model and the data -------------------------------------------------------------------
 
 
-def make_tables(mean: bool) -> list[MLETEmbeddingBagConfig]:
+def make_tables(mean: bool, uniform: bool = False) -> list[MLETEmbeddingBagConfig]:
     """Four tables: factorized (k=32, k=16 shared by two features), one ordinary (inner_dim None).
 
-    With ``mean`` two of them are MEAN-pooled, the others SUM-pooled.
+    With ``mean`` two of them are MEAN-pooled, the others SUM-pooled. With ``uniform`` every table
+    is factorized with k=32, which takes the module's (B, F, d) fast path.
     """
     sum_, mean_ = PoolingType.SUM, (PoolingType.MEAN if mean else PoolingType.SUM)
-    return [
+    tables = [
         MLETEmbeddingBagConfig(
             name="t_wide", num_embeddings=200, embedding_dim=D, inner_dim=32,
             feature_names=["f_wide"], pooling=sum_,
@@ -85,6 +87,9 @@ def make_tables(mean: bool) -> list[MLETEmbeddingBagConfig]:
             feature_names=["f_mean"], pooling=mean_,
         ),
     ]  # fmt: skip
+    if uniform:
+        tables = [dataclasses.replace(t, inner_dim=32) for t in tables]
+    return tables
 
 
 def build_model(tables: list[MLETEmbeddingBagConfig], w1_device: torch.device):
@@ -143,9 +148,11 @@ class Case:
     mean: bool = True
     embedding_optimizer: str = "rowwise_adagrad"
     min_partition: int = 0
+    uniform: bool = False
+    dense_optimizer: str = "adagrad"
 
     def tables(self) -> list[MLETEmbeddingBagConfig]:
-        return make_tables(self.mean)
+        return make_tables(self.mean, self.uniform)
 
     def dist_cfg(self) -> DistConfig:
         return DistConfig(
@@ -156,7 +163,7 @@ class Case:
         return OptimConfig(
             embedding_optimizer=self.embedding_optimizer,
             embedding_lr=0.1,
-            dense_optimizer="adagrad",
+            dense_optimizer=self.dense_optimizer,
             dense_lr=0.05,
             projection_lr=0.03,
             eps=1e-8,
@@ -174,6 +181,13 @@ CASES = [
     # SGD is linear in the gradient, so it also checks the scale of W1's gradient (Adagrad's
     # first step is scale-invariant): the oracle's loss is the mean over the global batch.
     Case("row_wise_sgd", "row_wise", embedding_optimizer="sgd"),
+    # every table k=32: the (B, F, d) fast path over the sharded EBC's reordered output
+    Case("table_wise_uniform", "table_wise", uniform=True),
+    # (dense SGD here: Adagrad's first steps normalize near-zero gradients, which turns float32
+    # summation-order noise of the column pieces into 1e-5 differences on single elements)
+    Case(
+        "column_wise_uniform", "column_wise", min_partition=8, uniform=True, dense_optimizer="sgd"
+    ),
     Case("column_wise_sgd", "column_wise", embedding_optimizer="sgd", min_partition=8),
 ]
 
@@ -288,7 +302,7 @@ def run_oracle(case: Case, plan: dict[str, dict]) -> list[dict]:
 
     W1: row-wise Adagrad (fbgemm EXACT_ROWWISE_ADAGRAD: per row, state += mean(g^2) over the
     row's columns *within one shard*, w -= lr * g / (sqrt(state) + eps)) or SGD; dense: torch
-    Adagrad with the projection's own learning rate.
+    Adagrad (or SGD) with the projection's own learning rate.
     """
     tables = case.tables()
     model = build_model(tables, torch.device("cpu"))
@@ -298,11 +312,11 @@ def run_oracle(case: Case, plan: dict[str, dict]) -> list[dict]:
     dense = {n: p for n, p in named.items() if not n.startswith(W1_MODULE)}
     projection = [p for n, p in dense.items() if ".projection." in n]
     others = [p for n, p in dense.items() if ".projection." not in n]
-    dense_opt = torch.optim.Adagrad(
-        [{"params": projection, "lr": opt_cfg.projection_lr}, {"params": others}],
-        lr=opt_cfg.dense_lr,
-        eps=opt_cfg.eps,
-    )
+    groups = [{"params": projection, "lr": opt_cfg.projection_lr}, {"params": others}]
+    if opt_cfg.dense_optimizer == "sgd":
+        dense_opt = torch.optim.SGD(groups, lr=opt_cfg.dense_lr)
+    else:
+        dense_opt = torch.optim.Adagrad(groups, lr=opt_cfg.dense_lr, eps=opt_cfg.eps)
     w1_state = {
         name: torch.zeros(w.shape[0], len(_column_blocks(plan[name]))) for name, w in w1.items()
     }

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain, SparseArch
 from torchrec.modules.embedding_configs import PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mlet_dist.config import ConfigError, ModelConfig
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, MLETEmbeddingBagConfig
@@ -107,4 +108,18 @@ def build_dlrm(
                 dcn_num_layers=model_cfg.dcn_num_layers,
                 dcn_low_rank_dim=model_cfg.dcn_low_rank_dim,
             )
+        if isinstance(embedding_module, MLETEmbeddingBagCollection):
+            dlrm.sparse_arch = MLETSparseArch(embedding_module)
     return DLRMTrain(dlrm)
+
+
+class MLETSparseArch(SparseArch):
+    """TorchRec's SparseArch, taking the (B, F, d) tensor straight from the MLET module.
+
+    TorchRec's version splits the KeyedTensor per key and concatenates it again; the MLET
+    module can produce the (B, F, d) layout directly (see ``forward_pooled``). The submodule
+    name (``embedding_bag_collection``) and so the state-dict keys are unchanged.
+    """
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.embedding_bag_collection.forward_pooled(features)
