@@ -78,7 +78,7 @@ def config(run_dir: Path, sharding: str, *extra: str):
             "--model.inner_dim=32",
             "--model.dense_arch_layer_sizes=[16, 8]",
             "--model.over_arch_layer_sizes=[16, 1]",
-            "--optim.warmup_steps=3",
+            "--optim.warmup_steps=8",  # the LR still changes at the restart (step 5)
             "--train.epochs=3",
             "--train.log_every=1",
             "--train.progress=false",
@@ -90,25 +90,48 @@ def config(run_dir: Path, sharding: str, *extra: str):
     )
 
 
-def full_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """A (nested) state dict flattened to ``a.b.c -> tensor``; sharded tensors gathered on rank 0.
+def full_tensors(state: Any) -> dict[str, torch.Tensor]:
+    """A nested state dict flattened to ``a.b.c -> tensor``, sharded tensors assembled in full.
 
-    Collective when it holds sharded tensors; ranks other than 0 get them as None.
+    Collective under a process group of several ranks (each rank may hold other keys: the fused
+    optimizer state of a table exists only on the ranks that hold its shards); every rank gets
+    the whole result.
     """
-    out: dict[str, Any] = {}
-    if isinstance(state, dict):
-        for k, v in state.items():
-            out.update(full_tensors(v, f"{prefix}{k}."))
-        return out
-    key = prefix[:-1]
-    if isinstance(state, ShardedTensor):
-        rank = dist.get_rank()
-        full = torch.zeros(state.size(), dtype=state.dtype) if rank == 0 else None
-        state.gather(dst=0, out=full)
-        out[key] = full
-    elif isinstance(state, torch.Tensor):
-        out[key] = state.detach().clone()
+    local: dict[str, Any] = {}
+    for key, value in _flatten(state).items():
+        if isinstance(value, ShardedTensor):
+            shards = [
+                (s.metadata.shard_offsets, s.tensor.detach().clone()) for s in value.local_shards()
+            ]
+            local[key] = (tuple(value.size()), value.dtype, shards)
+        elif isinstance(value, torch.Tensor):
+            local[key] = value.detach().clone()
+    parts = [local]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+    out: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, torch.Tensor):
+                out.setdefault(key, value)
+                continue
+            size, dtype, shards = value
+            full = out.setdefault(key, torch.full(size, float("nan"), dtype=dtype))
+            for offsets, t in shards:
+                full[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))] = t
+    for key, value in out.items():
+        assert not value.is_floating_point() or not value.isnan().any(), f"{key}: not covered"
     return out
+
+
+def _flatten(state: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(state, dict):
+        out: dict[str, Any] = {}
+        for k, v in state.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: state}
 
 
 def saved_tensors(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -148,7 +171,7 @@ def _two_rank_job(root: str) -> dict[str, Any]:
     for sharding, *extra in [[s] for s in RESHARDABLE] + [COLUMN]:
         d = root_p / sharding
         res: dict[str, Any] = {}
-        res["full"] = T.train(config(d / "w2_full", sharding, "--train.max_steps=10", *extra))
+        res["full"] = T.train(config(d / "w2_full", sharding, f"--train.max_steps={N}", *extra))
         T.train(config(d / "w2_part", sharding, f"--train.max_steps={HALF}", *extra))
         copy_on_rank0(latest_checkpoint(d / "w2_part"), d / "w2_to_w1")
         res["resumed"] = T.train(config(d / "w2_part", sharding, f"--train.max_steps={N}", *extra))
@@ -156,7 +179,7 @@ def _two_rank_job(root: str) -> dict[str, Any]:
             trainer = T.Trainer(config(d / "w1_to_w2", sharding, f"--train.max_steps={N}"), env)
             trainer.load(latest_checkpoint(d / "w1_to_w2"))
             res["loaded_state"] = full_tensors(trainer.state())
-            res["continued"] = trainer.fit(splits().train)
+            res["continued"] = {"train": trainer.fit(splits().train)}
         out[sharding] = res
 
     # column_wise under another plan on the same world size: refused
@@ -192,7 +215,11 @@ def runs(tmp_path_factory):
         mp.setattr("mlet_dist.train.load_splits", splits)
         for sharding in RESHARDABLE:
             d = root / sharding
-            m = train(config(d / "w1_full", sharding, f"--train.max_steps={N}", "--train.checkpoint_every=5"))
+            m = train(
+                config(
+                    d / "w1_full", sharding, f"--train.max_steps={N}", "--train.checkpoint_every=5"
+                )
+            )
             one_rank[sharding] = m
             copy_checkpoint(d / "w1_full" / "checkpoints" / f"step_{HALF:08d}", d / "w1_to_w2")
     two_rank = run_ranks(_two_rank_job, 2, str(root), timeout=300)
@@ -208,7 +235,7 @@ def global_curve(ranks: list[dict[str, Any]], sharding: str, which: str) -> dict
 # -- exact continuation on the same world size ------------------------------------------------
 
 
-@pytest.mark.parametrize("sharding", RESHARDABLE + ["column_wise"])
+@pytest.mark.parametrize("sharding", [*RESHARDABLE, "column_wise"])
 def test_resume_on_same_world_size_continues_exactly(runs, sharding, tmp_path):
     for rank_out in runs["ranks"]:
         res = rank_out[sharding]
@@ -258,8 +285,8 @@ def test_reshard_two_ranks_to_one(runs, sharding, tmp_path, monkeypatch):
     after = curve({"train": trainer.fit(splits().train)})
     uninterrupted = global_curve(runs["ranks"], sharding, "full")
     assert after[HALF + 1] == pytest.approx(uninterrupted[HALF + 1], abs=1e-6, rel=0)
-    for step in range(HALF + 2, N + 1):  # reduction order differs: close, not bit-equal
-        assert after[step] == pytest.approx(uninterrupted[step], abs=1e-4), step
+    for step in range(HALF + 2, N + 1):  # reduction order differs: ~1e-7 apart
+        assert after[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
 
 
 @pytest.mark.parametrize("sharding", RESHARDABLE)
@@ -271,7 +298,7 @@ def test_reshard_one_rank_to_two(runs, sharding, tmp_path):
     uninterrupted = curve(runs["one_rank"][sharding])
     assert after[HALF + 1] == pytest.approx(uninterrupted[HALF + 1], abs=1e-6, rel=0)
     for step in range(HALF + 2, N + 1):
-        assert after[step] == pytest.approx(uninterrupted[step], abs=1e-4), step
+        assert after[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
 
 
 # -- column_wise: same world size and plan only -----------------------------------------------
@@ -284,7 +311,7 @@ def test_column_wise_checkpoint_really_splits_columns(runs):
         assert len(table["shards"]) > 1 and {s[-1] for s in table["shards"]} == {0, 1}
 
 
-def test_column_wise_resume_on_other_world_size_is_refused(runs, monkeypatch):
+def test_column_wise_resume_on_other_world_size_is_refused(runs, monkeypatch, tmp_path):
     from mlet_dist.train import Trainer
 
     monkeypatch.setattr("mlet_dist.train.load_splits", splits)
@@ -297,9 +324,13 @@ def test_column_wise_resume_on_other_world_size_is_refused(runs, monkeypatch):
     assert "world size 2" in msg and "world size 1" in msg
     assert "t_cat_0 (column_wise, 4 shard(s) on rank(s) [0, 1] in the checkpoint" in msg
     assert "resume on 2 rank(s)" in msg and "['table_wise'] or ['row_wise']" in msg
-    # the weights alone still load (evaluation), and the state was not half-loaded
+    # the weights alone still load on 1 rank (evaluation)
     trainer.load(latest_checkpoint(run_dir), optimizer=False)
-    assert trainer.step == 0
+    saved = saved_tensors(latest_checkpoint(run_dir), tmp_path)
+    loaded = full_tensors({"model": trainer.model.state_dict()})
+    assert loaded.keys() == {k for k in saved if k.startswith("model.")}
+    for k, v in loaded.items():
+        assert torch.equal(v, saved[k]), k
 
 
 def test_column_wise_resume_under_other_plan_is_refused(runs):
