@@ -1,7 +1,7 @@
 """TorchX components for mlet_dist jobs.
 
 Each component returns a ``torchx.specs.AppDef`` built on TorchX's own ``dist.ddp`` component
-(torchrun under the hood: c10d rendezvous, elastic restarts via ``max_retries``), running
+(torchrun under the hood: c10d rendezvous, restarts via ``max_restarts``/``max_retries``), running
 ``python -m mlet_dist <command>`` on every rank. The same command runs locally and on a cluster:
 
     torchx run -s local_cwd launch/components.py:train --config configs/synthetic_small.toml -j 1x2
@@ -11,6 +11,18 @@ Each component returns a ``torchx.specs.AppDef`` built on TorchX's own ``dist.dd
 
 Config overrides go after ``--``, as on the mlet-dist command line, e.g.
 ``... train --config C -j 1x2 -- --train.max_steps=100 --model.inner_dim=128``.
+
+The interpreter on the nodes: TorchX's ``dist.ddp`` runs ``torchrun``, which would have to be on
+the job's PATH (``local_cwd`` inherits the PATH of ``torchx run``, so it fails unless the venv is
+activated). These components run ``python -m torch.distributed.run`` instead, with the first of:
+``$MLET_PYTHON`` (e.g. ``--env MLET_PYTHON=/opt/conda/bin/python``), ``.venv/bin/python`` in the
+job's working directory (the environment of ``launch/setup.sh``: local_cwd from the checkout,
+Slurm with ``job_dir`` = the checkout), ``python3`` on the PATH (container images).
+
+Restarts: ``max_restarts`` restarts the workers of all nodes in place (torchrun's
+``--max-restarts``, every scheduler, local_cwd included); ``max_retries`` resubmits the whole job
+through the scheduler (Slurm requeue, Volcano; the local schedulers ignore it). Either way the
+ranks resume the run directory's latest checkpoint.
 """
 
 # typing.Optional/List/Dict (not `X | None`): TorchX's component linter only understands these.
@@ -20,6 +32,31 @@ from torchx import specs
 from torchx.components import dist
 
 DEFAULT_IMAGE = "ghcr.io/pytorch/torchx:0.7.0"
+
+# Replaces the bare `torchrun` of dist.ddp's command (`$$` is TorchX's escape of a shell `$`).
+_LAUNCHER = (
+    'PY="$${MLET_PYTHON:-.venv/bin/python}"; command -v "$$PY" >/dev/null || PY=python3; '
+    'exec "$$PY" -m torch.distributed.run'
+)
+
+
+def _use_python_launcher(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
+    """Runs torchrun as ``python -m torch.distributed.run --max_restarts N`` (see the module doc)."""
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+    for role in app.roles:
+        if (
+            role.entrypoint != "bash"
+            or role.args[:1] != ["-c"]
+            or not role.args[1].startswith("torchrun ")
+        ):
+            raise RuntimeError(
+                f"unexpected dist.ddp role ({role.entrypoint} {role.args[:2]}): this TorchX "
+                f"version builds its command differently; pin torchx 0.7 (launch/setup.sh)"
+            )
+        rest = role.args[1][len("torchrun") :]
+        role.args[1] = f"{_LAUNCHER} --max_restarts {max_restarts}{rest}"
+    return app
 
 
 def _job(
@@ -32,11 +69,13 @@ def _job(
     memMB: int,
     h: Optional[str],
     max_retries: int,
+    max_restarts: int,
     rdzv_backend: str,
     rdzv_port: int,
     env: Optional[Dict[str, str]],
+    mounts: Optional[List[str]],
 ) -> specs.AppDef:
-    return dist.ddp(
+    app = dist.ddp(
         *command,
         m="mlet_dist",
         name=name,
@@ -49,8 +88,12 @@ def _job(
         max_retries=max_retries,
         rdzv_backend=rdzv_backend,
         rdzv_port=rdzv_port,
-        env={"OMP_NUM_THREADS": "1", **(env or {})},
+        # torchrun 2.13 keeps one TCPStore across in-place restarts, with the last attempt's keys
+        # in it (the restarted process group hangs): a fresh store per round instead.
+        env={"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(env or {})},
+        mounts=mounts,
     )
+    return _use_python_launcher(app, max_restarts)
 
 
 def _overrides(overrides: tuple) -> List[str]:
@@ -73,9 +116,11 @@ def train(
     memMB: int = 8192,
     h: Optional[str] = None,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_backend: str = "c10d",
     rdzv_port: int = 29500,
     env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
     """Trains an MLET (or baseline) DLRM; resumes the run directory's latest checkpoint.
 
@@ -88,14 +133,17 @@ def train(
         gpu: GPUs per node (one process per GPU)
         memMB: memory per node in MB
         h: named resource (overrides cpu/gpu/memMB), e.g. aws_p4d.24xlarge
-        max_retries: restarts of the whole job on a failure (resumes from the last checkpoint)
+        max_retries: job resubmissions by the scheduler on a failure (Slurm, Kubernetes)
+        max_restarts: in-place restarts of all workers by torchrun on a failure (any scheduler)
         rdzv_backend: rendezvous backend (c10d, or etcd)
         rdzv_port: rendezvous port on the first node
         env: extra environment variables
+        mounts: volumes for container schedulers: type=volume,src=<PVC>,dst=/runs
     """
     return _job(
         ["train", "--config", config, *_overrides(overrides)],
-        "mlet-train", j, image, cpu, gpu, memMB, h, max_retries, rdzv_backend, rdzv_port, env,
+        "mlet-train", j, image, cpu, gpu, memMB, h, max_retries, max_restarts, rdzv_backend,
+        rdzv_port, env, mounts,
     )  # fmt: skip
 
 
@@ -109,9 +157,11 @@ def collapse(
     memMB: int = 8192,
     h: Optional[str] = None,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_backend: str = "c10d",
     rdzv_port: int = 29500,
     env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
     """Collapses a trained run's factorized tables into the served model.
 
@@ -124,14 +174,17 @@ def collapse(
         gpu: GPUs per node
         memMB: memory per node in MB
         h: named resource (overrides cpu/gpu/memMB)
-        max_retries: restarts of the whole job on a failure
+        max_retries: resubmissions of the whole job by the scheduler on a failure
+        max_restarts: in-place restarts of the workers by torchrun on a failure
         rdzv_backend: rendezvous backend
         rdzv_port: rendezvous port on the first node
         env: extra environment variables
+        mounts: volumes for container schedulers, e.g. type=volume,src=<PVC>,dst=/runs
     """
     return _job(
         ["collapse", "--run", run, "--out", out],
-        "mlet-collapse", j, image, cpu, gpu, memMB, h, max_retries, rdzv_backend, rdzv_port, env,
+        "mlet-collapse", j, image, cpu, gpu, memMB, h, max_retries, max_restarts, rdzv_backend,
+        rdzv_port, env, mounts,
     )  # fmt: skip
 
 
@@ -159,7 +212,8 @@ def preprocess(
     """
     return _job(
         ["preprocess", "--config", config, *_overrides(overrides)],
-        "mlet-preprocess", "1x1", image, cpu, 0, memMB, h, max_retries, "c10d", 29500, env,
+        "mlet-preprocess", "1x1", image, cpu, 0, memMB, h, max_retries, 0, "c10d", 29500, env,
+        None,
     )  # fmt: skip
 
 
@@ -190,4 +244,4 @@ def benchmark(
         *args, m="benchmarks.run", name="mlet-benchmark", image=image, j="1x1", cpu=cpu,
         gpu=gpu, memMB=memMB, h=h, env=env,
     )  # fmt: skip
-    return app
+    return _use_python_launcher(app, 0)

@@ -6,7 +6,13 @@ Layout of a run directory::
     RUN/checkpoints/step_00000120/   one DCP checkpoint (all ranks' shards + .metadata)
         train_state.json             step, epoch, data position, world size, each table's
                                      sharding (type and shards), written last by rank 0
-    RUN/checkpoints/step_00000120.tmp-*/   an unfinished checkpoint: never used
+        plan.pt                      TorchRec's sharding plan (pickled): a resumed job on the
+                                     same world size, device and [dist] config shards the same
+    RUN/checkpoints/step_00000120.tmp/     an unfinished checkpoint: never used
+    RUN/loss_curve.jsonl             the loss curve across restarts (rank 0; a resumed run drops
+                                     the points after its checkpoint first; see
+                                     mlet_dist.distributed.elastic)
+    RUN/fault_injected.rank1.step7   marker of a fault injected by MLET_FAULT_INJECT (tests only)
 
 A checkpoint is written under a temporary name and renamed by rank 0 after every rank finished,
 so a crash mid-write never leaves something that looks complete.
@@ -21,6 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
@@ -28,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAIN_STATE = "train_state.json"
+PLAN_FILE = "plan.pt"
 
 # Sharding types that split a table's columns. fbgemm's row-wise optimizer state of such a table
 # has one value per row *of each column shard* (its size is rows x shards), which TorchRec cannot
@@ -68,6 +76,7 @@ def save_checkpoint(
     state: dict[str, Any],
     train_state: dict[str, Any],
     keep: int = 2,
+    plan: Any = None,
 ) -> Path:
     """Saves ``state`` (model/optimizer state dicts, may hold sharded tensors) collectively.
 
@@ -77,6 +86,7 @@ def save_checkpoint(
         state: the DCP state dict, e.g. {"model": dmp.state_dict(), "optim": opt.state_dict()}.
         train_state: small JSON-able dict (step, epoch, data position, config) from rank 0.
         keep: how many complete checkpoints to keep (older ones are removed by rank 0).
+        plan: the job's TorchRec ``ShardingPlan``, saved by rank 0 (see :func:`saved_plan`).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = checkpoint_dir(run_dir) / f"step_{step:08d}"
@@ -89,6 +99,8 @@ def save_checkpoint(
     dcp.save(state, checkpoint_id=str(tmp))
     _barrier()
     if rank == 0:
+        if plan is not None:
+            torch.save(plan, tmp / PLAN_FILE)
         (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1, sort_keys=True))
         if final.exists():
             shutil.rmtree(final)
@@ -120,6 +132,54 @@ def read_train_state(path: str | Path) -> dict[str, Any]:
             f"under checkpoints/ without a .tmp suffix"
         )
     return json.loads(file.read_text())
+
+
+def saved_plan(
+    path: str | Path, dist_config: dict[str, Any], world_size: int, device_type: str
+) -> Any:
+    """The sharding plan of a checkpoint, when the resuming job may reuse it; else None.
+
+    Why: TorchRec's planner is not reproducible across processes (it intersects the allowed
+    sharding types as Python sets, whose order changes with the string hash seed of each
+    process, and breaks cost ties by that order), so planning again on resume can shard some
+    tables differently: the fused optimizer state then does not fit (refused, or a crash) or
+    training is no longer bit-identical. Reusing the saved plan makes resumes exact.
+
+    Args:
+        path: a complete checkpoint.
+        dist_config: the resuming job's ``[dist]`` section (as a dict).
+        world_size: the resuming job's world size.
+        device_type: the resuming job's device type ('cpu' or 'cuda').
+
+    Returns:
+        The ``ShardingPlan`` when the checkpoint has one and was written with the same world
+        size, device type and ``[dist]`` config; None otherwise (the job plans anew and the
+        checkpoint is resharded, see :func:`check_optimizer_resharding`). The caller checks
+        that the model (its tables) is the same.
+    """
+    path = Path(path)
+    state = read_train_state(path)
+    same = (
+        state.get("world_size") == world_size
+        and state.get("device") == device_type
+        and state.get("config", {}).get("dist") == dist_config
+    )
+    if not same:
+        logger.info(
+            "planning anew: %s was written with another world size, device or [dist] config",
+            path.name,
+        )
+        return None
+    if not (path / PLAN_FILE).is_file():
+        logger.info("planning anew: %s holds no sharding plan (an older checkpoint)", path.name)
+        return None
+    try:
+        plan = torch.load(path / PLAN_FILE, weights_only=False)  # written by this code only
+    except Exception as e:  # e.g. written by another TorchRec version
+        logger.warning("cannot read the sharding plan of %s (%s); planning anew", path, e)
+        return None
+    logger.info("resuming with the sharding plan saved in %s", path.name)
+    return plan
 
 
 def check_optimizer_resharding(

@@ -117,7 +117,7 @@ class DataConfig:
     """Where the data is and how it is batched."""
 
     source: str = "synthetic"
-    """'synthetic' (generated into `dir` by `mlet-dist generate`) or 'criteo' (files in `train_files`)."""
+    """'synthetic' (generated into `dir` by `mlet-dist generate`), 'criteo' (files in `train_files`) or 'parquet' (shards of `mlet-dist preprocess` in `parquet_dir`, streamed)."""
     dir: str = "data/synthetic"
     """Directory of the synthetic day files (source = 'synthetic')."""
     train_files: list[str] = field(default_factory=list)
@@ -140,6 +140,18 @@ class DataConfig:
     """Evaluation batch size."""
     shuffle: bool = True
     """Shuffle training rows each epoch (seeded by train.seed)."""
+    parquet_dir: str = ""
+    """Directory of preprocessed Parquet shards (train/, eval/, test/): output of `mlet-dist preprocess`, input of source = 'parquet'."""
+    on_bad_row: str = "error"
+    """Malformed rows in preprocessing: 'error' (stop, naming file and line) or 'skip' (count them and write them to a quarantine file)."""
+    frequency_threshold: int = 0
+    """Preprocessing: hashed ids seen fewer than this many times in the training split map to id 0 (0 = keep all ids)."""
+    row_group_rows: int = 131072
+    """Rows per Parquet row group written by preprocessing (the unit of reading and of the rank split)."""
+    shuffle_buffer_rows: int = 262144
+    """Parquet loader: rows shuffled together in one window (bounds its memory; 0 = row groups shuffled, rows in file order)."""
+    prefetch_batches: int = 4
+    """Parquet loader: batches prepared ahead by its background thread (0 = no thread)."""
 
 
 @dataclass
@@ -255,7 +267,8 @@ _ALLOWED = {
     ("model", "interaction"): ("dot", "dcn"),
     ("optim", "embedding_optimizer"): ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     ("optim", "dense_optimizer"): ("adagrad", "adam", "sgd"),
-    ("data", "source"): ("synthetic", "criteo"),
+    ("data", "source"): ("synthetic", "criteo", "parquet"),
+    ("data", "on_bad_row"): ("error", "skip"),
     ("dist", "backend"): ("", "gloo", "nccl"),
     ("dist", "device"): ("auto", "cpu", "cuda"),
     ("dist", "compute_kernel"): ("fused",),
@@ -432,3 +445,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.eval_fraction and data.test_fraction must be in [0, 1)")
     if cfg.data.batch_size <= 0:
         raise ConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
+    if not 0 <= cfg.data.frequency_threshold <= 65535:
+        raise ConfigError(
+            f"data.frequency_threshold must be in [0, 65535] (0 = off), got "
+            f"{cfg.data.frequency_threshold}"
+        )
+    if cfg.data.row_group_rows <= 0:
+        raise ConfigError(f"data.row_group_rows must be positive, got {cfg.data.row_group_rows}")
+    if cfg.data.shuffle_buffer_rows < 0 or cfg.data.prefetch_batches < 0:
+        raise ConfigError("data.shuffle_buffer_rows and data.prefetch_batches must be >= 0")
+    if cfg.data.source == "parquet" and not cfg.data.parquet_dir:
+        raise ConfigError(
+            "data.source = 'parquet' needs data.parquet_dir (the output directory of "
+            "`mlet-dist preprocess`)"
+        )

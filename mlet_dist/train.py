@@ -25,10 +25,12 @@ from mlet_dist.checkpoint import (
     load_checkpoint,
     read_train_state,
     save_checkpoint,
+    saved_plan,
 )
 from mlet_dist.config import Config, ConfigError, DataConfig, config_from_dict
 from mlet_dist.data import CriteoArrays, make_batches, read_criteo_tsv, split_arrays
-from mlet_dist.data.criteo import num_batches
+from mlet_dist.data.loader import build_batch_source
+from mlet_dist.distributed.elastic import TrainingGuard, check_agent_store
 from mlet_dist.distributed.parallelize import (
     DistEnv,
     build_optimizer,
@@ -50,9 +52,17 @@ MODEL_KEYS = {
 
 @dataclass
 class Splits:
-    train: CriteoArrays
-    eval: CriteoArrays
-    test: CriteoArrays
+    """The rows of each split in memory (None: streamed from Parquet)."""
+
+    train: CriteoArrays | None
+    eval: CriteoArrays | None
+    test: CriteoArrays | None
+
+    def has(self, cfg: DataConfig, split: str) -> bool:
+        arrays = getattr(self, split)
+        if arrays is not None:
+            return len(arrays) > 0
+        return cfg.source == "parquet" and any(Path(cfg.parquet_dir, split).glob("*.parquet"))
 
 
 def data_files(data_cfg: DataConfig) -> list[Path]:
@@ -79,7 +89,13 @@ def data_files(data_cfg: DataConfig) -> list[Path]:
 
 
 def load_splits(data_cfg: DataConfig) -> Splits:
-    """Reads the configured files and splits them (train / eval / test)."""
+    """Reads the configured files and splits them (train / eval / test).
+
+    With ``data.source = 'parquet'`` nothing is read here: every split is None and is streamed
+    from ``data.parquet_dir`` by the loader.
+    """
+    if data_cfg.source == "parquet":
+        return Splits(None, None, None)
     sizes = data_cfg.num_embeddings_per_feature
 
     def read(paths: list[Path]) -> CriteoArrays:
@@ -108,7 +124,8 @@ def model_config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[st
 class Trainer:
     """Owns the sharded model, optimizer and schedule of one run."""
 
-    def __init__(self, cfg: Config, env: DistEnv) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, plan: Any = None) -> None:
+        """``plan``: a TorchRec ``ShardingPlan`` to shard with (a resumed run's saved one)."""
         self.cfg = cfg
         self.env = env
         if cfg.data.batch_size % env.world_size:
@@ -124,7 +141,7 @@ class Trainer:
             dense_device=env.device,
         )
         self.model = parallelize(
-            model, env, cfg.dist, cfg.optim, cfg.data.batch_size // env.world_size
+            model, env, cfg.dist, cfg.optim, cfg.data.batch_size // env.world_size, plan=plan
         )
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim)
         self._sync_fused_lr()
@@ -155,11 +172,14 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.env.world_size,
+            "device": self.env.device.type,
             "sharding": self.sharding_layout(),
             "scheduler": self.scheduler.state_dict(),
             "config": self.cfg.to_dict(),
         }
-        return save_checkpoint(self.cfg.train.run_dir, self.step, self.state(), train_state)
+        return save_checkpoint(
+            self.cfg.train.run_dir, self.step, self.state(), train_state, plan=self.model.plan
+        )
 
     def load(self, path: Path, optimizer: bool = True) -> None:
         """Loads a checkpoint (collectively), resharding it to this job's plan.
@@ -194,15 +214,29 @@ class Trainer:
         train_state = load_checkpoint(path, state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
-        self.scheduler.load_state_dict(train_state["scheduler"])
-        # load_state_dict restores the schedule's position but not the groups' current LR.
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
+        self._restore_schedule(train_state["scheduler"])
         self._sync_fused_lr()
         self.step = train_state["step"]
         self.epoch = train_state["epoch"]
         self.batch_in_epoch = train_state["batch_in_epoch"]
         logger.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+
+    def _restore_schedule(self, saved: dict[str, Any]) -> None:
+        """Puts the LR schedule at the saved position, with this rank's own param groups.
+
+        The saved scheduler state is rank 0's, but ranks can have different param groups (each
+        rank's fused tables form their own groups, e.g. 3 on one rank and 4 on another under a
+        mixed table/column-wise plan): loading rank 0's per-group lists (``base_lrs``) would
+        break the other ranks. The schedule is one function of the step, so only its position
+        is restored; each group's LR is its base LR (from the config) times the schedule.
+        """
+        sched = self.scheduler
+        sched.last_epoch = saved["last_epoch"]
+        sched._step_count = saved.get("_step_count", saved["last_epoch"] + 1)
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        sched._last_lr = lrs
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
 
     def _sync_fused_lr(self) -> None:
         """Pushes the scheduled LR into fbgemm's TBEs before the next backward.
@@ -215,15 +249,28 @@ class Trainer:
         self.model.fused_optimizer.step()
 
     # -- training ----------------------------------------------------------------------------
-    def fit(self, train: CriteoArrays) -> dict[str, Any]:
+    def fit(self, train: CriteoArrays | None) -> dict[str, Any]:
+        """Trains to ``train.epochs`` / ``train.max_steps`` from the current position.
+
+        Args:
+            train: the training rows in memory, or None to stream ``data.parquet_dir/train``
+                (``data.source = 'parquet'``).
+        """
         cfg, env = self.cfg, self.env
-        per_epoch = num_batches(
-            len(train), cfg.data.batch_size, drop_last=True, world_size=env.world_size
+        source = build_batch_source(
+            cfg.data,
+            "train",
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=cfg.train.seed,
+            arrays=train,
+            device=env.device,
         )
+        per_epoch = source.num_batches()
         if per_epoch == 0:
             raise ConfigError(
-                f"the training split has {len(train)} rows, fewer than one batch "
-                f"(data.batch_size = {cfg.data.batch_size}); lower the batch size or add data"
+                f"the training split has fewer rows than one batch (data.batch_size = "
+                f"{cfg.data.batch_size}): lower the batch size or add data"
             )
         total = per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
@@ -231,6 +278,7 @@ class Trainer:
         losses: list[list[float]] = []
         seen = 0
         start_step = self.step
+        guard = TrainingGuard(cfg.train.run_dir, env, start_step=self.step)  # SIGTERM, loss log
         self.model.train()
         bar = tqdm(
             total=total,
@@ -241,21 +289,12 @@ class Trainer:
         )
         t0 = time.perf_counter()
         while self.step < total:
-            batches = make_batches(
-                train,
-                cfg.data.batch_size,
-                shuffle=cfg.data.shuffle,
-                seed=cfg.train.seed * 100003 + self.epoch,
-                drop_last=True,
-                rank=env.rank,
-                world_size=env.world_size,
-            )
-            for i, batch in enumerate(batches):
-                if i < self.batch_in_epoch:
-                    continue  # resume: skip what the checkpoint already trained on
+            # Resume: the source starts at the next batch the checkpoint has not trained on.
+            batches = source.batches(self.epoch, self.batch_in_epoch)
+            for i, batch in enumerate(batches, start=self.batch_in_epoch):
                 if self.step >= total:
                     break
-                loss, _ = self.model(batch.to(env.device))
+                loss, _ = self.model(batch.to(env.device, non_blocking=True))
                 loss.backward()
                 self.optimizer.step()
                 self.scheduler.step()
@@ -269,13 +308,20 @@ class Trainer:
                     losses.append([self.step, value])
                     bar.set_postfix(loss=f"{value:.4f}")
                     logger.debug("step %d loss %.5f", self.step, value)
+                    guard.log_loss(self.step, value)
                 bar.update(1)
-                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                saved = (
+                    bool(cfg.train.checkpoint_every) and self.step % cfg.train.checkpoint_every == 0
+                )
+                if saved:
                     self.save()
+                if guard.should_stop(self.step):  # a rank got SIGTERM: all save this step, exit
+                    guard.stop(self.step, save=None if saved else self.save)
             else:
                 self.epoch += 1
                 self.batch_in_epoch = 0
         bar.close()
+        guard.close()
         seconds = time.perf_counter() - t0
         return {
             "steps": self.step,
@@ -291,9 +337,40 @@ class Trainer:
         """Logits and labels of all rows (gathered from every rank, in row order)."""
         return predict(self.model, arrays, self.cfg.data.eval_batch_size, self.env)
 
-    def evaluate(self, arrays: CriteoArrays) -> dict[str, float]:
-        logits, labels = self.predict(arrays)
+    def evaluate(self, arrays: CriteoArrays | None, split: str = "eval") -> dict[str, float]:
+        """Metrics of rows in memory, or of the streamed Parquet ``split`` when ``arrays`` is None."""
+        if arrays is None:
+            logits, labels = self._predict_stream(split)
+        else:
+            logits, labels = self.predict(arrays)
         return binary_metrics(logits, labels)
+
+    @torch.no_grad()
+    def _predict_stream(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of a Parquet split, every rank's share gathered (order is irrelevant
+        for the metrics; fewer than world_size rows may be left out, see the loader)."""
+        env = self.env
+        source = build_batch_source(
+            self.cfg.data, split, rank=env.rank, world_size=env.world_size,
+            seed=self.cfg.train.seed, training=False, device=env.device,
+        )  # fmt: skip
+        was_training = self.model.training
+        self.model.eval()
+        outs, labels = [torch.zeros(0)], [torch.zeros(0)]
+        try:
+            for batch in source.batches(0):
+                _, (_, logits, lab) = self.model(batch.to(env.device, non_blocking=True))
+                outs.append(logits.float().cpu())
+                labels.append(lab.float().cpu())
+        finally:
+            self.model.train(was_training)
+        local = torch.stack([torch.cat(outs), torch.cat(labels)])
+        if env.world_size == 1:
+            return local[0], local[1]
+        gathered: list[Any] = [None] * env.world_size
+        dist.all_gather_object(gathered, local)
+        merged = torch.cat(gathered, dim=1)
+        return merged[0], merged[1]
 
 
 @torch.no_grad()
@@ -366,31 +443,36 @@ def train(cfg: Config, resume: bool = True) -> dict[str, Any]:
     Writes ``RUN/config.json``, ``RUN/metrics.json`` and checkpoints under ``RUN/checkpoints``.
     With ``resume`` the latest complete checkpoint of the run directory is continued.
     """
+    check_agent_store()  # fail fast where torchrun's restart would hang (elastic.py)
     env = init_distributed(cfg.dist)
     run_dir = Path(cfg.train.run_dir)
     if env.is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     splits = load_splits(cfg.data)
-    logger.info(
-        "data: %d train / %d eval / %d test rows; world size %d on %s",
-        len(splits.train),
-        len(splits.eval),
-        len(splits.test),
-        env.world_size,
-        env.device,
-    )
-    trainer = Trainer(cfg, env)
+    if splits.train is None:
+        logger.info(
+            "data: streaming Parquet from %s; world size %d on %s",
+            cfg.data.parquet_dir, env.world_size, env.device,
+        )  # fmt: skip
+    else:
+        logger.info(
+            "data: %d train / %d eval / %d test rows; world size %d on %s",
+            len(splits.train), len(splits.eval), len(splits.test), env.world_size, env.device,
+        )  # fmt: skip
     last = latest_checkpoint(run_dir) if resume else None
+    plan = None  # the saved plan when it fits: TorchRec's planning is not reproducible
+    if last is not None and not model_config_diff(read_train_state(last)["config"], cfg.to_dict()):
+        plan = saved_plan(last, cfg.to_dict()["dist"], env.world_size, env.device.type)
+    trainer = Trainer(cfg, env, plan=plan)
     if last is not None:
         trainer.load(last)
     train_stats = trainer.fit(splits.train)
     trainer.save()
     metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
-    if len(splits.eval):
-        metrics["eval"] = trainer.evaluate(splits.eval)
-    if len(splits.test):
-        metrics["test"] = trainer.evaluate(splits.test)
+    for split in ("eval", "test"):
+        if splits.has(cfg.data, split):
+            metrics[split] = trainer.evaluate(getattr(splits, split), split)
     if env.is_rank0:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         if "eval" in metrics:

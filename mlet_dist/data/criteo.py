@@ -47,12 +47,17 @@ __all__ = [
     "DEFAULT_INT_NAMES",
     "FIELD_COUNT",
     "INT_FEATURE_COUNT",
+    "ON_BAD_ROW",
+    "BadRow",
     "CriteoArrays",
     "CriteoFormatError",
+    "iter_line_blocks",
     "make_batches",
     "num_batches",
+    "parse_lines",
     "read_criteo_tsv",
     "split_arrays",
+    "to_batch",
 ]
 
 FIELD_COUNT = 1 + INT_FEATURE_COUNT + CAT_FEATURE_COUNT
@@ -323,6 +328,156 @@ def _open_binary(path: Path) -> tuple[BinaryIO, bool]:
     return raw, False
 
 
+def iter_line_blocks(
+    path: str | Path, *, start: int = 0, stop: int = 0, chunk_bytes: int = 0
+) -> Iterator[tuple[int, bytes]]:
+    """Streams a Criteo TSV file (plain or gzip) as blocks of complete lines, in bounded memory.
+
+    Lines are numbered from 1 as in an editor; only lines ``start + 1 .. stop`` (0-based indices
+    ``[start, stop)``) are yielded, the others are read past without being parsed. CRLF endings
+    are turned into LF, and a last line without a final newline gets one.
+
+    Args:
+        path: the file; gzip is detected by its magic bytes.
+        start: 0-based index of the first line to yield.
+        stop: 0-based index one past the last line to yield (0 = to the end of the file).
+        chunk_bytes: decompressed bytes read at a time (0 = the module default, ~8 MB).
+
+    Yields:
+        ``(first_line, data)``: the 1-based number of the block's first line and the block's bytes,
+        which end with b"\n" and contain no CRLF.
+
+    Raises:
+        CriteoFormatError: missing/unreadable file, or a truncated/corrupt gzip stream (the
+            message names the first line that could not be read completely).
+
+    Example::
+
+        for first_line, data in iter_line_blocks("day_0.gz", stop=1000):
+            arrays, bad = parse_lines(path, data, first_line, [2**20] * 26)
+    """
+    path = Path(path)
+    if start < 0 or stop < 0 or (stop and stop < start):
+        raise ValueError(f"line range [{start}, {stop}) is invalid (0 = to the end)")
+    chunk_bytes = chunk_bytes or _CHUNK_BYTES
+    lines_done = 0  # lines read completely so far (yielded or read past)
+    carry = b""
+    stream, is_gzip = _open_binary(path)
+    with stream:
+        while not (stop and lines_done >= stop):
+            try:
+                block = stream.read(chunk_bytes)
+            except (EOFError, OSError, zlib.error) as e:
+                if not is_gzip:
+                    raise CriteoFormatError(f"{path}: cannot read file: {e}", path=path) from e
+                # The line being decompressed when the stream broke (earlier ones were fine).
+                line = lines_done + 1
+                raise CriteoFormatError(
+                    f"{path}, line {line}: {path.name} is truncated/corrupt gzip (the stream "
+                    f"breaks at or after this line; {type(e).__name__}: {e}): re-download or "
+                    f"re-compress it",
+                    path=path,
+                    line=line,
+                ) from e
+            if block:
+                data = carry + block
+                cut = data.rfind(b"\n") + 1
+                data, carry = data[:cut], data[cut:]
+            else:
+                # End of file: a last line without a final newline still counts.
+                data, carry = (carry + b"\n" if carry else b""), b""
+            if data:
+                n_lines = data.count(b"\n")
+                first = lines_done
+                lines_done += n_lines
+                lo = max(start - first, 0)
+                hi = n_lines if not stop else min(stop - first, n_lines)
+                if lo < hi:
+                    if lo > 0 or hi < n_lines:
+                        ends = np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + 1
+                        data = data[(int(ends[lo - 1]) if lo else 0) : int(ends[hi - 1])]
+                    # The vectorized parser knows only LF; a CR before the LF is a Windows ending.
+                    if b"\r" in data:
+                        data = data.replace(b"\r\n", b"\n")
+                    yield first + lo + 1, data
+            if not block:
+                break
+
+
+@dataclass
+class BadRow:
+    """A line rejected by :func:`parse_lines` under ``on_bad_row='skip'``.
+
+    Attributes:
+        path: the file.
+        line: 1-based line number.
+        reason: what is wrong, as the error of the 'error' policy would say it.
+        text: the raw line, without its newline.
+    """
+
+    path: str
+    line: int
+    reason: str
+    text: bytes
+
+
+ON_BAD_ROW = ("error", "skip")
+"""Bad-row policies: raise a CriteoFormatError naming the line, or skip and report the line."""
+
+
+def parse_lines(
+    path: str | Path,
+    data: bytes,
+    first_line: int,
+    num_embeddings_per_feature: Sequence[int],
+    *,
+    on_bad_row: str = "error",
+) -> tuple[CriteoArrays, list[BadRow]]:
+    """Parses a block of complete lines (as :func:`iter_line_blocks` yields them) into arrays.
+
+    The transforms are the reader's: label 0/1, ``log(max(x, 0) + 1)`` of the integer features
+    (missing = 0), hex categorical values modulo their feature's hash size (missing = 0).
+
+    Args:
+        path: the file the block comes from (for messages).
+        data: complete lines, ending with b"\n", without CRLF.
+        first_line: 1-based number of the block's first line.
+        num_embeddings_per_feature: hash size of each of the 26 categorical features.
+        on_bad_row: 'error' raises on the first malformed line; 'skip' leaves malformed lines
+            out of the arrays and returns them.
+
+    Returns:
+        ``(arrays, bad_rows)``: the parsed valid rows, in file order, and the skipped lines
+        (always empty under 'error').
+
+    Raises:
+        CriteoFormatError: a malformed line under 'error' (the message names file and line).
+        ValueError: bad hash sizes or an unknown policy.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+    path = Path(path)
+    table_sizes = _check_table_sizes(num_embeddings_per_feature)
+    try:
+        return _parse_chunk(path, data, first_line, table_sizes), []
+    except CriteoFormatError:
+        if on_bad_row == "error":
+            raise
+    # Slow path, only for blocks with a bad line: classify every line exactly, parse the rest.
+    good: list[bytes] = []
+    bad: list[BadRow] = []
+    for k, line in enumerate(data.split(b"\n")[:-1]):
+        problem = _line_error(line)
+        if problem is None:
+            good.append(line)
+        else:
+            bad.append(BadRow(str(path), first_line + k, problem, line))
+    if not good:
+        return CriteoArrays.empty(), bad
+    # Cannot raise: the vectorized and the exact parser accept the same lines.
+    return _parse_chunk(path, b"\n".join(good) + b"\n", first_line, table_sizes), bad
+
+
 def read_criteo_tsv(
     path: str | Path, num_embeddings_per_feature: Sequence[int], max_rows: int = 0
 ) -> CriteoArrays:
@@ -355,46 +510,10 @@ def read_criteo_tsv(
     table_sizes = _check_table_sizes(num_embeddings_per_feature)
     if max_rows < 0:
         raise ValueError(f"max_rows must be >= 0 (0 = all rows), got {max_rows}")
-    parts: list[CriteoArrays] = []
-    lines_done = 0
-    carry = b""
-    stream, is_gzip = _open_binary(path)
-    with stream:
-        while not (max_rows and lines_done >= max_rows):
-            try:
-                block = stream.read(_CHUNK_BYTES)
-            except (EOFError, OSError, zlib.error) as e:
-                if not is_gzip:
-                    raise CriteoFormatError(f"{path}: cannot read file: {e}", path=path) from e
-                # The line being decompressed when the stream broke (earlier ones were fine).
-                line = lines_done + 1
-                raise CriteoFormatError(
-                    f"{path}, line {line}: {path.name} is truncated/corrupt gzip (the stream "
-                    f"breaks at or after this line; {type(e).__name__}: {e}): re-download or "
-                    f"re-compress it",
-                    path=path,
-                    line=line,
-                ) from e
-            if block:
-                data = carry + block
-                cut = data.rfind(b"\n") + 1
-                data, carry = data[:cut], data[cut:]
-            else:
-                # End of file: a last line without a final newline still counts.
-                data, carry = (carry + b"\n" if carry else b""), b""
-            if data:
-                if max_rows:
-                    nl = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
-                    if nl.shape[0] > max_rows - lines_done:
-                        data = data[: int(nl[max_rows - lines_done - 1]) + 1]
-                # The vectorized parser knows only LF; a CR before the LF is a Windows ending.
-                if b"\r" in data:
-                    data = data.replace(b"\r\n", b"\n")
-                part = _parse_chunk(path, data, lines_done + 1, table_sizes)
-                parts.append(part)
-                lines_done += len(part)
-            if not block:
-                break
+    parts = [
+        _parse_chunk(path, data, first_line, table_sizes)
+        for first_line, data in iter_line_blocks(path, stop=max_rows)
+    ]
     arrays = CriteoArrays.concat(parts)
     logger.debug("read %d rows from %s", len(arrays), path)
     return arrays
@@ -438,20 +557,32 @@ def split_arrays(
     )
 
 
-def _to_batch(arrays: CriteoArrays, rows: np.ndarray) -> Batch:
-    sparse = arrays.sparse[rows]  # (B, 26)
-    batch_size = sparse.shape[0]
+def to_batch(arrays: CriteoArrays) -> Batch:
+    """One TorchRec ``Batch`` of all rows of ``arrays``, in the layout of :func:`make_batches`.
+
+    Args:
+        arrays: the rows (labels float32, dense float32 (B, 13), sparse int64 (B, 26)).
+
+    Returns:
+        ``Batch(dense_features (B, 13) float32, sparse_features KJT, labels (B,) float32)``; the
+        KJT has keys ``cat_0..cat_25`` and one id per sample and key (all lengths 1).
+    """
+    batch_size = len(arrays)
     # KJT layout is key-major: all of cat_0's ids for the batch, then cat_1's, ...
-    values = torch.from_numpy(np.ascontiguousarray(sparse.T).reshape(-1))
+    values = torch.from_numpy(np.ascontiguousarray(arrays.sparse.T, dtype=np.int64).reshape(-1))
     lengths = torch.ones(CAT_FEATURE_COUNT * batch_size, dtype=torch.int32)
     kjt = KeyedJaggedTensor(
         keys=list(DEFAULT_CAT_NAMES), values=values, lengths=lengths, stride=batch_size
     )
     return Batch(
-        dense_features=torch.from_numpy(arrays.dense[rows]),
+        dense_features=torch.from_numpy(np.ascontiguousarray(arrays.dense, dtype=np.float32)),
         sparse_features=kjt,
-        labels=torch.from_numpy(arrays.labels[rows]),
+        labels=torch.from_numpy(np.ascontiguousarray(arrays.labels, dtype=np.float32)),
     )
+
+
+def _to_batch(arrays: CriteoArrays, rows: np.ndarray) -> Batch:
+    return to_batch(CriteoArrays(arrays.labels[rows], arrays.dense[rows], arrays.sparse[rows]))
 
 
 def num_batches(n_rows: int, batch_size: int, *, drop_last: bool, world_size: int = 1) -> int:
@@ -469,6 +600,7 @@ def make_batches(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    start_batch: int = 0,
 ) -> Iterator[Batch]:
     """Yields this rank's TorchRec batches over one epoch of ``arrays``.
 
@@ -487,6 +619,8 @@ def make_batches(
         drop_last: drop the last incomplete global batch.
         rank: this process' rank, in [0, world_size).
         world_size: number of data-parallel ranks.
+        start_batch: skip the first ``start_batch`` batches without building them (resume
+            mid-epoch with the same seed: the remaining batches are exactly those of a full run).
 
     Returns:
         An iterator of ``Batch(dense_features (B, 13) float32, sparse_features KJT, labels (B,) float32)``; the
@@ -507,6 +641,8 @@ def make_batches(
         )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     if batch_size % world_size:
         raise ValueError(
             f"global batch size {batch_size} is not divisible by world_size {world_size}: use a "
@@ -516,15 +652,21 @@ def make_batches(
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     count = num_batches(n, batch_size, drop_last=drop_last, world_size=world_size)
     # A nested generator, so that bad arguments raise at the call rather than at the first next().
-    return _iter_batches(arrays, order, batch_size, count, rank, world_size)
+    return _iter_batches(arrays, order, batch_size, start_batch, count, rank, world_size)
 
 
 def _iter_batches(
-    arrays: CriteoArrays, order: np.ndarray, batch_size: int, count: int, rank: int, world_size: int
+    arrays: CriteoArrays,
+    order: np.ndarray,
+    batch_size: int,
+    start_batch: int,
+    count: int,
+    rank: int,
+    world_size: int,
 ) -> Iterator[Batch]:
     n = order.shape[0]
     local = batch_size // world_size
-    for b in range(count):
+    for b in range(start_batch, count):
         start = b * batch_size
         # Full batches: `local` rows per rank; the tail: an equal share per rank.
         share = min(local, (n - start) // world_size)
