@@ -39,6 +39,7 @@ from mlet_dist.distributed.parallelize import (
 )
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.models import build_dlrm
+from mlet_dist.quality import bucket_metrics, id_counts, rarest_id_count
 
 logger = logging.getLogger(__name__)
 
@@ -337,13 +338,27 @@ class Trainer:
         """Logits and labels of all rows (gathered from every rank, in row order)."""
         return predict(self.model, arrays, self.cfg.data.eval_batch_size, self.env)
 
-    def evaluate(self, arrays: CriteoArrays | None, split: str = "eval") -> dict[str, float]:
-        """Metrics of rows in memory, or of the streamed Parquet ``split`` when ``arrays`` is None."""
+    def evaluate(
+        self,
+        arrays: CriteoArrays | None,
+        split: str = "eval",
+        id_counts: list[np.ndarray] | None = None,
+    ) -> dict[str, Any]:
+        """Metrics of rows in memory, or of the streamed Parquet ``split`` when ``arrays`` is None.
+
+        With ``id_counts`` (training-split id occurrences, :func:`mlet_dist.quality.id_counts`)
+        the metrics are also reported per id-frequency bucket (``"buckets"``, see
+        :mod:`mlet_dist.quality`); rows must be in memory for that.
+        """
         if arrays is None:
             logits, labels = self._predict_stream(split)
         else:
             logits, labels = self.predict(arrays)
-        return binary_metrics(logits, labels)
+        metrics: dict[str, Any] = binary_metrics(logits, labels)
+        if id_counts is not None and arrays is not None:
+            rarest = rarest_id_count(arrays.sparse, id_counts)
+            metrics["buckets"] = bucket_metrics(logits, labels, rarest)
+        return metrics
 
     @torch.no_grad()
     def _predict_stream(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -470,9 +485,12 @@ def train(cfg: Config, resume: bool = True) -> dict[str, Any]:
     train_stats = trainer.fit(splits.train)
     trainer.save()
     metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
+    counts = None
+    if splits.train is not None:
+        counts = id_counts(splits.train.sparse, cfg.data.num_embeddings_per_feature)
     for split in ("eval", "test"):
         if splits.has(cfg.data, split):
-            metrics[split] = trainer.evaluate(getattr(splits, split), split)
+            metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)
     if env.is_rank0:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         if "eval" in metrics:

@@ -148,6 +148,9 @@ def test_end_to_end_on_real_criteo_sample(tmp_path):
     assert metrics["eval"]["rows"] == 1000 and metrics["test"]["rows"] == 1000
     assert metrics["eval"]["auc"] > 0.65, metrics["eval"]
     assert metrics["test"]["auc"] > 0.65, metrics["test"]
+    buckets = metrics["test"]["buckets"]
+    assert list(buckets) == ["<=10", "11-100", "101-1000", ">1000"]
+    assert sum(b["rows"] for b in buckets.values()) == 1000
     again = evaluate_run(cfg.train.run_dir, split="test")
     assert again["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-9)
     assert json.loads((Path(cfg.train.run_dir) / "eval_test.json").read_text())["rows"] == 1000
