@@ -182,7 +182,7 @@ def collapse(
         mounts: volumes for container schedulers, e.g. type=volume,src=<PVC>,dst=/runs
     """
     return _job(
-        ["collapse", "--run", run, "--out", out],
+        ["collapse", "--run-dir", run, "--out", out],
         "mlet-collapse", j, image, cpu, gpu, memMB, h, max_retries, max_restarts, rdzv_backend,
         rdzv_port, env, mounts,
     )  # fmt: skip

@@ -4,9 +4,11 @@ Commands:
     generate   write synthetic Criteo-format day files (the built-in default data)
     train      train a model (one process, or every rank under torchrun / torchx)
     evaluate   AUC / log loss / NE of a run's latest checkpoint on a split or files
-    collapse   collapse a run's MLET tables into a plain d-dim model for serving
+    collapse   collapse a run's MLET tables into a plain d-dim model and its serving artifacts
+    predict    score Criteo TSV rows with a serving directory's TorchScript predictor
     run        the whole job end to end: generate (if needed), train, evaluate, collapse, check
     plan       dry run of the sharding plan and per-rank memory for a cluster (nothing allocated)
+    preprocess raw Criteo TSV files -> Parquet shards (train/eval/test) for streaming
 """
 
 from __future__ import annotations
@@ -66,13 +68,43 @@ def _parser() -> argparse.ArgumentParser:
     t = add("train", "train a model; resumes the latest checkpoint of train.run_dir")
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     e = add("evaluate", "evaluate a run's latest checkpoint", config=False)
-    e.add_argument("--run", required=True, help="run directory of a training run")
+    e.add_argument(
+        "--run", "--run-dir", dest="run", required=True, help="run directory of a training run"
+    )
     e.add_argument("--split", default="eval", choices=["eval", "test", "train"])
     e.add_argument("--data", nargs="+", help="Criteo TSV files to evaluate instead of a split")
     c = add("collapse", "collapse a run's MLET tables into a plain d-dim model", config=False)
-    c.add_argument("--run", required=True, help="run directory of a training run")
+    # --run-dir: the same, for torchrun, which takes --run as an abbreviation of its --run-path
+    c.add_argument(
+        "--run", "--run-dir", dest="run", required=True, help="run directory of a training run"
+    )
     c.add_argument("--out", required=True, help="output directory of the collapsed model")
-    c.add_argument("--chunk-rows", type=int, default=65536, help="rows per collapse matmul")
+    c.add_argument(
+        "--chunk-rows", type=int, help="rows per collapse matmul and reduction (default 16384)"
+    )
+    c.add_argument(
+        "--quantize",
+        default="fp32",
+        choices=["fp32", "fp16", "int8"],
+        help="serving table format of the predictor (int8: TorchRec's row-wise int8)",
+    )
+    c.add_argument(
+        "--allow-plain",
+        action="store_true",
+        help="export a run without factorized tables (model.inner_dim = 0) as it is",
+    )
+    c.add_argument("--no-predictor", action="store_true", help="skip serving/predictor.pt")
+    pr = add("predict", "score Criteo TSV rows with a serving directory", config=False)
+    pr.add_argument("--serving", required=True, help="output directory of `mlet-dist collapse`")
+    pr.add_argument("--data", required=True, nargs="+", help="Criteo TSV files (plain or .gz)")
+    pr.add_argument("--out", required=True, help="probabilities: text (one per line) or .parquet")
+    pr.add_argument("--batch-size", type=int, default=4096, help="rows per predictor call")
+    pr.add_argument(
+        "--verify",
+        default="all",
+        choices=["all", "predictor"],
+        help="files whose manifest checksums are checked first (default all)",
+    )
     r = add("run", "end to end: generate (if needed), train, evaluate, collapse, check")
     r.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     pl = add("plan", "dry run: sharding plan and per-rank memory for a cluster (no allocation)")
@@ -83,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--hbm-gb", type=float, help="GPU memory per rank (dist.hbm_cap_gb)")
     pl.add_argument("--ddr-gb", type=float, help="host memory per rank (dist.ddr_cap_gb)")
     pl.add_argument("--out", help="JSON report (default <train.run_dir>/plan.json)")
+    pp = add("preprocess", "raw Criteo TSV files -> Parquet shards (train/eval/test); resumable")
+    pp.add_argument("--input", nargs="+", help="raw files (default: the config's data files)")
+    pp.add_argument("--out", help="output directory (default data.parquet_dir)")
+    pp.add_argument("--workers", type=int, default=0, help="processes (default: CPU count)")
+    pp.add_argument("--on-bad-row", choices=["error", "skip"], help="data.on_bad_row")
+    pp.add_argument("--frequency-threshold", type=int, help="data.frequency_threshold")
+    pp.add_argument("--row-group-rows", type=int, help="data.row_group_rows")
     return p
 
 
@@ -105,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         from mlet_dist.checkpoint import CheckpointError
         from mlet_dist.data import CriteoFormatError
+        from mlet_dist.serving import ServingError
 
-        if isinstance(e, (CheckpointError, CriteoFormatError, FileNotFoundError)):
+        if isinstance(e, (CheckpointError, CriteoFormatError, ServingError, FileNotFoundError)):
             print(f"mlet-dist {args.command}: {e}", file=sys.stderr)
             return 1
         raise
@@ -137,7 +177,24 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
 
         if overrides:
             raise ConfigError(f"collapse takes no config overrides (got {overrides})")
-        collapse_run(args.run, args.out, chunk_rows=args.chunk_rows)
+        collapse_run(
+            args.run,
+            args.out,
+            **({"chunk_rows": args.chunk_rows} if args.chunk_rows else {}),
+            quantize=args.quantize,
+            allow_plain=args.allow_plain,
+            predictor=not args.no_predictor,
+        )
+        return 0
+    if args.command == "predict":
+        from mlet_dist.serving.predict import predict_file
+
+        if overrides:
+            raise ConfigError(f"predict takes no config overrides (got {overrides})")
+        result = predict_file(
+            args.serving, args.data, args.out, batch_size=args.batch_size, verify=args.verify
+        )
+        print(json.dumps(result))
         return 0
     if args.command == "run":
         from mlet_dist.workflow import run_end_to_end
@@ -145,7 +202,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         summary = run_end_to_end(load_config(args.config, overrides), resume=not args.no_resume)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(summary, indent=1))
-        return 0 if summary["collapse_check"]["passed"] else 1
+        checks = (summary["collapse_check"], summary.get("serving_check", {"passed": True}))
+        return 0 if all(c["passed"] for c in checks) else 1
     if args.command == "plan":
         from mlet_dist.distributed import planning
 
@@ -168,6 +226,29 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         )
         print(planning.format_report(report) + f"\nwrote {out}")
         return 0 if report["totals"]["fits"] else 1
+    if args.command == "preprocess":
+        from mlet_dist.data.preprocess import preprocess_from_config
+
+        flags = {
+            "on_bad_row": args.on_bad_row,
+            "frequency_threshold": args.frequency_threshold,
+            "row_group_rows": args.row_group_rows,
+        }
+        overrides = [*overrides, *(f"--data.{k}={v}" for k, v in flags.items() if v is not None)]
+        cfg = load_config(args.config, overrides)
+        summary = preprocess_from_config(
+            cfg.data,
+            inputs=args.input,
+            out_dir=args.out,
+            workers=args.workers,
+            progress=cfg.train.progress,
+        )
+        print(
+            json.dumps(
+                {k: summary[k] for k in ("rows", "positives", "bad_rows", "splits")}, indent=1
+            )
+        )
+        return 0
     raise AssertionError(args.command)  # argparse restricts the choices
 
 

@@ -1,41 +1,95 @@
-"""Collapse a trained run into the served model (single process).
+"""Collapse a trained run into the served model and its serving artifacts (``mlet-dist collapse``).
 
-The collapsed model is a DLRM over a plain ``torchrec.EmbeddingBagCollection`` of dimension d:
-architecturally the baseline model (``model.inner_dim = 0``) of the same config, so it loads with
-the same builder, shards with a new plan, and costs what a d-dim model costs to serve.
+Runs on every rank of a launched job (torchrun/TorchX, any world size) or in one process. The
+model is built and sharded as in training (:class:`mlet_dist.train.Trainer` with the run's config at
+the current world size) and the latest checkpoint is loaded into it (DCP reshards). Then each
+rank collapses its own W1 shards in one chunked pass (:mod:`mlet_dist.distributed.collapse`):
+column pieces are summed only among the ranks that hold the same rows, and every finished chunk
+is written by the rank that owns its rows, to all outputs at once (float32 rows for the
+checkpoint, Parquet row groups, the quantized serving rows). No rank allocates a whole table
+unless it owns all of it (table_wise). Rank 0 then builds the TorchScript predictor, writes the
+manifest and swaps the result in atomically.
 
-Output directory::
+Output directory (README "Serving contract")::
 
-    OUT/config.json          the run's config with model.inner_dim = 0 (the served architecture)
-    OUT/model/               DCP checkpoint of the collapsed DLRMTrain state dict
-    OUT/collapse_report.json tables, shapes, and the check of collapsed vs MLET predictions
+    OUT/manifest.json        tables, files with sha256, source run and config, library versions
+    OUT/config.json          the served config (model.inner_dim = 0): the collapsed architecture
+    OUT/collapse_report.json per-rank memory and timings, parameter counts
+    OUT/model/               DCP checkpoint {"model": DLRMTrain state dict}, plain d-dim EBC rows
+                             saved as row-block ShardedTensors by their owners
+    OUT/parquet/<table>/rows-<first>-<end>.parquet   id (int64), embedding (fixed_size_list<float32>[d])
+    OUT/serving/tables/      DCP checkpoint of the fp16 / int8 serving rows (absent for fp32)
+    OUT/serving/predictor.pt TorchScript predictor (see mlet_dist.serving.predictor)
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import json
 import logging
+import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.models.dlrm import DLRMTrain
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from mlet_dist.checkpoint import CheckpointError, latest_checkpoint
+from mlet_dist.checkpoint import CheckpointError, latest_checkpoint, read_train_state
 from mlet_dist.config import Config
+from mlet_dist.distributed.collapse import (
+    DEFAULT_CHUNK_ROWS,
+    CollapsedBlock,
+    MemoryTracker,
+    RowBlock,
+    TableLayout,
+    collapse_bytes,
+    collapse_table,
+    layouts_from_state_dict,
+    make_groups,
+)
 from mlet_dist.models import build_dlrm, build_tables
-from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS, collapse
+from mlet_dist.modules.collapse import collapse
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, inner_dim_of, served_tables
+from mlet_dist.serving.manifest import PREDICTOR_FILE, ServingError, write_manifest
+from mlet_dist.serving.quantize import check_dtype, serving_layout
 
 logger = logging.getLogger(__name__)
-# The collapse runs in one process, also inside a launched job (rank 0): DCP's notice about
-# single-process mode is expected there.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+# Rank 0 reads the finished checkpoints in single-process mode (also inside a launched job):
+# DCP's notice about that mode is expected there.
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+)
+# The collapsed rows are saved as ShardedTensors, the sharded-state type TorchRec itself uses.
+warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+
+SPARSE_PREFIX = "model.sparse_arch."
+W1_PREFIX = "model.sparse_arch.embedding_bag_collection.w1.embedding_bags."
+W2_PREFIX = "model.sparse_arch.embedding_bag_collection.projection.weights."
+SERVED_TABLE_KEY = "model.sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
+SERVING_TABLE_KEY = "embedding_bags.{}.weight"
+DEFAULT_ROW_GROUP_ROWS = 65536
+
+
+SERVING_FORMATS = {
+    "fp32": "float32 (rows, d): the rows of model/",
+    "fp16": "float16 (rows, d), round to nearest",
+    "int8": "uint8 (rows, d + 4): d values q, then fp16 scale and fp16 bias; x = q * scale + bias "
+    "(fbgemm FusedNBitRowwiseQuantizedSBHalf, 8 bits: TorchRec's INT8 table format)",
+}
+
+
+class CollapseError(ServingError):
+    """A run cannot be collapsed as asked (e.g. it has no factorized tables); the message says why."""
 
 
 def served_config(cfg: Config) -> Config:
@@ -71,90 +125,512 @@ def mlet_module(model: DLRMTrain) -> MLETEmbeddingBagCollection:
 def collapse_model(
     model: DLRMTrain, cfg: Config, chunk_rows: int = DEFAULT_CHUNK_ROWS
 ) -> DLRMTrain:
-    """The served model: the MLET tables collapsed, the dense network copied."""
+    """Single-process reference: the MLET tables of a whole (unsharded) model collapsed, the dense
+    network copied. The served path is :func:`collapse_run`."""
     ebc = collapse(mlet_module(model), chunk_rows=chunk_rows)
     served = build_dlrm(
         served_config(cfg).model, cfg.data.num_embeddings_per_feature, embedding_module=ebc
     )
-    dense = {k: v for k, v in model.state_dict().items() if not k.startswith("model.sparse_arch.")}
+    dense = {k: v for k, v in model.state_dict().items() if not k.startswith(SPARSE_PREFIX)}
     missing, unexpected = served.load_state_dict(dense, strict=False)
-    if unexpected or any(not k.startswith("model.sparse_arch.") for k in missing):
+    if unexpected or any(not k.startswith(SPARSE_PREFIX) for k in missing):
         raise RuntimeError(f"dense state mismatch: missing {missing}, unexpected {unexpected}")
     return served
 
 
-def collapse_run(
-    run_dir: str | Path, out_dir: str | Path, chunk_rows: int = DEFAULT_CHUNK_ROWS
-) -> dict[str, Any]:
-    """Collapses the latest checkpoint of a run into ``out_dir`` (written atomically).
+# -- outputs written by the owners of the rows ---------------------------------------------------
 
-    Returns the report (also written to OUT/collapse_report.json).
+
+class ParquetSink:
+    """Writes each owned row block of a table to ``root/<table>/rows-<first>-<end>.parquet``.
+
+    Columns ``id`` (int64) and ``embedding`` (fixed-size list of d float32). Finished chunks are
+    buffered up to ``row_group_rows`` rows and written as one row group (the last group of a
+    block may be smaller), so the row groups do not depend on the chunk size.
     """
-    from mlet_dist.train import load_run_config
 
+    def __init__(self, root: Path, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
+        if row_group_rows <= 0:
+            raise ValueError(f"row_group_rows must be positive, got {row_group_rows}")
+        self.root = root
+        self.row_group_rows = row_group_rows
+        self._open: dict[tuple[str, int], tuple[Any, list[np.ndarray], int]] = {}
+        self.files: list[Path] = []
+
+    def __call__(self, table: str, block: RowBlock, start: int, rows: torch.Tensor) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        key = (table, block.start)
+        if key not in self._open:
+            path = self.root / table / f"rows-{block.start:012d}-{block.stop:012d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            d = rows.shape[1]
+            schema = pa.schema(
+                [("id", pa.int64()), ("embedding", pa.list_(pa.float32(), d))],
+                metadata={"table": table, "dim": str(d)},
+            )
+            self._open[key] = (pq.ParquetWriter(path, schema), [], start)
+            self.files.append(path)
+        writer, pending, first = self._open[key]
+        pending.append(rows.detach().cpu().numpy())  # owner rows: not overwritten later
+        buffered = start + rows.shape[0] - first
+        done = start + rows.shape[0] == block.stop
+        if buffered >= self.row_group_rows or done:
+            self._write(writer, np.concatenate(pending), first)
+            pending.clear()
+            self._open[key] = (writer, pending, start + rows.shape[0])
+        if done:
+            self._open.pop(key)[0].close()
+
+    @staticmethod
+    def _write(writer: Any, values: np.ndarray, first: int) -> None:
+        import pyarrow as pa
+
+        n, d = values.shape
+        flat = pa.array(values.reshape(-1), pa.float32())
+        ids = pa.array(np.arange(first, first + n, dtype=np.int64))
+        embedding = pa.FixedSizeListArray.from_arrays(flat, d)
+        writer.write_table(
+            pa.table({"id": ids, "embedding": embedding}, schema=writer.schema),
+            row_group_size=n,
+        )
+
+    def close(self) -> None:
+        for writer, _, _ in self._open.values():
+            writer.close()
+        self._open.clear()
+
+
+def _sharded(
+    layout: TableLayout,
+    blocks: list[CollapsedBlock],
+    tensor_of: Any,
+    dtype: torch.dtype,
+    cols: int,
+) -> Any:
+    """A row-block ShardedTensor of a collapsed table: every rank contributes the blocks it owns.
+
+    Built from the layout every rank knows (no collective); shards live on CPU.
+    """
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import (
+        ShardedTensorMetadata,
+        TensorProperties,
+    )
+
+    def meta(b: RowBlock) -> ShardMetadata:
+        return ShardMetadata([b.start, 0], [b.rows, cols], f"rank:{b.owner}/cpu")
+
+    local = [Shard(tensor_of(cb).cpu().contiguous(), meta(cb.block)) for cb in blocks]
+    metadata = ShardedTensorMetadata(
+        shards_metadata=[meta(b) for b in layout.blocks],
+        size=torch.Size([layout.rows, cols]),
+        tensor_properties=TensorProperties(dtype=dtype, requires_grad=False),
+    )
+    return ShardedTensor._init_from_local_shards_and_global_metadata(local, metadata)
+
+
+# -- the rank-0 steps: predictor, manifest, atomic swap -----------------------------------------
+
+
+def _load_served_rows(
+    out: Path, tables: list[EmbeddingBagConfig], dtype: str
+) -> dict[str, torch.Tensor]:
+    """Whole serving tables read back from the checkpoints just written (this process alone).
+
+    This is the one step that holds whole tables: the predictor is a single-process model.
+    """
+    if dtype == "fp32":
+        key = SERVED_TABLE_KEY
+        state = {key.format(t.name): torch.empty(t.num_embeddings, t.embedding_dim) for t in tables}
+        dcp.load({"model": state}, checkpoint_id=str(out / "model"), no_dist=True)
+    else:
+        key = SERVING_TABLE_KEY
+        state = {}
+        for t in tables:
+            dt, cols = serving_layout(dtype, t.embedding_dim)
+            state[key.format(t.name)] = torch.empty(t.num_embeddings, cols, dtype=dt)
+        dcp.load(state, checkpoint_id=str(out / "serving" / "tables"), no_dist=True)
+    return {t.name: state[key.format(t.name)] for t in tables}
+
+
+def build_predictor(
+    out: Path,
+    cfg: Config,
+    tables: list[EmbeddingBagConfig],
+    dense_state: dict[str, torch.Tensor],
+    dtype: str,
+) -> Path:
+    """Writes ``OUT/serving/predictor.pt``: the served DLRM on TorchRec's quantized EBC, scripted."""
+    from mlet_dist.serving.predictor import (
+        ServingModel,
+        quant_embedding_bag_collection,
+        script,
+    )
+
+    qebc = quant_embedding_bag_collection(tables, _load_served_rows(out, tables, dtype), dtype)
+    model = build_dlrm(
+        served_config(cfg).model, cfg.data.num_embeddings_per_feature, embedding_module=qebc
+    )
+    missing, unexpected = model.load_state_dict(dense_state, strict=False)
+    if unexpected or any(not k.startswith(SPARSE_PREFIX) for k in missing):
+        raise RuntimeError(f"dense state mismatch: missing {missing}, unexpected {unexpected}")
+    features = [f for t in tables for f in t.feature_names]
+    path = out / PREDICTOR_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    script(ServingModel(model.model, features)).save(str(path))
+    return path
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Moves a complete ``staging`` directory to ``out``; a previous ``out`` stays whole until then.
+
+    On Linux the two directories are exchanged in one atomic rename, so ``out`` is at every moment
+    either the old or the new complete result. Elsewhere ``out`` is renamed aside first (a crash
+    in between leaves the old result in ``<out>.old``).
+    """
+    if not out.exists():
+        staging.rename(out)
+        return
+    if _exchange(staging, out):
+        shutil.rmtree(staging)  # now the previous result
+        return
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _staging_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.tmp")
+
+
+def _collapse_config(cfg: Config, world_size: int) -> Config:
+    """The run's config for building the model at this world size.
+
+    Only the planner's batch size depends on the world size here; it is rounded down to a
+    multiple of it (the Trainer requires one) and does not change the parameters.
+    """
+    out = copy.deepcopy(cfg)
+    out.data.batch_size = max(world_size, cfg.data.batch_size - cfg.data.batch_size % world_size)
+    out.train.progress = False
+    return out
+
+
+def _barrier() -> None:
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _table_report(cfg: Config) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": t.name,
+            "features": list(t.feature_names),
+            "rows": t.num_embeddings,
+            "inner_dim": inner_dim_of(t),
+            "dim": t.embedding_dim,
+            "pooling": t.pooling.name,
+        }
+        for t in build_tables(cfg.model, cfg.data.num_embeddings_per_feature)
+    ]
+
+
+def collapse_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    quantize: str = "fp32",
+    allow_plain: bool = False,
+    predictor: bool = True,
+    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+) -> dict[str, Any]:
+    """Collapses the latest checkpoint of a run into a serving directory (collective).
+
+    Call it on every rank of a launched job, or in one process. See the module docstring for
+    what is written; README "Serving contract" for the format.
+
+    Args:
+        run_dir: a training run (config.json and checkpoints/).
+        out_dir: the serving directory; replaced atomically if it exists.
+        chunk_rows: rows per matmul/reduction/row group (bounds the temporary memory).
+        quantize: serving table format of the predictor and ``serving/tables``: 'fp32' (none),
+            'fp16' or 'int8' (TorchRec's row-wise int8, fp16 scale and bias).
+        allow_plain: a run without factorized tables (``model.inner_dim = 0``) is refused unless
+            this is set; then its tables are exported as they are.
+        predictor: build ``serving/predictor.pt`` (rank 0 assembles every serving table for it).
+        row_group_rows: rows per Parquet row group (the owners buffer this many).
+
+    Returns:
+        The report (also ``OUT/collapse_report.json``), the same on every rank.
+
+    Raises:
+        CollapseError: the run has no factorized tables and ``allow_plain`` is not set.
+        CheckpointError: the run has no complete checkpoint.
+    """
+    from mlet_dist.distributed.parallelize import init_distributed
+    from mlet_dist.train import Trainer, load_run_config
+
+    check_dtype(quantize)
+    if chunk_rows <= 0:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     cfg = load_run_config(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(
             f"run {run_dir} has no complete checkpoint under checkpoints/; train it first"
         )
-    model = load_unsharded(cfg, ckpt)
-    mlet = mlet_module(model)
-    factorized = [t.name for t in mlet.mlet_configs() if inner_dim_of(t)]
+    tables = build_tables(cfg.model, cfg.data.num_embeddings_per_feature)
+    factorized = [t.name for t in tables if inner_dim_of(t)]
+    if not factorized and not allow_plain:
+        raise CollapseError(
+            f"run {run_dir} has no factorized tables (model.inner_dim = 0 and no "
+            f"model.inner_dim_per_table): there is nothing to collapse. Its tables already are "
+            f"the served d-dim tables; pass --allow-plain (allow_plain=True) to export them as "
+            f"they are."
+        )
     if not factorized:
         logger.warning(
-            "run %s has no factorized tables (model.inner_dim = 0): its tables are copied as they are",
-            run_dir,
+            "run %s has no factorized tables: its tables are exported as they are", run_dir
         )
-    served = collapse_model(model, cfg, chunk_rows)
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    dcp.save({"model": served.state_dict()}, checkpoint_id=str(tmp / "model"), no_dist=True)
-    (tmp / "config.json").write_text(json.dumps(served_config(cfg).to_dict(), indent=1))
+    env = init_distributed(cfg.dist)
+    out = Path(out_dir)
+    staging = _staging_dir(out)
+    if env.is_rank0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)  # left over by a crashed attempt
+        staging.mkdir()
+    _barrier()
+
+    t0 = time.perf_counter()
+    trainer = Trainer(_collapse_config(cfg, env.world_size), env)
+    trainer.load(ckpt, optimizer=False)
+    state = trainer.model.state_dict()
+    t_load = time.perf_counter() - t0
+
+    # -- one pass over this rank's W1 shards ------------------------------------------------
+    t0 = time.perf_counter()
+    dims = {t.name: t.embedding_dim for t in tables}
+    layouts, local = layouts_from_state_dict(state, W1_PREFIX, dims)
+    groups = make_groups(list(layouts.values()))
+    tracker = MemoryTracker()
+    sink = ParquetSink(staging / "parquet", row_group_rows)
+    collapsed: dict[str, list[CollapsedBlock]] = {}
+    for name, layout in layouts.items():
+        collapsed[name] = collapse_table(
+            layout,
+            local[name],
+            state.get(W2_PREFIX + name),
+            groups,
+            chunk_rows=chunk_rows,
+            serving_dtype=quantize,
+            tracker=tracker,
+            sink=sink,
+            rank=env.rank,
+        )
+    sink.close()
+    t_collapse = time.perf_counter() - t0
+
+    # -- the checkpoints, written collectively: every rank its own rows ------------------------
+    t0 = time.perf_counter()
+    dense_state = {k: v for k, v in state.items() if not k.startswith(SPARSE_PREFIX)}
+    served_state: dict[str, Any] = dict(dense_state)
+    for name, layout in layouts.items():
+        served_state[SERVED_TABLE_KEY.format(name)] = _sharded(
+            layout, collapsed[name], lambda cb: cb.values, torch.float32, layout.dim
+        )
+    _check_served_keys(served_state, cfg)
+    dcp.save({"model": served_state}, checkpoint_id=str(staging / "model"))
+    serving_state: dict[str, Any] = {}
+    if quantize != "fp32":
+        for name, layout in layouts.items():
+            dt, cols = serving_layout(quantize, layout.dim)
+            serving_state[SERVING_TABLE_KEY.format(name)] = _sharded(
+                layout, collapsed[name], lambda cb: cb.served, dt, cols
+            )
+        dcp.save(serving_state, checkpoint_id=str(staging / "serving" / "tables"))
+    t_save = time.perf_counter() - t0
+    # Free the sharded model before rank 0 assembles the predictor's tables.
+    dense_state = {k: v.detach().cpu().clone() for k, v in dense_state.items()}
+    del served_state, serving_state, collapsed, state, local, trainer
+    gc.collect()
+
+    rank_stats = {
+        "rank": env.rank,
+        "owned_rows": {n: sum(b.rows for b in lay.owned(env.rank)) for n, lay in layouts.items()},
+        "memory": tracker.as_dict(),
+        "seconds": {"load": t_load, "collapse": t_collapse, "save": t_save},
+    }
+    all_stats: list[Any] = [rank_stats]
+    if env.world_size > 1:
+        all_stats = [None] * env.world_size
+        dist.all_gather_object(all_stats, rank_stats)
+    _barrier()
+
+    # -- rank 0: predictor, report, manifest, swap ------------------------------------------
+    result: list[Any] = [None]
+    if env.is_rank0:
+        try:
+            result[0] = _finish(
+                staging, out, run_dir, cfg, ckpt, tables, factorized, layouts, dense_state,
+                quantize, chunk_rows, row_group_rows, predictor, env.world_size, all_stats,
+            )  # fmt: skip
+        except Exception as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            result[0] = e
+    if env.world_size > 1:
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], BaseException):
+        if env.is_rank0:
+            raise result[0]
+        raise CollapseError(f"rank 0 failed to finish the collapse into {out}: {result[0]}")
+    return result[0]
+
+
+def _check_served_keys(served_state: dict[str, Any], cfg: Config) -> None:
+    """The saved keys must be exactly those of the plain d-dim served model (load_served)."""
+    sizes = cfg.data.num_embeddings_per_feature
+    ebc = EmbeddingBagCollection(
+        tables=served_tables(build_tables(cfg.model, sizes)), device=torch.device("meta")
+    )
+    expected = set(build_dlrm(served_config(cfg).model, sizes, embedding_module=ebc).state_dict())
+    if expected != set(served_state):
+        raise RuntimeError(
+            f"collapsed state keys differ from the served model's: missing "
+            f"{sorted(expected - set(served_state))}, unexpected {sorted(set(served_state) - expected)}"
+        )
+
+
+def _finish(
+    staging: Path,
+    out: Path,
+    run_dir: str | Path,
+    cfg: Config,
+    ckpt: Path,
+    tables: list[EmbeddingBagConfig],
+    factorized: list[str],
+    layouts: dict[str, TableLayout],
+    dense_state: dict[str, torch.Tensor],
+    quantize: str,
+    chunk_rows: int,
+    row_group_rows: int,
+    predictor: bool,
+    world_size: int,
+    all_stats: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Rank 0, after every rank's rows are written: config, predictor, report, manifest, swap."""
+    served = served_config(cfg)
+    (staging / "config.json").write_text(json.dumps(served.to_dict(), indent=1))
+    t0 = time.perf_counter()
+    plain = served_tables(tables)
+    if predictor:
+        build_predictor(staging, cfg, plain, dense_state, quantize)
+    t_predictor = time.perf_counter() - t0
+    table_info = _table_report(cfg)
+    total_bytes = sum(collapse_bytes(layout) for layout in layouts.values())
+    slowest = max(s["seconds"]["collapse"] for s in all_stats)
     report = {
         "source_run": str(Path(run_dir).resolve()),
         "source_checkpoint": ckpt.name,
         "factorized_tables": factorized,
-        "tables": [
-            {
-                "name": t.name,
-                "features": t.feature_names,
-                "rows": t.num_embeddings,
-                "inner_dim": inner_dim_of(t),
-                "dim": t.embedding_dim,
-                "pooling": t.pooling.name,
-            }
-            for t in mlet.mlet_configs()
-        ],
+        "tables": table_info,
         "training_embedding_params": sum(
-            t.num_embeddings * (inner_dim_of(t) or t.embedding_dim)
-            + (inner_dim_of(t) or 0) * t.embedding_dim
-            for t in mlet.mlet_configs()
+            t["rows"] * (t["inner_dim"] or t["dim"]) + (t["inner_dim"] or 0) * t["dim"]
+            for t in table_info
         ),
-        "served_embedding_params": sum(
-            t.num_embeddings * t.embedding_dim for t in mlet.mlet_configs()
-        ),
+        "served_embedding_params": sum(t["rows"] * t["dim"] for t in table_info),
+        "world_size": world_size,
+        "chunk_rows": chunk_rows,
+        "serving_dtype": quantize,
+        "collapse_gb_per_s": total_bytes / slowest / 1e9 if slowest > 0 else None,
+        "predictor_seconds": t_predictor,
+        "ranks": all_stats,
+        "layouts": {
+            n: [[b.start, b.stop, b.owner, list(b.ranks)] for b in layout.blocks]
+            for n, layout in layouts.items()
+        },
     }
-    (tmp / "collapse_report.json").write_text(json.dumps(report, indent=1))
-    # Swap in atomically: a previous result stays intact until the new one is complete.
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
-    logger.info("collapsed %d factorized tables of %s into %s", len(factorized), run_dir, out_dir)
+    (staging / "collapse_report.json").write_text(json.dumps(report, indent=1))
+    step = read_train_state(ckpt).get("step")
+    features = [f for t in plain for f in t.feature_names]
+    write_manifest(
+        staging,
+        {
+            "source": {
+                "run": str(Path(run_dir).resolve()),
+                "checkpoint": ckpt.name,
+                "step": step,
+                "config": cfg.to_dict(),
+            },
+            "tables": [
+                {
+                    "name": t["name"],
+                    "features": t["features"],
+                    "rows": t["rows"],
+                    "d": t["dim"],
+                    "pooling": t["pooling"],
+                    "dtype": quantize,
+                    "collapsed_from_inner_dim": t["inner_dim"],
+                    "parquet": sorted(
+                        f"parquet/{t['name']}/rows-{b.start:012d}-{b.stop:012d}.parquet"
+                        for b in layouts[t["name"]].blocks
+                    ),
+                }
+                for t in table_info
+            ],
+            "model": {
+                "checkpoint": "model",
+                "config": "config.json",
+                "state_dict_key": "model",
+                "table_key": SERVED_TABLE_KEY,
+                "dtype": "fp32",
+            },
+            "serving": {
+                "dtype": quantize,
+                "tables": None if quantize == "fp32" else "serving/tables",
+                "table_key": None if quantize == "fp32" else SERVING_TABLE_KEY,
+                "table_format": SERVING_FORMATS[quantize],
+                "predictor": PREDICTOR_FILE if predictor else None,
+                "inputs": {
+                    "dense": "float32 (B, 13)",
+                    "values": "int64 (N,) ids, feature-major",
+                    "lengths": "int32|int64 (F*B,) ids per (feature, sample), feature-major",
+                },
+                "output": "float32 (B,) click probability",
+                "feature_order": features,
+                "dense_features": 13,
+            },
+            "parquet": {
+                "columns": {"id": "int64", "embedding": "fixed_size_list<float32>[d]"},
+                "row_group_rows": row_group_rows,
+            },
+        },
+    )
+    publish(staging, out)
+    logger.info(
+        "collapsed %d factorized tables of %s into %s (world size %d, serving dtype %s)",
+        len(factorized), run_dir, out, world_size, quantize,
+    )  # fmt: skip
     return report
 
 
 def load_served(out_dir: str | Path) -> tuple[DLRMTrain, Config]:
-    """Loads a collapsed model written by :func:`collapse_run` (plain EBC, CPU)."""
+    """Loads a collapsed model written by :func:`collapse_run` (plain EBC, CPU, one process)."""
     from mlet_dist.train import load_run_config
 
     cfg = load_run_config(out_dir)

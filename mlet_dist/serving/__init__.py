@@ -1,0 +1,16 @@
+"""The serving handoff: served table formats, the TorchScript predictor, the manifest, scoring.
+
+See README "Serving contract" for what a serving directory holds.
+"""
+
+from mlet_dist.serving.manifest import ServingError, read_manifest, verify_manifest
+from mlet_dist.serving.quantize import SERVING_DTYPES, dequantize_rows, quantize_rows
+
+__all__ = [
+    "SERVING_DTYPES",
+    "ServingError",
+    "dequantize_rows",
+    "quantize_rows",
+    "read_manifest",
+    "verify_manifest",
+]
