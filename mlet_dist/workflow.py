@@ -27,26 +27,41 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Metrics of a run's latest checkpoint on one of its splits or on given Criteo files.
 
+    Overall and per id-frequency bucket (``"buckets"``: the rarest id of a row, counted in the
+    run's training split; :mod:`mlet_dist.quality`). Files are read as the run's
+    ``data.source`` says (Avazu CSV for 'avazu', Criteo TSV otherwise).
+
     Runs on one process or every rank of a launched job (the model is sharded as in training).
     Rank 0 writes ``RUN/eval_<name>.json``.
     """
+    from mlet_dist.data.avazu import read_avazu_csv
+    from mlet_dist.quality import id_counts
     from mlet_dist.train import Trainer, load_run_config, load_splits
 
     cfg = apply_overrides(load_run_config(run_dir), overrides or [])
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"run {run_dir} has no complete checkpoint; train it first")
+    sizes = cfg.data.num_embeddings_per_feature
     if files:
-        sizes = cfg.data.num_embeddings_per_feature
-        arrays = CriteoArrays.concat([read_criteo_tsv(f, sizes) for f in files])
+        read = read_avazu_csv if cfg.data.source == "avazu" else read_criteo_tsv
+        arrays = CriteoArrays.concat([read(f, sizes) for f in files])
         name = "files"
+        try:  # the buckets need the training split; new files are scored without it too
+            train_rows = load_splits(cfg.data).train
+        except ValueError as e:  # ConfigError / CriteoFormatError: the training data is not here
+            logger.warning("no per-bucket metrics: cannot read the run's training data (%s)", e)
+            train_rows = None
     else:
-        arrays = getattr(load_splits(cfg.data), split)
+        splits = load_splits(cfg.data)
+        arrays, train_rows = getattr(splits, split), splits.train
         name = split
+    # Per id-frequency bucket, with the ids counted in the training split (as training reports).
+    counts = None if train_rows is None else id_counts(train_rows.sparse, sizes)
     env = init_distributed(cfg.dist)
     trainer = Trainer(cfg, env)
     trainer.load(ckpt)
-    metrics = trainer.evaluate(arrays)
+    metrics = trainer.evaluate(arrays, name, counts)
     metrics["checkpoint"] = str(ckpt)
     if files:
         metrics["files"] = list(files)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 from mlet_dist.cli import main
@@ -17,8 +18,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_configs_load():
+    """Every shipped config loads; benchmark configs (mlet_dist sections plus [bench] or [study]
+    and [quick.*]) with their benchmark's loader, in both modes."""
+    from benchmarks.common import load_bench_config
+    from benchmarks.quality import load_study_config
+
     for path in sorted((REPO / "configs").rglob("*.toml")):
-        load_config(path)
+        sections = tomllib.loads(path.read_text())
+        if "study" in sections or "bench" in sections:
+            loader = load_study_config if "study" in sections else load_bench_config
+            loader(path)
+            loader(path, quick=True)
+        else:
+            load_config(path)
 
 
 def test_overrides_take_precedence_and_are_typed():

@@ -153,6 +153,12 @@ def test_end_to_end_on_real_criteo_sample(tmp_path):
     assert sum(b["rows"] for b in buckets.values()) == 1000
     again = evaluate_run(cfg.train.run_dir, split="test")
     assert again["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-9)
+    # `mlet-dist evaluate` reports the same buckets (ids counted in the training split)
+    assert list(again["buckets"]) == list(buckets)
+    for name, b in buckets.items():
+        assert again["buckets"][name]["rows"] == b["rows"]
+        if b["rows"]:
+            assert again["buckets"][name]["log_loss"] == pytest.approx(b["log_loss"], abs=1e-9)
     assert json.loads((Path(cfg.train.run_dir) / "eval_test.json").read_text())["rows"] == 1000
 
     served = tmp_path / "served"
