@@ -229,7 +229,7 @@ class MLETEmbeddingBagCollection(nn.Module):
             for t in tables
         }
         self._uniform = next(iter(layouts))[:2] if len(layouts) == 1 else None
-        self._order_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._order_cache: dict[tuple[tuple[str, ...], torch.device], _FeaturePermutation] = {}
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The served (collapsed) configs: same names, features, pooling, dimension d."""
@@ -289,10 +289,16 @@ class MLETEmbeddingBagCollection(nn.Module):
 
         Fast path for the common layout (every table factorized with the same (k, d), or every
         table single-layer with the same d), which DLRM's interaction consumes directly: W1's
-        output is viewed as (B, F, k) without splitting it per key, its features are put in
-        declared order with one gather (only if the sharded EBC reordered them), and the
-        projection is one batched matmul. This avoids the per-key split + stack + cat copies of
-        the general path (they dominated the CPU profile of the training step).
+        output is viewed as (B, F, k) without splitting it per key, and the projection is one
+        batched matmul. This avoids the per-key split + stack + cat copies of the general path
+        (they dominated the CPU profile of the training step).
+
+        When the sharded EBC returns its features in another order than declared, the
+        projection runs in W1's order (W2 stacked to match) and the k/d times smaller result is
+        put in declared order, a gather of contiguous (B, d) blocks whose backward is the inverse
+        gather. (Gathering W1's (B, F, k) output instead, with ``index_select``'s backward that
+        zero-fills a (B, F, k) gradient and scatter-adds into it, took 5-10% of the CPU step at
+        world size 2.)
         """
         if self._uniform is None:
             kt = self.forward(features)
@@ -300,22 +306,86 @@ class MLETEmbeddingBagCollection(nn.Module):
         factorized, width = self._uniform
         kt = self.w1(features)
         values = kt.values()
-        x = values.view(values.shape[0], len(self._feature_names), width)  # (B, F, k)
-        order = self._order_for(kt.keys())
-        if order is not None:
-            x = x.index_select(1, order.to(x.device))
+        x = values.view(values.shape[0], len(self._feature_names), width)  # (B, F, k), W1 order
+        perm = self._permutation(kt.keys(), x.device)
         if not factorized:
-            return x
-        w2 = torch.stack([self.projection.weights[t] for t in self._feature_tables])  # (F, k, d)
-        return torch.bmm(x.transpose(0, 1), w2).transpose(0, 1)  # (B, F, d)
+            return x if perm is None else _Permute.apply(x, 1, perm.order, perm.inverse)
+        tables = self._feature_tables if perm is None else perm.tables
+        w2 = torch.stack([self.projection.weights[t] for t in tables])  # (F, k, d)
+        y = _Project.apply(x, w2)  # (F, B, d)
+        if perm is not None:
+            y = _Permute.apply(y, 0, perm.order, perm.inverse)
+        return y.transpose(0, 1)  # (B, F, d)
 
-    def _order_for(self, keys: list[str]) -> torch.Tensor | None:
-        """Index putting W1's output features (in ``keys`` order) into declared order, or None."""
+    def _permutation(self, keys: list[str], device: torch.device) -> _FeaturePermutation | None:
+        """How W1's output features (in ``keys`` order) map to declared order; None if equal."""
         if keys == self._feature_names:
             return None
-        cached = self._order_cache.get(tuple(keys))
+        cache_key = (tuple(keys), device)
+        cached = self._order_cache.get(cache_key)
         if cached is None:
             where = {k: i for i, k in enumerate(keys)}
-            cached = torch.tensor([where[f] for f in self._feature_names], dtype=torch.long)
-            self._order_cache[tuple(keys)] = cached
+            order = torch.tensor([where[f] for f in self._feature_names], dtype=torch.long)
+            table_of = dict(zip(self._feature_names, self._feature_tables))
+            cached = _FeaturePermutation(
+                order=order.to(device),
+                inverse=torch.argsort(order).to(device),
+                tables=[table_of[k] for k in keys],
+            )
+            self._order_cache[cache_key] = cached
         return cached
+
+
+@dataclass
+class _FeaturePermutation:
+    """W1's output order -> declared order: ``declared[i] = w1_order[order[i]]``."""
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    tables: list[str]
+    """The table of each feature in W1's output order."""
+
+
+class _Permute(torch.autograd.Function):
+    """``x.index_select(dim, order)`` for a permutation, with the inverse gather as backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, order: torch.Tensor, inverse: torch.Tensor):
+        ctx.dim = dim
+        ctx.save_for_backward(inverse)
+        return x.index_select(dim, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(ctx.dim, inverse), None, None, None
+
+
+class _Project(torch.autograd.Function):
+    """``bmm(x.transpose(0, 1), w2)``: (B, F, k) x (F, k, d) -> (F, B, d), one matmul per feature.
+
+    The same batched matmuls as autograd's, except that the gradient of ``x`` is written straight
+    into x's own (B, F, k) layout (a strided output of the bmm), which W1's backward needs
+    contiguous; autograd would compute it as (F, B, k) and copy it, one more B*F*k temporary per
+    step. On CPU that temporary is what made glibc trim and re-fault the heap every step: the
+    MLET step first-touched 24-38 MiB per step with it, 5-10 MiB without (B=4096, F=26, k=64,
+    d=16; benchmarks/README.md). The other layouts measured (einsum, a contiguous copy of x,
+    loops of mm) were no faster.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w2)
+        return torch.bmm(x.transpose(0, 1), w2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, w2 = ctx.saved_tensors
+        grad_x = grad_w2 = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty(x.shape, dtype=grad.dtype, device=grad.device)
+            torch.bmm(grad, w2.transpose(1, 2), out=grad_x.transpose(0, 1))
+        if ctx.needs_input_grad[1]:
+            grad_w2 = torch.bmm(x.permute(1, 2, 0), grad)
+        return grad_x, grad_w2
