@@ -382,10 +382,12 @@ class _Project(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, w2 = ctx.saved_tensors
+        dtype = grad.dtype  # differs from x's and w2's only under autocast (.to is then a cast)
         grad_x = grad_w2 = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.empty(x.shape, dtype=grad.dtype, device=grad.device)
-            torch.bmm(grad, w2.transpose(1, 2), out=grad_x.transpose(0, 1))
+            grad_x = torch.empty(x.shape, dtype=dtype, device=grad.device)
+            torch.bmm(grad, w2.to(dtype).transpose(1, 2), out=grad_x.transpose(0, 1))
+            grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w2 = torch.bmm(x.permute(1, 2, 0), grad)
+            grad_w2 = torch.bmm(x.to(dtype).permute(1, 2, 0), grad).to(w2.dtype)
         return grad_x, grad_w2
