@@ -9,6 +9,7 @@ Commands:
     run        the whole job end to end: generate (if needed), train, evaluate, collapse, check
     plan       dry run of the sharding plan and per-rank memory for a cluster (nothing allocated)
     preprocess raw Criteo TSV files -> Parquet shards (train/eval/test) for streaming
+    sweep      MLET vs the tuned single-layer baseline over d: which served d to pick
 """
 
 from __future__ import annotations
@@ -122,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--on-bad-row", choices=["error", "skip"], help="data.on_bad_row")
     pp.add_argument("--frequency-threshold", type=int, help="data.frequency_threshold")
     pp.add_argument("--row-group-rows", type=int, help="data.row_group_rows")
+    from mlet_dist.sweep import add_arguments as add_sweep_arguments
+
+    add_sweep_arguments(add("sweep", "MLET vs the tuned baseline over served d; resumable"))
     return p
 
 
@@ -249,6 +253,10 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
             )
         )
         return 0
+    if args.command == "sweep":
+        from mlet_dist.sweep import main_from_args
+
+        return main_from_args(args, overrides)
     raise AssertionError(args.command)  # argparse restricts the choices
 
 

@@ -102,6 +102,8 @@ class SyntheticConfig:
     """Rank of the hidden teacher embeddings that generate the labels."""
     teacher_scale: float = 2.0
     """Scale of the teacher logit; larger gives a more learnable (higher-AUC) task."""
+    teacher_spectrum_decay: float = 0.0
+    """Power-law decay of the teacher's spectrum: component r of every teacher vector has variance proportional to (r + 1) ** -decay (renormalized to the same total). 0 = flat (every direction equally strong); > 0 makes a high-rank teacher whose leading directions matter most, so the quality keeps rising with the served d."""
     dense_missing_rate: float = 0.1
     """Fraction of integer features left empty (missing)."""
     sparse_missing_rate: float = 0.02
@@ -428,6 +430,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.over_arch_layer_sizes must end with 1 (one logit), got {m.over_arch_layer_sizes}"
         )
+    # fbgemm's TBE kernels (training W1, serving the collapsed table) need widths divisible by 4.
+    for name, width in [
+        ("model.embedding_dim", m.embedding_dim),
+        ("model.inner_dim", m.inner_dim),
+        *((f"model.inner_dim_per_table.{t}", k) for t, k in m.inner_dim_per_table.items()),
+    ]:
+        if width % 4:
+            raise ConfigError(
+                f"{name} = {width} is not a multiple of 4: fbgemm's embedding kernels (TorchRec "
+                f"training and serving) need table widths divisible by 4; use e.g. "
+                f"{max(4, width - width % 4)} or {width - width % 4 + 4}"
+            )
     for name, k in [("model.inner_dim", m.inner_dim), *m.inner_dim_per_table.items()]:
         if k and k < m.embedding_dim:
             raise ConfigError(
