@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         "--run", "--run-dir", dest="run", required=True, help="run directory of a training run"
     )
     e.add_argument("--split", default="eval", choices=["eval", "test", "train"])
-    e.add_argument("--data", nargs="+", help="Criteo TSV files to evaluate instead of a split")
+    e.add_argument("--data", nargs="+", help="files (as data.source) to evaluate, not a split")
     c = add("collapse", "collapse a run's MLET tables into a plain d-dim model", config=False)
     # --run-dir: the same, for torchrun, which takes --run as an abbreviation of its --run-path
     c.add_argument(
@@ -95,9 +95,9 @@ def _parser() -> argparse.ArgumentParser:
         help="export a run without factorized tables (model.inner_dim = 0) as it is",
     )
     c.add_argument("--no-predictor", action="store_true", help="skip serving/predictor.pt")
-    pr = add("predict", "score Criteo TSV rows with a serving directory", config=False)
+    pr = add("predict", "score raw rows with a serving directory", config=False)
     pr.add_argument("--serving", required=True, help="output directory of `mlet-dist collapse`")
-    pr.add_argument("--data", required=True, nargs="+", help="Criteo TSV files (plain or .gz)")
+    pr.add_argument("--data", required=True, nargs="+", help="files as the run's data.source")
     pr.add_argument("--out", required=True, help="probabilities: text (one per line) or .parquet")
     pr.add_argument("--batch-size", type=int, default=4096, help="rows per predictor call")
     pr.add_argument(

@@ -119,11 +119,11 @@ class DataConfig:
     """Where the data is and how it is batched."""
 
     source: str = "synthetic"
-    """'synthetic' (generated into `dir` by `mlet-dist generate`), 'criteo' (Criteo TSV files in `train_files`), 'avazu' (Avazu CSV files in `train_files`, mapped onto the Criteo layout by `mlet_dist.data.avazu`) or 'parquet' (shards of `mlet-dist preprocess` in `parquet_dir`, streamed)."""
+    """'synthetic' (generated into `dir` by `mlet-dist generate`), 'criteo' (Criteo TSV files in `train_files`), 'avazu' (Avazu CSV files in `train_files`, mapped onto the Criteo layout by `mlet_dist.data.avazu`), 'movielens' (MovieLens-1M `ratings.dat(.gz)` in `train_files` with `users.dat` and `movies.dat` beside it, mapped onto the Criteo layout by `mlet_dist.data.movielens`, rows sorted by time) or 'parquet' (shards of `mlet-dist preprocess` in `parquet_dir`, streamed)."""
     dir: str = "data/synthetic"
     """Directory of the synthetic day files (source = 'synthetic')."""
     train_files: list[str] = field(default_factory=list)
-    """Criteo TSV (source = 'criteo') or Avazu CSV (source = 'avazu') files, plain or .gz, used for training, read in this order."""
+    """Criteo TSV (source = 'criteo'), Avazu CSV (source = 'avazu') or MovieLens ratings (source = 'movielens') files, plain or .gz, used for training, read in this order."""
     eval_files: list[str] = field(default_factory=list)
     """Held-out files. Empty: the last `eval_fraction` of the training rows is held out."""
     eval_fraction: float = 0.1
@@ -269,7 +269,7 @@ _ALLOWED = {
     ("model", "interaction"): ("dot", "dcn"),
     ("optim", "embedding_optimizer"): ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     ("optim", "dense_optimizer"): ("adagrad", "adam", "sgd"),
-    ("data", "source"): ("synthetic", "criteo", "avazu", "parquet"),
+    ("data", "source"): ("synthetic", "criteo", "avazu", "movielens", "parquet"),
     ("data", "on_bad_row"): ("error", "skip"),
     ("dist", "backend"): ("", "gloo", "nccl"),
     ("dist", "device"): ("auto", "cpu", "cuda"),

@@ -12,7 +12,7 @@ import torch
 
 from mlet_dist.checkpoint import CheckpointError, latest_checkpoint
 from mlet_dist.config import Config, apply_overrides
-from mlet_dist.data import CriteoArrays, read_criteo_tsv
+from mlet_dist.data import CriteoArrays
 from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.metrics import binary_metrics
 
@@ -25,16 +25,17 @@ def evaluate_run(
     files: list[str] | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a run's latest checkpoint on one of its splits or on given Criteo files.
+    """Metrics of a run's latest checkpoint on one of its splits or on given raw files.
 
     Overall and per id-frequency bucket (``"buckets"``: the rarest id of a row, counted in the
     run's training split; :mod:`mlet_dist.quality`). Files are read as the run's
-    ``data.source`` says (Avazu CSV for 'avazu', Criteo TSV otherwise).
+    ``data.source`` says (Avazu CSV for 'avazu', MovieLens ratings for 'movielens', Criteo TSV
+    otherwise; :func:`mlet_dist.data.sources.read_source_file`).
 
     Runs on one process or every rank of a launched job (the model is sharded as in training).
     Rank 0 writes ``RUN/eval_<name>.json``.
     """
-    from mlet_dist.data.avazu import read_avazu_csv
+    from mlet_dist.data.sources import read_source_file
     from mlet_dist.quality import id_counts
     from mlet_dist.train import Trainer, load_run_config, load_splits
 
@@ -44,8 +45,7 @@ def evaluate_run(
         raise CheckpointError(f"run {run_dir} has no complete checkpoint; train it first")
     sizes = cfg.data.num_embeddings_per_feature
     if files:
-        read = read_avazu_csv if cfg.data.source == "avazu" else read_criteo_tsv
-        arrays = CriteoArrays.concat([read(f, sizes) for f in files])
+        arrays = CriteoArrays.concat([read_source_file(cfg.data.source, f, sizes) for f in files])
         name = "files"
         try:  # the buckets need the training split; new files are scored without it too
             train_rows = load_splits(cfg.data).train

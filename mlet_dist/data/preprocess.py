@@ -1022,8 +1022,14 @@ def preprocess_from_config(
     defaults to ``data.parquet_dir``.
 
     Raises:
-        ConfigError: no inputs or no output directory.
+        ConfigError: no inputs or no output directory; a source other than Criteo TSV.
     """
+    if data_cfg.source in ("avazu", "movielens"):
+        raise ConfigError(
+            f"mlet-dist preprocess reads Criteo TSV only, not data.source = {data_cfg.source!r}: "
+            f"train, run and evaluate read that source into memory (no preprocessing needed); "
+            f"for Criteo TSV inputs set --data.source=criteo"
+        )
     if inputs is None:
         if data_cfg.source == "synthetic":
             from mlet_dist.train import data_files  # the synthetic day-file discovery

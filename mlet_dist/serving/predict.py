@@ -1,4 +1,9 @@
-"""Scoring Criteo rows with a serving directory's TorchScript predictor (``mlet-dist predict``)."""
+"""Scoring rows with a serving directory's TorchScript predictor (``mlet-dist predict``).
+
+Input files are read in the raw format of the run's ``data.source`` (recorded in the manifest):
+Criteo TSV, or Avazu CSV / MovieLens ratings mapped onto the Criteo layout
+(:func:`mlet_dist.data.sources.read_source_file`), always in file order.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlet_dist.data import CriteoArrays, read_criteo_tsv
+from mlet_dist.data import CriteoArrays
+from mlet_dist.data.sources import read_source_file
 from mlet_dist.serving.manifest import ServingError, read_manifest, verify_manifest
 
 logger = logging.getLogger(__name__)
@@ -42,6 +48,12 @@ def table_sizes(manifest: dict[str, Any]) -> list[int]:
     """Rows of each categorical feature's table, in the predictor's feature order."""
     rows = {f: t["rows"] for t in manifest["tables"] for f in t["features"]}
     return [rows[f] for f in manifest["serving"]["feature_order"]]
+
+
+def data_source(manifest: dict[str, Any]) -> str:
+    """The ``data.source`` the served model was trained on ('criteo' when not recorded)."""
+    source = manifest.get("source", {}).get("config", {}).get("data", {}).get("source")
+    return source or "criteo"
 
 
 def load_predictor(serving_dir: str | Path, verify: str = "all") -> tuple[Any, dict[str, Any]]:
@@ -75,11 +87,13 @@ def predict_file(
     batch_size: int = 4096,
     verify: str = "all",
 ) -> dict[str, Any]:
-    """Scores Criteo TSV rows with a serving directory's predictor and writes the probabilities.
+    """Scores raw rows with a serving directory's predictor and writes the probabilities.
 
     Args:
         serving_dir: output of ``mlet-dist collapse``; its manifest is checked first.
-        data: one or more Criteo TSV files (plain or gzip; the label column is read, not used).
+        data: one or more files (plain or gzip; labels are read, not used) in the raw format of
+            the trained run's ``data.source`` (:func:`data_source`): Criteo TSV, Avazu CSV or
+            MovieLens ratings (with ``users.dat`` and ``movies.dat`` beside them).
         out: ``*.parquet``: a Parquet file with one float32 column ``probability``; anything else:
             text, one probability per line (``%.9g``), in input row order.
         batch_size: rows per predictor call.
@@ -91,7 +105,10 @@ def predict_file(
     predictor, manifest = load_predictor(serving_dir, verify)
     files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     sizes = table_sizes(manifest)
-    arrays = CriteoArrays.concat([read_criteo_tsv(f, sizes) for f in files])
+    source = data_source(manifest)
+    arrays = CriteoArrays.concat(
+        [read_source_file(source, f, sizes, in_file_order=True) for f in files]
+    )
     probs = predict_arrays(predictor, arrays, batch_size).numpy()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
