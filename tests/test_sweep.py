@@ -268,3 +268,21 @@ def test_shards_partition_the_runs_and_the_torchx_component_passes_them(tmp_path
         assert rest == ["--data.batch_size=64"]
     with pytest.raises(ValueError, match="one replica"):
         components.sweep(config="c", sweep_file="s", work="w", stage="report", shards=2)
+
+
+def test_report_of_an_unfinished_sweep_is_marked_partial(swept, tmp_path):
+    import shutil
+
+    cfg, work, _, spec_path = swept
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    for p in (copy / "frontier").glob("k0_d8_*_s1/result.json"):
+        p.unlink()
+    partial = sweep(cfg, load_sweep(spec_path), copy, stage="report")
+    assert partial["meta"]["partial"] == "7 of 8 frontier runs finished"
+    (ebc8,) = [v for v in partial["variants"] if (v["k"], v["d"]) == (0, 8)]
+    assert ebc8["seeds"] == 1
+    for p in (copy / "frontier").glob("*/result.json"):
+        p.unlink()
+    with pytest.raises(ConfigError, match="not complete"):
+        sweep(cfg, load_sweep(spec_path), copy, stage="report")

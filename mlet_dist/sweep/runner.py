@@ -226,13 +226,18 @@ def sweep(
         if stage == "frontier" or shard != (0, 1):
             return None
     done = [r for f in frontier if (r := read_result(f)) is not None]
-    if len(done) < len(frontier):
+    partial = len(done) < len(frontier)
+    if (partial and stage != "report") or not done:
         raise ConfigError(
             f"the frontier stage is not complete ({len(done)}/{len(frontier)} runs in "
-            f"{work}/frontier): run `--stage frontier` on every shard first"
+            f"{work}/frontier): run `--stage frontier` on every shard first (`--stage report` "
+            f"summarizes the finished runs of an unfinished sweep)"
         )
     report = summarize(spec, tuned, done)
     report["meta"] = _meta(cfg)
+    if partial:  # a look at a sweep still running: said in the report and on the console
+        report["meta"]["partial"] = f"{len(done)} of {len(frontier)} frontier runs finished"
+        logger.warning("partial report: %s", report["meta"]["partial"])
     n = _num_tables(cfg)
     title = title or f"mlet-dist sweep: {cfg.data.source} ({work.name})"
     (work / "sweep.json").write_text(json.dumps(report, indent=1))
