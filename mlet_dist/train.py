@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -27,7 +28,7 @@ from mlet_dist.checkpoint import (
     save_checkpoint,
     saved_plan,
 )
-from mlet_dist.config import Config, ConfigError, DataConfig, config_from_dict
+from mlet_dist.config import Config, ConfigError, DataConfig, config_from_dict, w1_learning_rate
 from mlet_dist.data import CriteoArrays, make_batches, split_arrays
 from mlet_dist.data.loader import build_batch_source
 from mlet_dist.data.sources import FILE_KINDS, read_source_file
@@ -153,8 +154,10 @@ class Trainer:
             embedding_device=torch.device("meta"),
             dense_device=env.device,
         )
+        # W1's effective rate (optim.w1_lr_scaling) is given to fbgemm as the fused base LR.
+        optim_cfg = dataclasses.replace(cfg.optim, embedding_lr=w1_learning_rate(cfg))
         self.model = parallelize(
-            model, env, cfg.dist, cfg.optim, cfg.data.batch_size // env.world_size, plan=plan
+            model, env, cfg.dist, optim_cfg, cfg.data.batch_size // env.world_size, plan=plan
         )
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim)
         self._sync_fused_lr()
