@@ -439,7 +439,8 @@ def collapse_run(
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     if not predictor and (torchscript or aoti):
         raise CollapseError(
-            "--no-predictor writes no predictor: drop it, or drop --aoti / --torchscript"
+            "--no-predictor (predictor=False) writes no predictor, so there is nothing to compile "
+            "or script: drop it, or drop --aoti / --torchscript"
         )
     if aoti:
         from mlet_dist.serving.predictor import check_aoti_available

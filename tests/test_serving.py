@@ -356,6 +356,15 @@ def test_default_path_emits_no_torch_jit_deprecation_warning(run, tmp_path) -> N
     assert sorted(p.name for p in (out / "serving").iterdir()) == ["predictor.pt2", "tables"]
 
 
+def test_workflow_serving_check_uses_the_exported_program(run) -> None:
+    from mlet_dist.workflow import check_serving
+
+    arrays = read_criteo_tsv(run["held_out"], SIZES)
+    check = check_serving(run["cfg"].train.run_dir, run["served"], arrays)
+    assert check["predictor"] == "export" and check["passed"], check
+    assert check["max_abs_probability_diff"] <= 1e-5 and check["rows"] == len(arrays)
+
+
 def test_predict_command_writes_one_probability_per_line(run, tmp_path) -> None:
     out = tmp_path / "p.txt"
     assert cli.main(["predict", "--serving", str(run["served"]), "--data", str(run["held_out"]), "--out", str(out)]) == 0  # fmt: skip

@@ -143,8 +143,11 @@ def verify_manifest(root: str | Path, only: set[str] | None = None) -> dict[str,
     root = Path(root)
     manifest = read_manifest(root)
     listed = {entry["path"]: entry for entry in manifest["files"]}
-    for rel in sorted((only or set()) - set(listed)):
-        raise ServingError(f"{root / rel} is not listed in {root / MANIFEST}; collapse again")
+    unlisted = sorted((only or set()) - set(listed))
+    if unlisted:
+        raise ServingError(
+            f"{root / unlisted[0]} is not listed in {root / MANIFEST}; collapse again"
+        )
     for kind, artifact in ((manifest.get("serving") or {}).get("artifacts") or {}).items():
         entry = listed.get(artifact["path"], {})
         if (artifact.get("bytes"), artifact.get("sha256")) != (

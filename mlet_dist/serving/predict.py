@@ -107,12 +107,21 @@ def load_predictor(
     import fbgemm_gpu  # noqa: F401  (registers the fbgemm operators the predictor calls)
 
     path = str(Path(serving_dir) / rel)
-    if kind == "export":
-        predictor = torch.export.load(path).module()
-    elif kind == "aoti":
-        predictor = torch._inductor.aoti_load_package(path)
-    else:
-        predictor = torch.jit.load(path, map_location="cpu")
+    try:
+        if kind == "export":
+            predictor = torch.export.load(path).module()
+        elif kind == "aoti":
+            predictor = torch._inductor.aoti_load_package(path)
+        else:
+            predictor = torch.jit.load(path, map_location="cpu")
+    except Exception as e:  # each loader raises its own types (version, platform, operators)
+        lines = str(e).strip().splitlines() or [""]
+        written = manifest.get("versions", {})
+        raise ServingError(
+            f"cannot load {path} ({kind}): {type(e).__name__}: {lines[0][:300]}; it was written "
+            f"with torch {written.get('torch')}, fbgemm {written.get('fbgemm-gpu-cpu') or written.get('fbgemm-gpu')}, "
+            f"this is torch {torch.__version__}"
+        ) from e
     manifest["predictor_used"] = kind
     return predictor, manifest
 

@@ -205,10 +205,7 @@ def export_predictor(model: ServingModel) -> torch.export.ExportedProgram:
     with (
         _without_state_dict_views(model),
         torch.fx.experimental._config.patch(backed_size_oblivious=True),
-        warnings.catch_warnings(),
     ):
-        # torchrec's note that is_fx_tracing() is also true under export (it checks both)
-        warnings.filterwarnings("ignore", message=".*is_fx_tracing")
         return torch.export.export(
             model,
             example_inputs(len(model.feature_names)),
