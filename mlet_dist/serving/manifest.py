@@ -29,7 +29,6 @@ ARTIFACT_FILES = {
 }
 """The serving predictors by kind: torch.export program (the default), AOTInductor package,
 TorchScript."""
-PREDICTOR_FILE = ARTIFACT_FILES["export"]
 
 
 class ServingError(RuntimeError):

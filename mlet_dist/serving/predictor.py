@@ -48,7 +48,6 @@ from mlet_dist.serving.quantize import check_dtype, tbe_weights
 
 DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
 DENSE_FEATURES = 13
-INPUT_NAMES = ("dense", "values", "lengths")
 LENGTHS_DTYPE = torch.int32
 # Names of the dynamic dimensions in the manifest's input signature.
 BATCH_DIM, IDS_DIM = "batch", "num_ids"
