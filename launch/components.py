@@ -230,7 +230,7 @@ def benchmark(
     """Runs a benchmark suite (python -m benchmarks.run) on one node.
 
     Args:
-        suite: train, collapse, loader or all
+        suite: train, collapse, loader, serving or all
         quick: quick mode (small sizes)
         image: container image (ignored by local_cwd)
         cpu: CPUs of the node

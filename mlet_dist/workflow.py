@@ -111,9 +111,10 @@ def check_serving(
 ) -> dict[str, Any]:
     """Compares the serving predictor's probabilities with the trained MLET model's on ``arrays``.
 
-    The predictor is loaded as a consumer would (manifest checksums first, ``torch.jit.load``).
-    With fp32 tables the check passes when every probability agrees to 1e-5; with fp16/int8
-    tables when the AUCs agree to 1e-3.
+    The default predictor (the torch.export program ``serving/predictor.pt2``) is loaded as a
+    consumer would (manifest checksums first, ``torch.export.load``). With fp32 tables the check
+    passes when every probability agrees to 1e-5; with fp16/int8 tables when the AUCs agree to
+    1e-3.
     """
     from mlet_dist.data import make_batches
     from mlet_dist.export import load_unsharded
@@ -140,6 +141,7 @@ def check_serving(
     return {
         "rows": len(a),
         "serving_dtype": dtype,
+        "predictor": manifest["predictor_used"],
         "max_abs_probability_diff": max_abs,
         "trained_auc": ma.get("auc"),
         "serving_auc": mb.get("auc"),
@@ -197,8 +199,9 @@ def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
         )
         serving = summary["serving_check"]
         logger.info(
-            "serving check %s: predictor (%s tables) max |probability diff| %.2e, AUC %.5f",
+            "serving check %s: %s predictor (%s tables) max |probability diff| %.2e, AUC %.5f",
             "passed" if serving["passed"] else "FAILED",
+            serving["predictor"],
             serving["serving_dtype"],
             serving["max_abs_probability_diff"],
             serving["serving_auc"],

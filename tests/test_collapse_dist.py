@@ -441,7 +441,7 @@ def test_parquet_files_hold_the_collapsed_rows(spawned) -> None:
         ref = bags[table["name"]].weight.detach().numpy()
         np.testing.assert_array_equal(vec_all, ref[ids_all])
     listed = {f["path"] for f in manifest["files"]}
-    assert "serving/predictor.pt" in listed and "model/.metadata" in listed
+    assert "serving/predictor.pt2" in listed and "model/.metadata" in listed
     assert json.loads((out / "config.json").read_text())["model"]["inner_dim"] == 0
 
 
