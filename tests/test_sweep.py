@@ -226,11 +226,27 @@ def test_reduction_by_hand():
     assert equal_auc_dim(base, 0.735) == pytest.approx(2**4.5)
 
 
+def test_baseline_slope_flags_a_flat_baseline():
+    from mlet_dist.sweep.report import baseline_slope
+
+    def v(mean, std):
+        return {"test_auc": {"mean": mean, "std": std, "n": 3}}
+
+    rising = baseline_slope({4: v(0.70, 0.002), 8: v(0.71, 0.002), 16: v(0.72, 0.002)})
+    assert rising["gain"] == pytest.approx(0.02) and not rising["flat"]
+    se = math.sqrt(2 * 0.004**2 / 3)
+    flat = baseline_slope({4: v(0.70, 0.004), 64: v(0.704, 0.004)})
+    assert flat["se"] == pytest.approx(se) and flat["flat"]  # 0.004 < 2 * 0.0033
+
+
 def test_bootstrap_without_noise_is_the_point_estimate():
     base = {4: [0.70, 0.70], 8: [0.72, 0.72], 16: [0.73, 0.73]}
     iv = bootstrap_reduction(base, {4: [0.725, 0.725, 0.725]}, samples=50)[4]
     assert iv["p16"] == pytest.approx(2**3.5 / 4) and iv["p84"] == pytest.approx(2**3.5 / 4)
     assert iv["share_above_all_baselines"] == 0.0
+    # MLET above every baseline in every resample: the interval is infinite, not missing
+    up = bootstrap_reduction(base, {4: [0.80, 0.80]}, samples=20)[4]
+    assert up["p16"] == math.inf and up["share_above_all_baselines"] == 1.0
 
 
 def test_shards_partition_the_runs_and_the_torchx_component_passes_them(tmp_path):

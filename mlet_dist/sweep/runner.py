@@ -27,6 +27,7 @@ from mlet_dist.sweep.spec import (
     SweepSpec,
     _point_name,
     best_recipes,
+    config_key,
     frontier_runs,
     load_sweep,
     tune_runs,
@@ -44,7 +45,12 @@ def read_result(run: RunSpec) -> dict[str, Any] | None:
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return result if result.get("key") == run.key else None
+    try:  # the config it was computed for, read as this version of the code reads it
+        spec = json.loads((run.run_dir / RUN_SPEC_FILE).read_text())
+        same = config_key(spec["config"], spec["epochs"]) == run.key
+    except (OSError, json.JSONDecodeError, KeyError, ConfigError):
+        return None
+    return result if same else None
 
 
 def execute(run: RunSpec, keep: bool = False) -> dict[str, Any]:
@@ -121,6 +127,7 @@ def run_all(
 
     def one(run: RunSpec) -> None:
         run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / RESULT_FILE).unlink(missing_ok=True)  # stale: never paired with this spec
         spec_path = run.run_dir / RUN_SPEC_FILE
         spec_path.write_text(json.dumps(asdict(run), indent=1))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from mlet_dist.config import Config, ConfigError, _apply
+from mlet_dist.config import Config, ConfigError, _apply, config_from_dict
 
 RESULT_FILE = "result.json"
 RUN_SPEC_FILE = "sweep_run.json"
@@ -156,15 +156,22 @@ class RunSpec:
     @property
     def key(self) -> str:
         """A stable id of what the run computes (not where it runs)."""
-        cfg = copy.deepcopy(self.config)
-        cfg["train"].pop("run_dir", None)
-        cfg["train"].pop("progress", None)
-        text = json.dumps({"config": cfg, "epochs": self.epochs}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return config_key(self.config, self.epochs)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.config["train"]["run_dir"])
+
+
+def config_key(config: dict[str, Any], epochs: int) -> str:
+    """Hash of a run's config as this version of the code reads it (``config_from_dict``, so a
+    key added to the config later, with its default, does not make finished runs look changed)
+    and of its epochs; the run directory and the progress bar are left out."""
+    cfg = config_from_dict(copy.deepcopy(config), origin="sweep run config").to_dict()
+    cfg["train"].pop("run_dir", None)
+    cfg["train"].pop("progress", None)
+    text = json.dumps({"config": cfg, "epochs": epochs}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
