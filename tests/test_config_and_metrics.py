@@ -19,13 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_shipped_configs_load():
     """Every shipped config loads; benchmark configs (mlet_dist sections plus [bench] or [study]
-    and [quick.*]) with their benchmark's loader, in both modes."""
+    and [quick.*]) with their benchmark's loader, in both modes; sweep files with theirs."""
     from benchmarks.common import load_bench_config
     from benchmarks.quality import load_study_config
+    from mlet_dist.sweep import load_sweep
 
     for path in sorted((REPO / "configs").rglob("*.toml")):
         sections = tomllib.loads(path.read_text())
-        if "study" in sections or "bench" in sections:
+        if path.parent.name == "sweep":
+            load_sweep(path)
+        elif "study" in sections or "bench" in sections:
             loader = load_study_config if "study" in sections else load_bench_config
             loader(path)
             loader(path, quick=True)
