@@ -45,7 +45,6 @@ from mlet_dist.metrics import binary_metrics
 from mlet_dist.models import build_dlrm
 from mlet_dist.quality import bucket_metrics, id_counts, rarest_id_count
 from mlet_dist.utils.files import (
-    RUN_LOCK,
     atomic_write_json,
     check_output,
     hold_run,
@@ -549,14 +548,26 @@ def train(cfg: Config, resume: bool = True) -> dict[str, Any]:
         return _train(cfg, env, run_dir, resume)
 
 
+# What training writes into its run directory (besides RUN/.lock and eval_*.json).
+RUN_FILES = ("config.json", "metrics.json", "loss_curve.jsonl", "summary.json", "checkpoints")
+
+
 def _previous_run(path: Path) -> str | None:
+    """None when training may write into an existing ``path``: a run directory, or a directory
+    holding none of the files training writes (it only adds to it, e.g. a sweep's run spec)."""
     if not path.is_dir():
         return f"{path} exists and is not a directory"
     if is_serving_dir(path):
         return f"{path} is a serving directory (output of `mlet-dist collapse`), not a run"
-    if is_run_dir(path) or {p.name for p in path.iterdir()} <= {RUN_LOCK}:
-        return None  # a run, or empty but for the lock of a run refused before it wrote
-    return f"{path} exists and is not a run directory (no config.json or checkpoints/)"
+    if is_run_dir(path):
+        return None
+    clash = [name for name in RUN_FILES if (path / name).exists()]
+    if clash:
+        return (
+            f"{path} exists and is not a run directory, but holds {', '.join(clash)}, which "
+            f"training would overwrite"
+        )
+    return None
 
 
 def remove_stale_checkpoints(run_dir: str | Path) -> None:

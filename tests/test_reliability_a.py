@@ -138,6 +138,9 @@ def test_other_outputs_that_overlap_a_run_are_refused(trained, tmp_path, capsys)
     run = copy_run(trained, tmp_path / "run")
     served = tmp_path / "served"
     shutil.copytree(trained["tmp"] / "served", served)
+    other = tmp_path / "other_tool"  # someone else's directory with a config.json
+    other.mkdir()
+    (other / "config.json").write_text('{"theirs": true}')
     before = snapshot(tmp_path)
     config, held = str(trained["config"]), str(trained["held"])
     cases = [
@@ -179,6 +182,10 @@ def test_other_outputs_that_overlap_a_run_are_refused(trained, tmp_path, capsys)
             "inside the run directory",
         ),
         (["train", "--config", config, f"--train.run_dir={served}"], "is a serving directory"),
+        (
+            ["train", "--config", config, f"--train.run_dir={other}"],
+            "holds config.json, which training would overwrite",
+        ),
         (
             ["train", "--config", config, f"--train.run_dir={run / 'checkpoints'}"],
             "inside the run directory",
