@@ -473,10 +473,12 @@ def collapse_run(
                 torchscript=torchscript, aoti=aoti,
             )  # fmt: skip
         except BaseException as e:
+            # DCP's CheckpointException is a BaseException; the free space as it failed
+            full = no_space_error(out) if is_no_space(e) else None
             if env.is_rank0:
                 remove_path(_staging_dir(out))  # a half-written result must not fill the disk
-            if is_no_space(e):  # DCP's CheckpointException is a BaseException
-                raise no_space_error(out) from e
+            if full is not None:
+                raise full from e
             raise
 
 

@@ -236,10 +236,13 @@ class Trainer:
                 self.cfg.train.run_dir, self.step, self.state(), train_state, plan=self.model.plan
             )
         except BaseException as e:
+            full = None  # DCP's CheckpointException is a BaseException
+            if is_no_space(e, writing=True):  # (the free space as it failed, before the cleanup)
+                full = no_space_error(checkpoint_dir(self.cfg.train.run_dir))
             if self.env.is_rank0:  # a half-written step_N.tmp must not keep the disk full
                 remove_stale_checkpoints(self.cfg.train.run_dir)
-            if is_no_space(e, writing=True):  # DCP's CheckpointException: a BaseException
-                raise no_space_error(checkpoint_dir(self.cfg.train.run_dir)) from e
+            if full is not None:
+                raise full from e
             raise
 
     def load(self, path: Path, optimizer: bool = True) -> None:

@@ -131,6 +131,7 @@ def no_space_error(path: str | Path) -> NoSpaceError:
     """The one-line error for a full file system while writing ``path``."""
     free = _free_bytes(Path(path).absolute())
     left = f"{_human(free)} free on its file system" if free is not None else "free space unknown"
+    # (callers build this before removing the partial output: the free space as the write failed)
     return NoSpaceError(
         f"no space left on device: cannot write {path} ({left}); the partial output was removed. "
         f"Free some space or write to another file system",
