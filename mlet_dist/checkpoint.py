@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from mlet_dist.errors import MletError
+
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -44,7 +46,7 @@ PLAN_FILE = "plan.pt"
 COLUMN_BASED = ("column_wise", "table_column_wise", "grid_shard")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MletError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model; the message says which."""
 
 

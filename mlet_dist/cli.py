@@ -15,15 +15,25 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
+import platform
+import re
 import sys
 import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from mlet_dist.config import ConfigError, load_config
+from mlet_dist.errors import MletError
+from mlet_dist.utils.files import check_output
 
 logger = logging.getLogger("mlet_dist")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _setup_logging(level: str) -> None:
@@ -49,18 +59,80 @@ def _setup_logging(level: str) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``mlet-dist: error: ...`` and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"mlet-dist: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind: type, minimum: float, strict: bool, what: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind(text)`` that is above (``strict``) or at least ``minimum``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 0, True, "a positive integer")
+non_negative_int = _number(int, 0, False, "an integer >= 0")
+positive_float = _number(float, 0.0, True, "a positive number")
+
+
+def version_text() -> str:
+    """``mlet-dist --version``: this package and the libraries it runs on (no heavy imports)."""
+    import mlet_dist
+
+    parts = [f"python {platform.python_version()}"]
+    for dist in ("torch", "torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu", "pyarrow", "numpy"):
+        try:
+            parts.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return f"mlet-dist {mlet_dist.__version__} ({', '.join(parts)})"
+
+
+class _Version(argparse.Action):
+    """``--version``: prints :func:`version_text` and exits (computed only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(version_text())
+        parser.exit(0)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mlet-dist",
         description="Distributed multi-layer embedding training (MLET) with TorchRec.",
         epilog="Any --section.key=value after the options overrides the config file "
         "(e.g. --model.inner_dim=128 --train.max_steps=100).",
     )
-    p.add_argument("--log-level", default="INFO", help="logging level on rank 0 (default INFO)")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="logging level on rank 0 (default INFO)",
+    )
+    debug_help = "show the traceback of an error (default: one line)"
+    p.add_argument("--debug", action="store_true", help=debug_help)
+    p.add_argument("--version", action=_Version, help="print the versions and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, help: str, config: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
+        # also after the command; SUPPRESS keeps a --debug given before it
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         if config:
             sp.add_argument("--config", help="TOML config file (see configs/)")
         return sp
@@ -81,7 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--out", required=True, help="output directory of the collapsed model")
     c.add_argument(
-        "--chunk-rows", type=int, help="rows per collapse matmul and reduction (default 16384)"
+        "--chunk-rows",
+        type=positive_int,
+        help="rows per collapse matmul and reduction (default 16384)",
     )
     c.add_argument(
         "--quantize",
@@ -113,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--serving", required=True, help="output directory of `mlet-dist collapse`")
     pr.add_argument("--data", required=True, nargs="+", help="files as the run's data.source")
     pr.add_argument("--out", required=True, help="probabilities: text (one per line) or .parquet")
-    pr.add_argument("--batch-size", type=int, default=4096, help="rows per predictor call")
+    pr.add_argument("--batch-size", type=positive_int, default=4096, help="rows per predictor call")
     pr.add_argument(
         "--verify",
         default="all",
@@ -130,20 +204,26 @@ def _parser() -> argparse.ArgumentParser:
     r = add("run", "end to end: generate (if needed), train, evaluate, collapse, check")
     r.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     pl = add("plan", "dry run: sharding plan and per-rank memory for a cluster (no allocation)")
-    pl.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) to plan for")
+    pl.add_argument(
+        "--world-size", type=positive_int, required=True, help="ranks (GPUs) to plan for"
+    )
     pl.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    pl.add_argument("--local-world-size", type=int, help="ranks per node (8 on cuda)")
-    pl.add_argument("--batch-size", type=int, help="batch per rank (data.batch_size/world)")
-    pl.add_argument("--hbm-gb", type=float, help="GPU memory per rank (dist.hbm_cap_gb)")
-    pl.add_argument("--ddr-gb", type=float, help="host memory per rank (dist.ddr_cap_gb)")
+    pl.add_argument("--local-world-size", type=positive_int, help="ranks per node (8 on cuda)")
+    pl.add_argument(
+        "--batch-size", type=positive_int, help="batch per rank (data.batch_size/world)"
+    )
+    pl.add_argument("--hbm-gb", type=positive_float, help="GPU memory per rank (dist.hbm_cap_gb)")
+    pl.add_argument("--ddr-gb", type=positive_float, help="host memory per rank (dist.ddr_cap_gb)")
     pl.add_argument("--out", help="JSON report (default <train.run_dir>/plan.json)")
     pp = add("preprocess", "raw Criteo TSV files -> Parquet shards (train/eval/test); resumable")
     pp.add_argument("--input", nargs="+", help="raw files (default: the config's data files)")
     pp.add_argument("--out", help="output directory (default data.parquet_dir)")
-    pp.add_argument("--workers", type=int, default=0, help="processes (default: CPU count)")
+    pp.add_argument(
+        "--workers", type=non_negative_int, default=0, help="processes (default: CPU count)"
+    )
     pp.add_argument("--on-bad-row", choices=["error", "skip"], help="data.on_bad_row")
-    pp.add_argument("--frequency-threshold", type=int, help="data.frequency_threshold")
-    pp.add_argument("--row-group-rows", type=int, help="data.row_group_rows")
+    pp.add_argument("--frequency-threshold", type=non_negative_int, help="data.frequency_threshold")
+    pp.add_argument("--row-group-rows", type=positive_int, help="data.row_group_rows")
     from mlet_dist.sweep import add_arguments as add_sweep_arguments
 
     add_sweep_arguments(add("sweep", "MLET vs the tuned baseline over served d; resumable"))
@@ -157,24 +237,46 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
         print(
-            f"mlet-dist: unrecognized arguments {bad}; overrides look like --section.key=value",
+            f"mlet-dist: error: unrecognized arguments {bad}; overrides look like "
+            f"--section.key=value",
             file=sys.stderr,
         )
         return 2
     try:
         return _dispatch(args, rest)
-    except ConfigError as e:
-        print(f"mlet-dist {args.command}: configuration error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = user_error(e)
+        if message is None or args.debug:
+            raise
+        print(f"mlet-dist: error: {message}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        from mlet_dist.checkpoint import CheckpointError
-        from mlet_dist.data import CriteoFormatError
-        from mlet_dist.serving import ServingError
 
-        if isinstance(e, (CheckpointError, CriteoFormatError, ServingError, FileNotFoundError)):
-            print(f"mlet-dist {args.command}: {e}", file=sys.stderr)
-            return 1
-        raise
+
+# OSErrors about a path the user gave (they name it); any other exception is a bug: traceback.
+_PATH_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of a user error (:class:`MletError`, a full disk, a path that cannot
+    be read or written), or None for anything else (a bug: shown with its traceback)."""
+    from mlet_dist.utils.files import is_no_space
+
+    if isinstance(e, MletError):
+        message = str(e)
+    elif is_no_space(e):
+        where = getattr(e, "filename", None)
+        message = f"no space left on device{f' writing {where}' if where else ''} ({e})"
+    elif isinstance(e, _PATH_ERRORS) and e.filename is not None:
+        message = f"{e.strerror}: {e.filename}"
+    else:
+        return None
+    return re.sub(r"\s*\n\s*", " ", message).strip()  # one line
 
 
 def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -242,6 +344,15 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         cfg = load_config(args.config, overrides)
         cfg.dist.hbm_cap_gb = args.hbm_gb if args.hbm_gb is not None else cfg.dist.hbm_cap_gb
         cfg.dist.ddr_cap_gb = args.ddr_gb if args.ddr_gb is not None else cfg.dist.ddr_cap_gb
+        default_out = os.path.join(cfg.train.run_dir, "plan.json")
+        out = args.out or default_out
+        check_output(
+            out,
+            what="the plan report",
+            previous=_previous_plan,
+            allowed=[default_out],  # its slot in the run directory
+            hint="choose another --out file",
+        )
         try:
             report = planning.dry_run(
                 cfg,
@@ -253,9 +364,7 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         except planning.PlanningError as e:
             print(f"mlet-dist plan: {e}", file=sys.stderr)
             return 1
-        out = planning.write_report(
-            report, args.out or os.path.join(cfg.train.run_dir, "plan.json")
-        )
+        out = planning.write_report(report, out)
         print(planning.format_report(report) + f"\nwrote {out}")
         return 0 if report["totals"]["fits"] else 1
     if args.command == "preprocess":
@@ -286,6 +395,17 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
 
         return main_from_args(args, overrides)
     raise AssertionError(args.command)  # argparse restricts the choices
+
+
+def _previous_plan(path: Path) -> str | None:
+    """None when ``path`` is a previous plan report (JSON with "totals"), else why not."""
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict) and "totals" in previous:
+        return None
+    return f"{path} exists and is not a plan report of `mlet-dist plan`"
 
 
 if __name__ == "__main__":

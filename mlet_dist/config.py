@@ -20,6 +20,8 @@ from typing import Any
 
 import tomllib
 
+from mlet_dist.errors import MletError
+
 # MLPerf DLRMv2 per-feature hash sizes for Criteo 1TB (40M cap on the largest features).
 MLPERF_40M_TABLE_SIZES: list[int] = [
     40000000,
@@ -82,7 +84,7 @@ DEFAULT_SYNTHETIC_CARDINALITIES: list[int] = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(MletError, ValueError):
     """A configuration file or override is invalid; the message names the key and the fix."""
 
 

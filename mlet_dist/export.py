@@ -29,11 +29,10 @@ Output directory (README "Serving contract")::
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
+import io
 import json
 import logging
-import os
 import shutil
 import time
 import warnings
@@ -49,7 +48,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from mlet_dist.checkpoint import CheckpointError, latest_checkpoint, read_train_state
-from mlet_dist.config import Config
+from mlet_dist.config import Config, ConfigError
 from mlet_dist.distributed.collapse import (
     DEFAULT_CHUNK_ROWS,
     CollapsedBlock,
@@ -64,8 +63,22 @@ from mlet_dist.distributed.collapse import (
 from mlet_dist.models import build_dlrm, build_tables
 from mlet_dist.modules.collapse import collapse
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, inner_dim_of, served_tables
-from mlet_dist.serving.manifest import ARTIFACT_FILES, ServingError, write_manifest
+from mlet_dist.serving.manifest import (
+    ARTIFACT_FILES,
+    MANIFEST,
+    READABLE_FORMATS,
+    ServingError,
+    write_manifest,
+)
 from mlet_dist.serving.quantize import check_dtype, serving_layout
+from mlet_dist.utils.files import (
+    check_output,
+    hold_run,
+    is_no_space,
+    no_space_error,
+    remove_path,
+    replace_dir,
+)
 
 logger = logging.getLogger(__name__)
 # Rank 0 reads the finished checkpoints in single-process mode (also inside a launched job):
@@ -299,7 +312,7 @@ def build_predictor(
     (out / "serving").mkdir(parents=True, exist_ok=True)
     artifacts: dict[str, Any] = {}
     ep = export_predictor(model)
-    torch.export.save(ep, str(out / ARTIFACT_FILES["export"]))
+    _write_serialized(out / ARTIFACT_FILES["export"], lambda f: torch.export.save(ep, f))
     artifacts["export"] = {
         "path": ARTIFACT_FILES["export"],
         "format": "torch.export ExportedProgram (torch.export.save)",
@@ -315,7 +328,10 @@ def build_predictor(
             "device": "cpu",
         }
     if torchscript:
-        script(model).save(str(out / ARTIFACT_FILES["torchscript"]))
+        scripted = script(model)
+        _write_serialized(
+            out / ARTIFACT_FILES["torchscript"], lambda f: torch.jit.save(scripted, f)
+        )
         artifacts["torchscript"] = {
             "path": ARTIFACT_FILES["torchscript"],
             "format": "TorchScript (torchrec.fx.symbolic_trace + torch.jit.script; deprecated)",
@@ -325,34 +341,44 @@ def build_predictor(
     return {"artifacts": artifacts, "signature": input_signature(ep)}
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swaps two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+def _write_serialized(path: Path, save: Any) -> None:
+    """``save(buffer)`` in memory, then the bytes written by Python: torch's zip writer aborts the
+    process when the disk fills up (a C++ exception in a destructor); a Python write raises
+    ENOSPC, which the collapse reports."""
+    buffer = io.BytesIO()
+    save(buffer)
+    path.write_bytes(buffer.getvalue())
+
+
+def previous_serving_dir(out: Path) -> str | None:
+    """None when ``out`` may be replaced by a collapse: an empty directory, or a previous serving
+    directory holding only the files its manifest lists; else the reason it may not."""
+    if not out.is_dir():
+        return f"{out} exists and is not a directory"
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        if not any(out.iterdir()):
+            return None
+        return (
+            f"{out} exists and is not a serving directory written by `mlet-dist collapse` "
+            f"(no {MANIFEST})"
+        )
     try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Moves a complete ``staging`` directory to ``out``; a previous ``out`` stays whole until then.
-
-    On Linux the two directories are exchanged in one atomic rename, so ``out`` is at every moment
-    either the old or the new complete result. Elsewhere ``out`` is renamed aside first (a crash
-    in between leaves the old result in ``<out>.old``).
-    """
-    if not out.exists():
-        staging.rename(out)
-        return
-    if _exchange(staging, out):
-        shutil.rmtree(staging)  # now the previous result
-        return
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+        content = json.loads(manifest.read_text())
+        listed = {entry["path"] for entry in content["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{manifest} is not a readable serving manifest"
+    if content.get("format") not in READABLE_FORMATS:
+        return f"{manifest} has format {content.get('format')!r}, not one of {READABLE_FORMATS}"
+    extra = sorted(
+        rel
+        for rel in (p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+        if rel != MANIFEST and rel not in listed
+    )
+    if extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        return f"{out} holds files that `mlet-dist collapse` did not write ({shown})"
+    return None
 
 
 def _staging_dir(out: Path) -> Path:
@@ -406,6 +432,69 @@ def collapse_run(
     Call it on every rank of a launched job, or in one process. See the module docstring for
     what is written; README "Serving contract" for the format.
 
+    The output is checked first (rank 0, :func:`mlet_dist.utils.files.check_output`): it may not
+    be, contain or lie inside the run, another run, a checkpoint or a serving directory (the run's
+    own ``RUN/served``, where ``mlet-dist run`` puts it, is allowed), and an existing ``out_dir`` is
+    replaced only if it is a previous serving directory (:func:`previous_serving_dir`). The run is
+    read under its shared lock (a training process writing it is refused). On any failure the
+    staging directory is removed; a full disk is reported as such.
+
+    Args:
+        run_dir: a training run (config.json and checkpoints/).
+        out_dir: the serving directory; replaced atomically if it exists.
+        (the other arguments: see :func:`_collapse_run`)
+
+    Raises:
+        OutputPathError: ``out_dir`` is refused (the message says why).
+        RunLockedError: a training process holds the run.
+        NoSpaceError: the file system of ``out_dir`` is full.
+    """
+    from mlet_dist.distributed.parallelize import init_distributed
+    from mlet_dist.train import load_run_config
+
+    cfg = load_run_config(run_dir)
+    env = init_distributed(cfg.dist)
+    out = Path(out_dir)
+
+    def check() -> None:
+        check_output(
+            out,
+            what="the serving directory",
+            inputs=[run_dir],
+            previous=previous_serving_dir,
+            allowed=[Path(run_dir) / "served"],  # where `mlet-dist run` collapses its run
+            hint="choose a new --out directory",
+        )
+
+    with hold_run(run_dir, env, command="collapse", shared=True, check=check):
+        try:
+            return _collapse_run(
+                run_dir, out, chunk_rows, quantize, allow_plain, predictor, row_group_rows,
+                torchscript=torchscript, aoti=aoti,
+            )  # fmt: skip
+        except BaseException as e:
+            # DCP's CheckpointException is a BaseException; the free space as it failed
+            full = no_space_error(out) if is_no_space(e) else None
+            if env.is_rank0:
+                remove_path(_staging_dir(out))  # a half-written result must not fill the disk
+            if full is not None:
+                raise full from e
+            raise
+
+
+def _collapse_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    quantize: str = "fp32",
+    allow_plain: bool = False,
+    predictor: bool = True,
+    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+    torchscript: bool = False,
+    aoti: bool = False,
+) -> dict[str, Any]:
+    """The collapse itself (see :func:`collapse_run`, which checks the output and locks the run).
+
     Args:
         run_dir: a training run (config.json and checkpoints/).
         out_dir: the serving directory; replaced atomically if it exists.
@@ -436,7 +525,7 @@ def collapse_run(
 
     check_dtype(quantize)
     if chunk_rows <= 0:
-        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+        raise ConfigError(f"chunk_rows must be positive, got {chunk_rows}")
     if not predictor and (torchscript or aoti):
         raise CollapseError(
             "--no-predictor (predictor=False) writes no predictor, so there is nothing to compile "
@@ -692,7 +781,7 @@ def _finish(
             },
         },
     )
-    publish(staging, out)
+    replace_dir(staging, out)
     logger.info(
         "collapsed %d factorized tables of %s into %s (world size %d, serving dtype %s)",
         len(factorized), run_dir, out, world_size, quantize,

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from mlet_dist.checkpoint import (
     CheckpointError,
     check_optimizer_resharding,
+    checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     read_train_state,
@@ -42,6 +44,16 @@ from mlet_dist.distributed.parallelize import (
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.models import build_dlrm
 from mlet_dist.quality import bucket_metrics, id_counts, rarest_id_count
+from mlet_dist.utils.files import (
+    atomic_write_json,
+    check_output,
+    hold_run,
+    is_no_space,
+    is_run_dir,
+    is_serving_dir,
+    no_space_error,
+    remove_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +136,17 @@ def load_splits(data_cfg: DataConfig) -> Splits:
     return Splits(*split_arrays(rows, data_cfg.eval_fraction, data_cfg.test_fraction))
 
 
+def data_inputs(data_cfg: DataConfig) -> list[str]:
+    """The paths training reads (files and data directories), for the output checks."""
+    if data_cfg.source == "synthetic":
+        paths = [data_cfg.dir]
+    elif data_cfg.source == "parquet":
+        paths = [data_cfg.parquet_dir]
+    else:
+        paths = [*data_cfg.train_files, *data_cfg.eval_files]
+    return [p for p in paths if p]
+
+
 def model_config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys defining the model's parameters that differ between two config dicts."""
     diffs = []
@@ -133,6 +156,21 @@ def model_config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[st
             if a.get(key) != b.get(key):
                 diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} != config {b.get(key)!r}")
     return diffs
+
+
+def check_model_config(path: Path, saved: dict[str, Any], cfg: Config) -> None:
+    """Refuses a checkpoint (``saved``: its config dict) written with another model config.
+
+    Raises:
+        CheckpointError: the differing keys are named.
+    """
+    diffs = model_config_diff(saved, cfg.to_dict())
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was written with a different model config; differing keys: "
+            + "; ".join(diffs)
+            + ". Use a new train.run_dir, or restore these values."
+        )
 
 
 class Trainer:
@@ -193,9 +231,19 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "config": self.cfg.to_dict(),
         }
-        return save_checkpoint(
-            self.cfg.train.run_dir, self.step, self.state(), train_state, plan=self.model.plan
-        )
+        try:
+            return save_checkpoint(
+                self.cfg.train.run_dir, self.step, self.state(), train_state, plan=self.model.plan
+            )
+        except BaseException as e:
+            full = None  # DCP's CheckpointException is a BaseException
+            if is_no_space(e, writing=True):  # (the free space as it failed, before the cleanup)
+                full = no_space_error(checkpoint_dir(self.cfg.train.run_dir))
+            if self.env.is_rank0:  # a half-written step_N.tmp must not keep the disk full
+                remove_stale_checkpoints(self.cfg.train.run_dir)
+            if full is not None:
+                raise full from e
+            raise
 
     def load(self, path: Path, optimizer: bool = True) -> None:
         """Loads a checkpoint (collectively), resharding it to this job's plan.
@@ -211,13 +259,7 @@ class Trainer:
                 to be resharded to another world size or column split, which TorchRec cannot do.
         """
         saved = read_train_state(path)
-        diffs = model_config_diff(saved["config"], self.cfg.to_dict())
-        if diffs:
-            raise CheckpointError(
-                f"checkpoint {path} was written with a different model config; differing keys: "
-                + "; ".join(diffs)
-                + ". Use a new train.run_dir, or restore these values."
-            )
+        check_model_config(path, saved["config"], self.cfg)
         if not optimizer:
             state = {"model": self.model.state_dict()}
             load_checkpoint(path, state)
@@ -265,12 +307,16 @@ class Trainer:
         self.model.fused_optimizer.step()
 
     # -- training ----------------------------------------------------------------------------
-    def fit(self, train: CriteoArrays | None) -> dict[str, Any]:
+    def fit(
+        self, train: CriteoArrays | None, on_start: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
         """Trains to ``train.epochs`` / ``train.max_steps`` from the current position.
 
         Args:
             train: the training rows in memory, or None to stream ``data.parquet_dir/train``
                 (``data.source = 'parquet'``).
+            on_start: called once the data is checked, before the first write to the run
+                directory (:func:`train` writes ``config.json`` there).
         """
         cfg, env = self.cfg, self.env
         source = build_batch_source(
@@ -294,6 +340,8 @@ class Trainer:
         losses: list[list[float]] = []
         seen = 0
         start_step = self.step
+        if on_start is not None:
+            on_start()
         guard = TrainingGuard(cfg.train.run_dir, env, start_step=self.step)  # SIGTERM, loss log
         self.model.train()
         bar = tqdm(
@@ -472,13 +520,71 @@ def train(cfg: Config, resume: bool = True) -> dict[str, Any]:
 
     Writes ``RUN/config.json``, ``RUN/metrics.json`` and checkpoints under ``RUN/checkpoints``.
     With ``resume`` the latest complete checkpoint of the run directory is continued.
+
+    Safety: rank 0 checks ``train.run_dir`` (not an input, a checkpoint, a serving directory or
+    inside another run; an existing one must be a run) and holds the run's exclusive lock
+    (``RUN/.lock``) for the whole training; every rank learns of a refusal at once. Nothing is
+    written into the run directory before the data, the config and a resumed checkpoint are
+    checked, and what is written is written atomically.
+
+    Raises:
+        OutputPathError: ``train.run_dir`` is refused.
+        RunLockedError: another process holds the run (its pid and host are named).
+        CheckpointError: the checkpoint to resume was written with another model config.
+        NoSpaceError: a checkpoint could not be written (the half-written one is removed).
     """
     check_agent_store()  # fail fast where torchrun's restart would hang (elastic.py)
     env = init_distributed(cfg.dist)
     run_dir = Path(cfg.train.run_dir)
-    if env.is_rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    def check() -> None:
+        check_output(
+            run_dir,
+            what="the training run",
+            inputs=data_inputs(cfg.data),
+            previous=_previous_run,
+            run_output=True,
+            hint="set train.run_dir to a new directory",
+        )
+
+    with hold_run(run_dir, env, command="train", shared=False, check=check):
+        return _train(cfg, env, run_dir, resume)
+
+
+# What training writes into its run directory (besides RUN/.lock and eval_*.json).
+RUN_FILES = ("config.json", "metrics.json", "loss_curve.jsonl", "summary.json", "checkpoints")
+
+
+def _previous_run(path: Path) -> str | None:
+    """None when training may write into an existing ``path``: a run directory, or a directory
+    holding none of the files training writes (it only adds to it, e.g. a sweep's run spec)."""
+    if not path.is_dir():
+        return f"{path} exists and is not a directory"
+    if is_serving_dir(path):
+        return f"{path} is a serving directory (output of `mlet-dist collapse`), not a run"
+    if is_run_dir(path):
+        return None
+    clash = [name for name in RUN_FILES if (path / name).exists()]
+    if clash:
+        return (
+            f"{path} exists and is not a run directory, but holds {', '.join(clash)}, which "
+            f"training would overwrite"
+        )
+    return None
+
+
+def remove_stale_checkpoints(run_dir: str | Path) -> None:
+    """Removes unfinished checkpoints (``checkpoints/*.tmp``) of crashed or failed writes.
+
+    Only under the run's exclusive lock: then no other process is writing one.
+    """
+    root = checkpoint_dir(run_dir)
+    for stale in root.glob("*.tmp") if root.is_dir() else []:
+        remove_path(stale)
+        logger.info("removed the unfinished checkpoint %s", stale)
+
+
+def _train(cfg: Config, env: DistEnv, run_dir: Path, resume: bool) -> dict[str, Any]:
     splits = load_splits(cfg.data)
     if splits.train is None:
         logger.info(
@@ -492,12 +598,19 @@ def train(cfg: Config, resume: bool = True) -> dict[str, Any]:
         )  # fmt: skip
     last = latest_checkpoint(run_dir) if resume else None
     plan = None  # the saved plan when it fits: TorchRec's planning is not reproducible
-    if last is not None and not model_config_diff(read_train_state(last)["config"], cfg.to_dict()):
+    if last is not None:
+        check_model_config(last, read_train_state(last)["config"], cfg)  # before any write
         plan = saved_plan(last, cfg.to_dict()["dist"], env.world_size, env.device.type)
     trainer = Trainer(cfg, env, plan=plan)
     if last is not None:
         trainer.load(last)
-    train_stats = trainer.fit(splits.train)
+
+    def start() -> None:  # every check passed: from here on the run directory is written
+        if env.is_rank0:
+            remove_stale_checkpoints(run_dir)
+            atomic_write_json(run_dir / "config.json", cfg.to_dict())
+
+    train_stats = trainer.fit(splits.train, on_start=start)
     trainer.save()
     metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
     counts = None
@@ -507,7 +620,7 @@ def train(cfg: Config, resume: bool = True) -> dict[str, Any]:
         if splits.has(cfg.data, split):
             metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)
     if env.is_rank0:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        atomic_write_json(run_dir / "metrics.json", metrics)
         if "eval" in metrics:
             e = metrics["eval"]
             logger.info(

@@ -15,6 +15,7 @@ from mlet_dist.config import Config, apply_overrides
 from mlet_dist.data import CriteoArrays
 from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.metrics import binary_metrics
+from mlet_dist.utils.files import atomic_write_json, check_output, hold_run
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,38 @@ def evaluate_run(
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Metrics of a run's latest checkpoint on one of its splits or on given raw files.
+
+    Reads the run under its shared lock (refused while a training process writes it); rank 0
+    checks the output ``RUN/eval_<name>.json`` first and writes it atomically. See
+    :func:`_evaluate_run`.
+    """
+    from mlet_dist.train import load_run_config
+
+    cfg = apply_overrides(load_run_config(run_dir), overrides or [])
+    env = init_distributed(cfg.dist)
+    out = Path(run_dir) / f"eval_{'files' if files else split}.json"
+
+    def check() -> None:
+        check_output(
+            out,
+            what="the evaluation",
+            inputs=list(files or []),
+            previous=lambda p: None if p.is_file() else f"{p} is not a file",
+            allowed=[out],  # its slot in the run directory
+            hint="move the data file elsewhere",
+        )
+
+    with hold_run(run_dir, env, command="evaluate", shared=True, check=check):
+        return _evaluate_run(run_dir, split, files, overrides)
+
+
+def _evaluate_run(
+    run_dir: str | Path,
+    split: str = "eval",
+    files: list[str] | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Metrics of a run's latest checkpoint on one of its splits or on given Criteo files.
 
     Overall and per id-frequency bucket (``"buckets"``: the rarest id of a row, counted in the
     run's training split; :mod:`mlet_dist.quality`). Files are read as the run's
@@ -66,7 +99,7 @@ def evaluate_run(
     if files:
         metrics["files"] = list(files)
     if env.is_rank0:
-        (Path(run_dir) / f"eval_{name}.json").write_text(json.dumps(metrics, indent=1))
+        atomic_write_json(Path(run_dir) / f"eval_{name}.json", metrics)
     return metrics
 
 
@@ -188,7 +221,7 @@ def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
         summary["served_embedding_params"] = report["served_embedding_params"]
         summary["collapse_check"] = check_collapsed(run_dir, served_dir, held_out)
         summary["serving_check"] = check_serving(run_dir, served_dir, held_out)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_json(run_dir / "summary.json", summary)
         check = summary["collapse_check"]
         logger.info(
             "collapse check %s: max |logit diff| %.2e, AUC trained %.5f vs collapsed %.5f",

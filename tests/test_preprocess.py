@@ -434,6 +434,6 @@ def test_cli_preprocess_with_process_pool(tmp_path, capsys):
     # Without --on-bad-row skip the default policy stops with the file and line.
     argv[argv.index("skip") - 1 : argv.index("skip") + 1] = []
     argv[argv.index("--out") + 1] = str(tmp_path / "out2")
-    assert cli_main(argv) == 1
+    assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert "f1.tsv, line" in err and "tab-separated fields" in err

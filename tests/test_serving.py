@@ -241,7 +241,7 @@ def test_aoti_lowering_failure_is_refused_in_one_line_and_publishes_nothing(
         ["collapse", "--run", str(run["cfg"].train.run_dir), "--out", str(out), "--aoti"]
     )
     err = capsys.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1, err
+    assert code == 2 and len(err.splitlines()) == 1, err
     assert "AOTInductor could not compile the predictor: RuntimeError: could not lower" in err
     assert "--aoti" in err
     assert (out / MANIFEST).read_bytes() == before and verify_manifest(out)  # untouched
@@ -299,7 +299,7 @@ def test_tampered_predictor_is_refused(run, tmp_path, capsys) -> None:
         with pytest.raises(ServingError, match=r"predictor\.pt2 does not match its checksum"):
             load_predictor(copy, verify=verify)
     code = cli.main(["predict", "--serving", str(copy), "--data", str(run["held_out"]), "--out", str(tmp_path / "p.txt")])  # fmt: skip
-    assert code == 1 and "predictor.pt2 does not match its checksum" in capsys.readouterr().err
+    assert code == 2 and "predictor.pt2 does not match its checksum" in capsys.readouterr().err
     assert not (tmp_path / "p.txt").exists()
     # the TorchScript file is intact and can still be asked for
     assert predict_file(copy, run["held_out"], tmp_path / "p.txt", verify="predictor", kind="torchscript")["predictor"] == "torchscript"  # fmt: skip
@@ -411,7 +411,7 @@ def test_checksum_mismatch_is_refused_naming_the_file(run, tmp_path, capsys) -> 
         predict_file(copy, run["held_out"], tmp_path / "p.txt")
     assert not (tmp_path / "p.txt").exists()
     code = cli.main(["predict", "--serving", str(copy), "--data", str(run["held_out"]), "--out", str(tmp_path / "p.txt")])  # fmt: skip
-    assert code == 1 and victim.name in capsys.readouterr().err
+    assert code == 2 and victim.name in capsys.readouterr().err
     (copy / "serving/predictor.pt2").unlink()
     with pytest.raises(ServingError, match=r"predictor\.pt2 is listed .* but missing"):
         predict_file(copy, run["held_out"], tmp_path / "p.txt", verify="predictor")
@@ -442,7 +442,7 @@ def test_plain_run_is_refused_clearly_and_exported_when_allowed(tmp_path, capsys
     with pytest.raises(CollapseError, match=r"no factorized tables.*--allow-plain"):
         collapse_run(cfg.train.run_dir, out)
     code = cli.main(["collapse", "--run", cfg.train.run_dir, "--out", str(out)])
-    assert code == 1 and "no factorized tables" in capsys.readouterr().err
+    assert code == 2 and "no factorized tables" in capsys.readouterr().err
     assert not out.exists()
     report = collapse_run(cfg.train.run_dir, out, allow_plain=True)
     assert report["factorized_tables"] == []

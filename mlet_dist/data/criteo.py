@@ -39,6 +39,8 @@ from torchrec.datasets.criteo import (
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mlet_dist.errors import MletError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -87,7 +89,7 @@ _INT_RE = re.compile(rb"-?[0-9]+")
 _HEX_RE = re.compile(rb"[0-9a-fA-F]+")
 
 
-class CriteoFormatError(ValueError):
+class CriteoFormatError(MletError, ValueError):
     """A Criteo TSV file is missing, unreadable or malformed.
 
     The message names the file, the 1-based line number (when there is one), what is wrong and how

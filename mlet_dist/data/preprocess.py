@@ -69,9 +69,8 @@ import multiprocessing
 import os
 import queue
 import resource
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +90,13 @@ from mlet_dist.data.criteo import (
     CriteoArrays,
     iter_line_blocks,
     parse_lines,
+)
+from mlet_dist.utils.files import (
+    atomic_path,
+    atomic_write_json,
+    check_output,
+    publish_file,
+    temp_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -380,36 +386,11 @@ def plan_parts(
 # ------------------------------------------------------------------------------------ files
 
 
-def _temp_path(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Makes a finished temporary file durable and moves it to its final name (atomic)."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are meant to be shared
-    os.replace(tmp, final)
-
-
-@contextlib.contextmanager
-def _atomic(final: Path) -> Iterator[Path]:
-    """Yields a temporary path next to ``final``; renames it to ``final`` when the block succeeds."""
-    tmp = _temp_path(final)
-    try:
-        yield tmp
-        _publish(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_json(final: Path, obj: Any) -> None:
-    with _atomic(final) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+# Atomic outputs (temporary name, fsync, rename): mlet_dist.utils.files.
+_temp_path = temp_path
+_publish = publish_file
+_atomic = atomic_path
+_write_json = atomic_write_json
 
 
 def _output(out: Path, part: Part) -> Path:
@@ -739,6 +720,18 @@ def _file_identity(path: str) -> dict[str, Any]:
     return {"path": str(Path(path).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _previous_output(out: Path) -> str | None:
+    """None when ``out`` may be written to: an empty directory or a previous preprocessing output."""
+    if not out.is_dir():
+        return f"{out} exists and is not a directory"
+    if (out / _STATE / "manifest.json").is_file() or not any(out.iterdir()):
+        return None
+    return (
+        f"{out} exists and is not a previous `mlet-dist preprocess` output (no "
+        f"{_STATE}/manifest.json)"
+    )
+
+
 def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
     path = out / _STATE / "manifest.json"
     if path.is_file():
@@ -886,12 +879,18 @@ def preprocess(
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     inputs = [str(p) for p in inputs]
     eval_files = [str(p) for p in eval_files]
     for path in inputs + eval_files:
         if not Path(path).is_file():
             raise ConfigError(f"input {path} does not exist or is not a file")
+    check_output(
+        out,
+        what="the preprocessed data",
+        inputs=[*inputs, *eval_files],
+        previous=_previous_output,
+        hint="choose another output directory (--out, data.parquet_dir)",
+    )
     workers = workers or os.cpu_count() or 1
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -900,7 +899,8 @@ def preprocess(
         **dataclasses.asdict(settings),
         "num_embeddings_per_feature": list(settings.num_embeddings_per_feature),
     }
-    _check_manifest(out, manifest)
+    _check_manifest(out, manifest)  # the first write, after every check above
+    out.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
 
     with _Workers(workers, progress) as pool:

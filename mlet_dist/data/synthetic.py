@@ -33,9 +33,6 @@ import gzip
 import json
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +43,7 @@ from tqdm import tqdm
 
 from mlet_dist.config import SyntheticConfig
 from mlet_dist.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
+from mlet_dist.utils.files import atomic_write, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -435,21 +433,24 @@ def day_file_name(day: int, gzip_output: bool) -> str:
     return f"day_{day}.gz" if gzip_output else f"day_{day}"
 
 
-def _write_atomically(final: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Writes via a temporary file in the same directory and renames it over ``final``, so an
-    interrupted run never leaves a partial file under the final name."""
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are meant to be shared
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+# Written via a temporary file in the same directory and renamed over the final name, so an
+# interrupted run never leaves a partial file under the final name.
+_write_atomically = atomic_write
+
+
+def _previous_output(out: Path, names: list[str]) -> str | None:
+    """None when generating into ``out`` replaces nothing but a previous generator's output."""
+    if not out.is_dir():
+        return f"{out} exists and is not a directory"
+    if (out / META_FILE_NAME).is_file():
+        return None
+    clash = [n for n in names if (out / n).exists()]
+    if not clash:
+        return None
+    return (
+        f"{out} holds {', '.join(clash)} but no {META_FILE_NAME}: not written by `mlet-dist "
+        f"generate`, and would be overwritten"
+    )
 
 
 def generate_synthetic(
@@ -480,6 +481,13 @@ def generate_synthetic(
     """
     out = Path(out_dir)
     teacher = build_teacher(cfg)
+    names = [day_file_name(day, cfg.gzip) for day in range(cfg.days)] + [META_FILE_NAME]
+    check_output(
+        out,
+        what="synthetic day files",
+        previous=lambda p: _previous_output(p, names),
+        hint="set data.dir to a new directory",
+    )
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     files_meta = []

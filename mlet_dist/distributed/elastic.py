@@ -53,6 +53,7 @@ import torch.distributed as dist
 
 from mlet_dist.config import ConfigError
 from mlet_dist.distributed.parallelize import DistEnv
+from mlet_dist.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -235,10 +236,8 @@ class TrainingGuard:
     def _truncate_loss_log(self, start_step: int) -> None:
         """Keeps the points up to ``start_step``: later ones are about to be trained again."""
         kept = [p for p in read_loss_log(self.run_dir) if p[0] <= start_step]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._loss_log.with_name(LOSS_LOG + ".tmp")
-        tmp.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in kept))
-        tmp.replace(self._loss_log)
+        text = "".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in kept)
+        atomic_write_text(self._loss_log, text)
 
     # faults ----------------------------------------------------------------------------------
     def _inject(self, spec: FaultSpec) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -61,8 +60,10 @@ from mlet_dist.distributed.parallelize import (
     fused_params,
     make_topology,
 )
+from mlet_dist.errors import MletError
 from mlet_dist.models.dlrm import build_dlrm
 from mlet_dist.modules.mlet import inner_dim_of
+from mlet_dist.utils.files import atomic_write_json
 
 GIB = 1024**3
 # TorchRec's default (EmbeddingShardingPlanner's heuristical_storage_reservation_percentage):
@@ -90,7 +91,7 @@ SPLITTING_TYPES = tuple(
 )
 
 
-class PlanningError(ValueError):
+class PlanningError(MletError, ValueError):
     """No sharding plan fits; the message names the tables, the memory needed and the fix."""
 
 
@@ -546,8 +547,7 @@ def dry_run(
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_json(path, report)
     return path
 
 

@@ -23,10 +23,12 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from mlet_dist.errors import MletError
+
 PROJECTION_INITS = ("normal", "xavier", "orthogonal")
 
 
-class MLETConfigError(ValueError):
+class MLETConfigError(MletError, ValueError):
     """An MLET table configuration is invalid; the message names the table and the fix."""
 
 

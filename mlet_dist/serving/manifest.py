@@ -19,6 +19,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from mlet_dist.errors import MletError
+
 MANIFEST = "manifest.json"
 FORMAT = "mlet_dist.serving/2"
 READABLE_FORMATS = ("mlet_dist.serving/1", FORMAT)
@@ -31,7 +33,7 @@ ARTIFACT_FILES = {
 TorchScript."""
 
 
-class ServingError(RuntimeError):
+class ServingError(MletError, RuntimeError):
     """A serving directory is missing, damaged or does not match its manifest; the message says which."""
 
 

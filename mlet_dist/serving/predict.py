@@ -20,9 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlet_dist.config import ConfigError
 from mlet_dist.data import CriteoArrays
+from mlet_dist.data.movielens import MOVIES_FILE, USERS_FILE
 from mlet_dist.data.sources import read_source_file
 from mlet_dist.serving.manifest import ServingError, artifacts, read_manifest, verify_manifest
+from mlet_dist.utils.files import atomic_path, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ def serving_inputs(arrays: CriteoArrays) -> tuple[torch.Tensor, torch.Tensor, to
 @torch.no_grad()
 def predict_arrays(predictor: Any, arrays: CriteoArrays, batch_size: int = 4096) -> torch.Tensor:
     """Probabilities (float32, one per row) of ``arrays`` from a loaded predictor."""
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be a positive number of rows, got {batch_size}")
     outs = []
     for start in range(0, len(arrays), batch_size):
         outs.append(predictor(*serving_inputs(arrays.slice(start, start + batch_size))))
@@ -137,6 +142,44 @@ def load_predictor(
     return predictor, manifest
 
 
+COMPANIONS = (USERS_FILE, MOVIES_FILE)
+PREDICTIONS_KEY = b"mlet_dist.predictions"
+"""Schema metadata key of a Parquet predictions file written by :func:`predict_file`."""
+_SNIFF_BYTES = 1 << 20
+
+
+def previous_predictions(out: Path) -> str | None:
+    """None when ``out`` is a previous ``mlet-dist predict`` output (it may be replaced): a
+    Parquet file whose schema metadata says so, or a text file of probabilities (its first MiB
+    holds only numbers in [0, 1] or nan, one per line); else the reason it is not."""
+    if not out.is_file():
+        return f"{out} exists and is not a file"
+    if out.stat().st_size == 0:
+        return None
+    if out.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            metadata = pq.read_schema(out).metadata or {}
+        except Exception:  # not Parquet at all
+            metadata = {}
+        if PREDICTIONS_KEY in metadata:
+            return None
+        return f"{out} exists and is not a predictions file written by `mlet-dist predict`"
+    with open(out, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    lines = head.split(b"\n")
+    if len(head) == _SNIFF_BYTES:
+        lines = lines[:-1]  # the last line may be cut
+    try:
+        values = [float(line) for line in lines if line.strip()]
+    except ValueError:
+        values = None
+    if values is not None and all(v != v or 0.0 <= v <= 1.0 for v in values):
+        return None
+    return f"{out} exists and is not a predictions file (one probability per line)"
+
+
 def predict_file(
     serving_dir: str | Path,
     data: str | Path | Sequence[str | Path],
@@ -160,27 +203,42 @@ def predict_file(
 
     Returns:
         {"rows", "out", "serving_dtype", "predictor"}.
+
+    Raises:
+        ConfigError: ``batch_size`` is not positive.
+        OutputPathError: ``out`` is, contains or lies inside an input (the serving directory, a
+            data file), a run, a checkpoint or a serving directory, or exists and is not a
+            previous predictions file (:func:`previous_predictions`).
     """
-    predictor, manifest = load_predictor(serving_dir, verify, kind)
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be a positive number of rows, got {batch_size}")
     files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    out = Path(out)
+    check_output(
+        out,
+        what="the predictions",
+        # MovieLens ratings are read with the users/movies files beside them: inputs too.
+        inputs=[serving_dir, *files, *(Path(f).with_name(n) for f in files for n in COMPANIONS)],
+        previous=previous_predictions,
+        hint="choose another --out file",
+    )
+    predictor, manifest = load_predictor(serving_dir, verify, kind)
     sizes = table_sizes(manifest)
     source = data_source(manifest)
     arrays = CriteoArrays.concat(
         [read_source_file(source, f, sizes, in_file_order=True) for f in files]
     )
     probs = predict_arrays(predictor, arrays, batch_size).numpy()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if out.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    with atomic_path(out) as tmp:  # a failed write leaves no partial file (and names a full disk)
+        if out.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        pq.write_table(pa.table({"probability": pa.array(probs, pa.float32())}), tmp)
-    else:
-        with open(tmp, "w") as f:
-            np.savetxt(f, probs, fmt="%.9g")
-    tmp.replace(out)
+            table = pa.table({"probability": pa.array(probs, pa.float32())})
+            pq.write_table(table.replace_schema_metadata({PREDICTIONS_KEY: b"1"}), tmp)
+        else:
+            with open(tmp, "w") as f:
+                np.savetxt(f, probs, fmt="%.9g")
     logger.info("wrote %d probabilities to %s", len(probs), out)
     return {
         "rows": len(probs),

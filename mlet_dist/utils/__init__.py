@@ -1,0 +1,1 @@
+"""Small shared helpers (safe file output: :mod:`mlet_dist.utils.files`)."""

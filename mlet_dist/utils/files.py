@@ -1,0 +1,527 @@
+"""Safe file output, in one place: atomic writes, the directory swap, output-path checks, the
+run-directory lock, and "no space left on device" reported as such.
+
+Every command that writes goes through these helpers:
+
+- **Atomic writes** (:func:`atomic_path`, :func:`atomic_write`, :func:`atomic_write_text`,
+  :func:`atomic_write_json`): a temporary file next to the target, fsynced and renamed over it;
+  removed when the write fails. :func:`replace_dir` swaps a finished directory in (Linux
+  ``renameat2(RENAME_EXCHANGE)``).
+- **Outputs never overlap inputs** (:func:`check_output`): an output path that is, contains or lies
+  inside one of the command's inputs, a run directory, a checkpoint or a serving directory is
+  refused, and an existing output is replaced only when it is a previous output of the same kind.
+- **One writer per run directory** (:class:`RunLock`, :func:`hold_run`): ``fcntl.flock`` on
+  ``RUN/.lock``. ``train`` holds it exclusively (its pid, host and command are written into the
+  file); ``collapse`` and ``evaluate`` hold it shared. The kernel releases it when the process
+  exits or is killed, so a lock left by a dead process is simply taken over.
+- **Disk full** (:func:`writing`, :func:`is_no_space`): ENOSPC, and torch's errors that hide it
+  (DCP's ``CheckpointException``, ``enforce fail at inline_container.cc`` from ``torch.save``),
+  become one :class:`NoSpaceError` naming the path.
+
+Why our own helpers: Python's standard library has no atomic-write or directory-exchange helper,
+and neither torch nor TorchRec offers a run-directory lock; these are thin wrappers over
+``tempfile``, ``os.replace``, ``renameat2`` and ``fcntl.flock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from mlet_dist.errors import MletError
+
+logger = logging.getLogger(__name__)
+
+RUN_LOCK = ".lock"
+"""The lock file of a run directory (``RUN/.lock``)."""
+SERVING_MANIFEST = "manifest.json"
+"""The file that marks a serving directory (``mlet-dist collapse`` output)."""
+
+
+class OutputPathError(MletError, ValueError):
+    """An output path would overwrite or mix with an input, a run, a checkpoint or other data."""
+
+
+class RunLockedError(MletError, RuntimeError):
+    """Another process holds the run directory's lock; the message names it."""
+
+
+class NoSpaceError(MletError, OSError):
+    """The file system of an output is full (ENOSPC / EDQUOT); the message names the path."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+        self.path = None if path is None else str(path)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> Any:  # picklable (broadcast to the other ranks)
+        return (type(self), (self.message, self.path))
+
+
+# -- disk full ------------------------------------------------------------------------------------
+
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def is_no_space(exc: BaseException, writing: bool = False) -> bool:
+    """Whether ``exc`` (or an exception it wraps) means the disk or the quota is full.
+
+    Args:
+        exc: the exception; its ``__cause__``/``__context__`` chain and, for DCP's
+            ``CheckpointException``, every rank's failure are searched too.
+        writing: ``exc`` was raised while writing: torch's zip writer then reports a full disk
+            only as ``[enforce fail at inline_container.cc:…] . unexpected pos …``, which counts.
+    """
+    stack: list[Any] = [exc]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop()
+        if isinstance(e, tuple) and e:  # DCP wraps each rank's failure as (exception, traceback)
+            e = e[0]
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if any(t in text for t in _NO_SPACE_TEXT):
+            return True
+        if writing and "enforce fail at inline_container" in text:
+            return True
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            stack += list(failures.values())
+    return False
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} bytes"
+
+
+def no_space_error(path: str | Path) -> NoSpaceError:
+    """The one-line error for a full file system while writing ``path``."""
+    free = _free_bytes(Path(path).absolute())
+    left = f"{_human(free)} free on its file system" if free is not None else "free space unknown"
+    # (callers build this before removing the partial output: the free space as the write failed)
+    return NoSpaceError(
+        f"no space left on device: cannot write {path} ({left}); the partial output was removed. "
+        f"Free some space or write to another file system",
+        path,
+    )
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turns a full-disk failure inside the block into :class:`NoSpaceError` naming ``path``."""
+    try:
+        yield
+    except NoSpaceError:
+        raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)) and is_no_space(e, writing=True):
+            raise no_space_error(path) from e
+        raise
+
+
+def remove_path(path: str | Path) -> None:
+    """Removes a file or directory tree if it exists (best effort: cleanup after a failure)."""
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            p.unlink()
+
+
+# -- atomic writes --------------------------------------------------------------------------------
+
+
+def temp_path(final: str | Path) -> Path:
+    """A new empty temporary file ``.<name>.XXXX.tmp`` next to ``final`` (parents created)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def publish_file(tmp: str | Path, final: str | Path) -> None:
+    """Makes a finished temporary file durable and renames it to ``final`` (atomic)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yields a temporary path next to ``final``; renames it to ``final`` when the block succeeds.
+
+    On any failure the temporary file is removed and ``final`` is untouched; a full disk is
+    raised as :class:`NoSpaceError` naming ``final``.
+    """
+    final = Path(final)
+    with writing(final):
+        tmp = temp_path(final)
+        try:
+            yield tmp
+            publish_file(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def atomic_write(final: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Writes ``final`` atomically with ``write(file)`` (see :func:`atomic_path`)."""
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
+        write(f)
+
+
+def atomic_write_text(final: str | Path, text: str) -> None:
+    atomic_write(final, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(final: str | Path, obj: Any) -> None:
+    atomic_write_text(final, json.dumps(obj, indent=1) + "\n")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(staging: str | Path, out: str | Path) -> None:
+    """Moves a complete ``staging`` directory to ``out``; a previous ``out`` stays whole until then.
+
+    On Linux the two directories are exchanged in one atomic rename, so ``out`` is at every moment
+    either the old or the new complete result. Elsewhere ``out`` is renamed aside first (a crash
+    in between leaves the old result in ``<out>.old``). Callers check ``out`` first
+    (:func:`check_output`): only a previous output of the same kind may be replaced.
+    """
+    staging, out = Path(staging), Path(out)
+    if not out.exists():
+        staging.rename(out)
+        return
+    if _exchange(staging, out):
+        shutil.rmtree(staging)  # now the previous result
+        return
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- what a path is -------------------------------------------------------------------------------
+
+
+def resolve(path: str | Path) -> Path:
+    """The absolute path with symlinks resolved (the path need not exist)."""
+    return Path(path).expanduser().resolve()
+
+
+def is_within(path: Path, parent: Path) -> bool:
+    """``path`` is ``parent`` or lies below it (both resolved)."""
+    return path == parent or parent in path.parents
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run directory: it has a ``checkpoints/`` directory, or a ``config.json`` of
+    this project (model and train sections) and no serving manifest. (A ``.lock`` file alone
+    says nothing: other tools, pytest's temporary directories among them, use that name too.)"""
+    if (path / "checkpoints").is_dir():
+        return True
+    config = path / "config.json"
+    if not config.is_file() or (path / SERVING_MANIFEST).exists():
+        return False
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and {"model", "train"} <= raw.keys()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A DCP checkpoint (has ``.metadata``) or an entry of a run's ``checkpoints/`` directory."""
+    if (path / ".metadata").is_file():
+        return True
+    return path.name.startswith("step_") and path.parent.name == "checkpoints"
+
+
+def is_serving_dir(path: Path) -> bool:
+    return (path / SERVING_MANIFEST).is_file()
+
+
+def check_output(
+    out: str | Path,
+    *,
+    what: str,
+    inputs: Sequence[str | Path] = (),
+    previous: Callable[[Path], str | None] | None = None,
+    allowed: Sequence[str | Path] = (),
+    run_output: bool = False,
+    hint: str = "choose another path",
+) -> Path:
+    """Refuses an output path that would destroy or mix with something it must not.
+
+    Refused: an output that is, contains or lies inside one of ``inputs``; that is or lies inside
+    a run directory or a checkpoint; that lies inside a serving directory; or that exists and is
+    not a previous output of the same kind (``previous``).
+
+    Args:
+        out: the file or directory about to be written (as the user gave it).
+        what: what is written, for the message ("the serving directory").
+        inputs: paths the command reads.
+        previous: for an existing ``out``: None when it is a previous output of this kind (it may
+            be replaced or added to), else the reason it is not. None: an existing ``out`` is
+            refused.
+        allowed: exact output paths that may lie inside a run directory or an input (the slots
+            the project itself uses there, e.g. ``RUN/served``).
+        run_output: ``out`` is a run directory (``train``): it may be one, and it may lie inside
+            an input directory (a run inside the data directory harms neither).
+        hint: the fix, appended to the message.
+
+    Returns:
+        The resolved output path.
+
+    Raises:
+        OutputPathError: one line naming the output, the conflicting path and the fix.
+    """
+    target = resolve(out)
+    ok_inside = {resolve(a) for a in allowed}
+
+    def refuse(reason: str) -> OutputPathError:
+        return OutputPathError(f"refusing to write {what} to {out}: {reason}; {hint}")
+
+    exists = target.exists()
+    if exists and not run_output and is_run_dir(target):
+        raise refuse(f"it is the run directory {target} (a training run: config, checkpoints)")
+    if exists and is_checkpoint(target):
+        raise refuse(f"it is the checkpoint {target}")
+    for parent in target.parents:
+        if is_checkpoint(parent):
+            raise refuse(f"it lies inside the checkpoint {parent}")
+        if is_run_dir(parent) and target not in ok_inside:
+            raise refuse(f"it lies inside the run directory {parent}")
+        if is_serving_dir(parent):
+            raise refuse(f"it lies inside the serving directory {parent}")
+    for given in inputs:
+        src = resolve(given)
+        if target == src:
+            raise refuse(f"it is the input {src}")
+        if is_within(src, target):
+            raise refuse(f"it contains the input {src}")
+        if is_within(target, src) and target not in ok_inside and not run_output:
+            raise refuse(f"it lies inside the input {src}")
+    if exists or target.is_symlink():
+        reason = previous(target) if previous is not None else f"{target} already exists"
+        if reason:
+            raise refuse(reason)
+    return target
+
+
+# -- the run-directory lock -----------------------------------------------------------------------
+
+
+class RunLock:
+    """``fcntl.flock`` on ``RUN/.lock``: exclusive for the writer (train), shared for readers.
+
+    The writer records ``{"pid", "host", "command", "since"}`` in the file so that a refused
+    process can name it; the kernel drops the lock when the holder exits or is killed, so a lock
+    left behind by a dead process is taken over by the next one (its stale record is
+    overwritten). File systems without ``flock`` support get a warning and no lock.
+
+    Example::
+
+        with RunLock("runs/t", "train"):   # refused with RunLockedError while another holds it
+            ...
+    """
+
+    def __init__(self, run_dir: str | Path, command: str, shared: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / RUN_LOCK
+        self.command = command
+        self.shared = shared
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        if self.shared and not (self.path.is_file() or (self.run_dir / "checkpoints").is_dir()):
+            return self  # not a trained run (the caller refuses it): leave no lock file there
+        if not self.shared:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if not self.shared or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            try:  # a read-only run directory: readers lock what is there
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                logger.warning("cannot open %s (%s): reading %s unlocked", self.path, e, self.run_dir)  # fmt: skip
+                return self
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunLockedError(self._refusal(holder)) from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP...: the file system has no flock
+            os.close(fd)
+            logger.warning(
+                "cannot lock %s (%s): this file system does not support flock; make sure no "
+                "other process writes to %s at the same time",
+                self.path, e.strerror, self.run_dir,
+            )  # fmt: skip
+            return self
+        self._fd = fd
+        with contextlib.suppress(OSError):  # a read-only lock file: nothing to record
+            os.ftruncate(fd, 0)  # whatever is there is a dead holder's record
+            if not self.shared:
+                record = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "command": self.command,
+                    "since": datetime.datetime.now().isoformat(timespec="seconds"),
+                }
+                os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        return self
+
+    def _refusal(self, holder: dict[str, Any] | None) -> str:
+        action = "read" if self.shared else "write to"
+        if holder is None:
+            return (
+                f"cannot {action} the run directory {self.run_dir} (`mlet-dist {self.command}`): "
+                f"another process is reading it (mlet-dist collapse or evaluate); wait for it to "
+                f"finish"
+            )
+        return (
+            f"cannot {action} the run directory {self.run_dir} (`mlet-dist {self.command}`): it is "
+            f"in use by `mlet-dist {holder.get('command', '?')}`, pid {holder.get('pid')} on host "
+            f"{holder.get('host')} (since {holder.get('since', '?')}), which holds {self.path}; "
+            f"wait for it to finish or stop it (the lock is released when that process exits)"
+        )
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        with contextlib.suppress(OSError):
+            if not self.shared:
+                os.ftruncate(self._fd, 0)  # no stale record once the writer is done
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    """The writer's record in a lock file, or None (readers hold it, or the record is stale)."""
+    try:
+        raw = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or "pid" not in raw:
+        return None
+    if raw.get("host") == socket.gethostname():
+        try:
+            os.kill(int(raw["pid"]), 0)
+        except ProcessLookupError:
+            return None  # that process is gone: the lock is held by readers now
+        except (PermissionError, ValueError):
+            pass
+    return raw
+
+
+@contextlib.contextmanager
+def hold_run(
+    run_dir: str | Path,
+    env: Any,
+    *,
+    command: str,
+    shared: bool,
+    check: Callable[[], object] | None = None,
+) -> Iterator[None]:
+    """Collective: rank 0 runs ``check`` (e.g. :func:`check_output`) and takes the run lock; every
+    rank learns rank 0's verdict through one broadcast, so a refusal stops all ranks at once with
+    the same error (instead of the others waiting in their first collective).
+
+    Args:
+        run_dir: the run directory.
+        env: this process's :class:`~mlet_dist.distributed.parallelize.DistEnv`.
+        command: the command name recorded in the lock (``train``, ``collapse``, ``evaluate``).
+        shared: a reader's (shared) lock instead of the writer's (exclusive) one.
+        check: validation run on rank 0 before the lock is taken.
+    """
+    lock = RunLock(run_dir, command, shared=shared)
+    error: BaseException | None = None
+    if env.is_rank0:
+        try:
+            if check is not None:
+                check()
+            lock.acquire()
+        except Exception as e:
+            error = e
+    if env.world_size > 1:
+        import pickle
+
+        import torch.distributed as dist
+
+        try:
+            pickle.dumps(error)
+        except Exception:
+            error = MletError(str(error))
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        lock.release()
