@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     add("generate", "write synthetic Criteo-format day files into data.dir")
     t = add("train", "train a model; resumes the latest checkpoint of train.run_dir")
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    t.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="refuse to resume when the newest checkpoint is damaged (default: resume the newest "
+        "intact one, with a warning)",
+    )
     e = add("evaluate", "evaluate a run's latest checkpoint", config=False)
     e.add_argument(
         "--run", "--run-dir", dest="run", required=True, help="run directory of a training run"
@@ -145,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         from mlet_dist.checkpoint import CheckpointError
         from mlet_dist.data import CriteoFormatError
         from mlet_dist.serving import ServingError
+        from mlet_dist.train import TrainingDiverged
 
-        if isinstance(e, (CheckpointError, CriteoFormatError, ServingError, FileNotFoundError)):
+        user_errors = (CheckpointError, CriteoFormatError, ServingError, TrainingDiverged)
+        if isinstance(e, (*user_errors, FileNotFoundError)):
             print(f"mlet-dist {args.command}: {e}", file=sys.stderr)
             return 1
         raise
@@ -163,7 +171,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "train":
         from mlet_dist.train import train
 
-        train(load_config(args.config, overrides), resume=not args.no_resume)
+        cfg = load_config(args.config, overrides)
+        train(cfg, resume=not args.no_resume, fallback=not args.no_fallback)
         return 0
     if args.command == "evaluate":
         from mlet_dist.workflow import evaluate_run

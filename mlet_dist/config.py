@@ -414,6 +414,26 @@ def config_from_dict(raw: dict[str, Any], origin: str = "saved config") -> Confi
     return cfg
 
 
+CATEGORICAL_FEATURES = 26
+"""Categorical features of every data source (Criteo C1..C26; Avazu mapped onto them)."""
+
+
+def check_feature_count(data: DataConfig) -> None:
+    """Refuses a table-size list that does not match the data's 26 categorical features.
+
+    Called before any data is read or anything is written by the commands that read data
+    (train, run, evaluate, preprocess). Not part of :func:`validate`: `plan`, a dry run
+    without data, accepts any number of tables.
+    """
+    n = len(data.num_embeddings_per_feature)
+    if n != CATEGORICAL_FEATURES:
+        raise ConfigError(
+            f"data.num_embeddings_per_feature has {n} values, expected {CATEGORICAL_FEATURES} "
+            f"(one hash size per categorical feature: Criteo's C1..C26, or Avazu's 22 columns "
+            f"followed by 4 unused tables of size 1)"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key cannot express."""
     m = cfg.model

@@ -82,7 +82,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mlet_dist.config import ConfigError, DataConfig
+from mlet_dist.config import ConfigError, DataConfig, check_feature_count
 from mlet_dist.data.criteo import (
     CAT_FEATURE_COUNT,
     DEFAULT_CAT_NAMES,
@@ -1022,8 +1022,9 @@ def preprocess_from_config(
     defaults to ``data.parquet_dir``.
 
     Raises:
-        ConfigError: no inputs or no output directory.
+        ConfigError: no inputs or no output directory, or not 26 table sizes.
     """
+    check_feature_count(data_cfg)
     if inputs is None:
         if data_cfg.source == "synthetic":
             from mlet_dist.train import data_files  # the synthetic day-file discovery

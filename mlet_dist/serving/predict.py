@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from mlet_dist.data import CriteoArrays, read_criteo_tsv
+from mlet_dist.data.criteo import require_rows
 from mlet_dist.serving.manifest import ServingError, read_manifest, verify_manifest
 
 logger = logging.getLogger(__name__)
@@ -87,12 +88,29 @@ def predict_file(
 
     Returns:
         {"rows", "out", "serving_dtype"}.
+
+    Raises:
+        CriteoFormatError: a data file is malformed or empty (named).
+        ServingError: the serving directory does not match its manifest, or the predictor gave a
+            non-finite probability (nothing is written then; the first such row is named).
     """
     predictor, manifest = load_predictor(serving_dir, verify)
     files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     sizes = table_sizes(manifest)
-    arrays = CriteoArrays.concat([read_criteo_tsv(f, sizes) for f in files])
+    parts = [require_rows(read_criteo_tsv(f, sizes), f) for f in files]
+    arrays = CriteoArrays.concat(parts)
     probs = predict_arrays(predictor, arrays, batch_size).numpy()
+    bad = np.flatnonzero(~np.isfinite(probs))
+    if bad.size:
+        row = int(bad[0])
+        ends = np.cumsum([len(p) for p in parts])
+        k = int(np.searchsorted(ends, row, side="right"))
+        line = row - (int(ends[k - 1]) if k else 0) + 1
+        raise ServingError(
+            f"refusing to write {out}: the predictor of {serving_dir} returned {probs[row]} for "
+            f"{bad.size} of {len(probs)} rows (first: {files[k]}, line {line}); its tables or "
+            f"dense weights are not finite. Collapse a checkpoint of a run whose loss was finite"
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
