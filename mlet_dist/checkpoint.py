@@ -69,7 +69,14 @@ COLUMN_BASED = ("column_wise", "table_column_wise", "grid_shard")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match the model; the message says which."""
+    """A checkpoint is missing, incomplete or does not match the model; the message says which.
+
+    ``problem``: for a damaged checkpoint, what is wrong without the advice (else the message).
+    """
+
+    def __init__(self, message: str, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem or message
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -428,10 +435,12 @@ def verify_checkpoint(path: str | Path, collective: bool = True) -> bool:
             break
     found = sorted(p for part in _all_gather(problems, collective) for p in part)
     if found:
+        problem = f"checkpoint {path} is damaged: {found[0][1]}"
         raise CheckpointError(
-            f"checkpoint {path} is damaged: {found[0][1]}. Restore the file, or rename the "
-            f"directory (e.g. to {path.name}{DAMAGED_SUFFIX}) to use the previous checkpoint; "
-            f"`mlet-dist train` falls back to the newest intact one by itself"
+            f"{problem}. Restore the file, or rename the directory (e.g. to "
+            f"{path.name}{DAMAGED_SUFFIX}) to use the previous checkpoint; `mlet-dist train` "
+            f"falls back to the newest intact one by itself",
+            problem,
         )
     return True
 
@@ -457,15 +466,19 @@ def resume_checkpoint(run_dir: str | Path, fallback: bool = True) -> Path | None
             verify_checkpoint(ckpt)
         except CheckpointError as e:
             if not fallback:
-                raise CheckpointError(f"{e} (--no-fallback: not resuming an older one)") from None
+                raise CheckpointError(
+                    f"{e.problem}; not resuming an older checkpoint (--no-fallback). Restore the "
+                    f"file, or run without --no-fallback to resume the newest intact checkpoint"
+                ) from None
             damaged.append((ckpt, e))
             continue
         chosen = ckpt
         break
     if damaged and chosen is None:
         raise CheckpointError(
-            f"run {run_dir} has no intact checkpoint: {damaged[0][1]}. Restore the files, or "
-            f"start over with --no-resume or a new train.run_dir"
+            f"run {run_dir} has no intact checkpoint ({len(damaged)} damaged; the newest: "
+            f"{damaged[0][1].problem}). Restore the files, or start over with --no-resume or a "
+            f"new train.run_dir"
         )
     if damaged:
         if _rank_world(True)[0] == 0:
@@ -478,7 +491,7 @@ def resume_checkpoint(run_dir: str | Path, fallback: bool = True) -> Path | None
                 ckpt.rename(aside)
                 logger.warning(
                     "%s; moved it aside to %s and falling back to %s",
-                    str(error).split(". Restore the file")[0],
+                    error.problem,
                     aside.name,
                     chosen.name,
                 )
@@ -767,6 +780,9 @@ def dcp_load(state: dict[str, Any], path: str | Path, *, no_dist: bool = False) 
     ``no_dist``. Any failure (damaged file, mismatched state, refused content) is raised as a
     :class:`CheckpointError` naming the checkpoint.
     """
+    # Every rank reads .metadata first: DCP would report a refused or damaged one only inside an
+    # AssertionError of its own ("metadata is None; global metadata read failed: ...").
+    SafeFileSystemReader(str(path)).read_metadata()
     try:
         dcp.load(
             state,
