@@ -61,7 +61,6 @@ import argparse
 import copy
 import dataclasses
 import datetime
-import itertools
 import json
 import logging
 import math
@@ -84,6 +83,7 @@ from benchmarks.common import (
     machine_info,
     result_stem,
 )
+from mlet_dist.sweep import equal_auc_dim  # one implementation, shared with `mlet-dist sweep`
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -153,42 +153,6 @@ def served_bytes_per_row(d: int) -> int:
 
 
 # -- equal-AUC interpolation -------------------------------------------------------------------
-
-
-def equal_auc_dim(curve: list[tuple[float, float]], target: float) -> float | None:
-    """The smallest dimension at which a quality curve reaches ``target``.
-
-    The curve is the mean AUC at each dimension. It is made non-decreasing (running maximum over
-    increasing d: a level reached at some d counts as reached beyond it) and interpolated
-    linearly in log2(d) between consecutive points.
-
-    Args:
-        curve: ``(d, auc)`` points, any order.
-        target: the AUC to reach.
-
-    Returns:
-        The interpolated d; the smallest d of the curve when its first point already reaches the
-        target (the curve says nothing below it); None when no point reaches it ('not reached').
-
-    Example::
-
-        equal_auc_dim([(4, 0.70), (8, 0.72), (16, 0.73)], 0.725)  # 2 ** 3.5 = 11.31
-    """
-    points = sorted(curve)
-    if not points:
-        return None
-    best = -math.inf
-    envelope = []
-    for d, auc in points:
-        best = max(best, auc)
-        envelope.append((d, best))
-    if envelope[0][1] >= target:
-        return float(envelope[0][0])
-    for (d0, a0), (d1, a1) in itertools.pairwise(envelope):
-        if a1 >= target > a0:
-            t = (target - a0) / (a1 - a0)
-            return float(2 ** (math.log2(d0) + t * (math.log2(d1) - math.log2(d0))))
-    return None
 
 
 def reductions(

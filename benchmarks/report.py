@@ -28,6 +28,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def header_lines(record: dict[str, Any], title: str) -> list[str]:
     m, v = record["machine"], record["versions"]
     gpus = ", ".join(g["name"] for g in m["gpus"]) or "none"
+    if m["gpus"]:  # a GPU result names the driver and CUDA it ran with
+        gpus += f" (driver {m.get('cuda_driver') or '?'}, CUDA {v.get('cuda') or '?'})"
     return [
         f"# {title} — {record['hardware_tag']} — {record['date']}"
         + (" (quick mode)" if record["quick"] else ""),

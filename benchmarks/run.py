@@ -1,7 +1,7 @@
 """Benchmark runner: training throughput and memory, collapse bandwidth, loader speed.
 
-    python -m benchmarks.run --suite train|collapse|loader|all [--quick] [--out benchmarks/results]
-        [--config configs/bench_train.toml] [--section.key=value ...]
+    python -m benchmarks.run --suite train|collapse|loader|serving|all [--quick]
+        [--out benchmarks/results] [--config configs/bench_train.toml] [--section.key=value ...]
 
 Suites:
 
@@ -13,6 +13,10 @@ Suites:
 - ``collapse`` (:mod:`benchmarks.collapse_bench`): collapse GB/s vs memory-copy GB/s.
 - ``loader`` (:mod:`benchmarks.preprocess_bench`): loader samples/s, set beside the trainer's
   samples/s (of this run's train suite, else of the newest train result in ``--out``).
+- ``serving`` (:mod:`benchmarks.serving_bench`): batch-1 latency and batch 512 / 4096 throughput
+  of the collapsed model's predictors (TorchScript, torch.export, AOTInductor, eager), fp32 and
+  int8 tables, and the served-table memory per format. The served model is the train config's
+  ``plain_d`` variant (what its MLET collapses to); its ``[bench]`` settings apply.
 
 Every suite writes ``<suite>[-quick]_<hardware>_<date>.json`` (results, config, library versions,
 machine) and ``.md`` (tables), and PNG plots with the same stem, into ``--out``. The hardware
@@ -45,7 +49,7 @@ from benchmarks.common import (
     result_stem,
 )
 
-SUITES = ("train", "collapse", "loader")
+SUITES = ("train", "collapse", "loader", "serving")
 # Suites measured by modules other engineers own; imported only when the suite runs.
 DELEGATED = {"collapse": "benchmarks.collapse_bench", "loader": "benchmarks.preprocess_bench"}
 
@@ -100,6 +104,24 @@ def run_train(args, overrides: list[str], argv: list[str], machine: dict, out: P
     plots = train_plots(record, _stem(record, out))
     record["files"] = {"plots": [p.name for p in plots]}
     _write(record, out, train_markdown(record))
+    return record
+
+
+def run_serving(args, overrides: list[str], argv: list[str], machine: dict, out: Path) -> dict:
+    from benchmarks.serving_bench import run_serving_suite, serving_markdown, serving_plots
+
+    cfg, bench = load_bench_config(args.config, overrides, quick=args.quick)
+    record = _base_record("serving", args, argv, machine)
+    record["config"] = config_record(cfg, bench)
+    start = time.perf_counter()
+    record["results"] = run_serving_suite(
+        cfg, bench, machine["cores"], progress=_progress, quick=args.quick
+    )
+    record["seconds"] = time.perf_counter() - start
+    record["status"] = "ok"
+    plots = serving_plots(record, _stem(record, out))
+    record["files"] = {"plots": [p.name for p in plots]}
+    _write(record, out, serving_markdown(record))
     return record
 
 
@@ -324,6 +346,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         _progress(f"== {suite}")
         if suite == "train":
             records[suite] = run_train(args, overrides, argv, machine, out)
+        elif suite == "serving":
+            records[suite] = run_serving(args, overrides, argv, machine, out)
         elif suite == "loader":
             trainer = trainer_throughput(records.get("train"), out, hardware_tag(machine))
             records[suite] = run_delegated(suite, args, argv, machine, out, trainer)

@@ -230,7 +230,7 @@ def benchmark(
     """Runs a benchmark suite (python -m benchmarks.run) on one node.
 
     Args:
-        suite: train, collapse, loader or all
+        suite: train, collapse, loader, serving or all
         quick: quick mode (small sizes)
         image: container image (ignored by local_cwd)
         cpu: CPUs of the node
@@ -245,3 +245,75 @@ def benchmark(
         gpu=gpu, memMB=memMB, h=h, env=env,
     )  # fmt: skip
     return _use_python_launcher(app, 0)
+
+
+def sweep(
+    *overrides: str,
+    config: str,
+    sweep_file: str,
+    work: str,
+    stage: str = "all",
+    shards: int = 1,
+    jobs: int = 1,
+    image: str = DEFAULT_IMAGE,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 16384,
+    h: Optional[str] = None,
+    max_retries: int = 0,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """MLET vs the tuned baseline over served d (``mlet-dist sweep``), as ``shards`` replicas.
+
+    Replica i runs the runs with index % shards == i of the stage (``--shard i/shards``); every
+    run resumes from its result file, so retries and reruns skip finished runs. On a cluster run
+    the stages in order, each as one job, with ``work`` on a filesystem all replicas share:
+    ``--stage tune --shards 8``, then ``--stage frontier --shards 8``, then ``--stage report``
+    (one replica). ``--stage all`` with one replica runs everything in one job.
+
+    Args:
+        config: TOML config file of the data and model (relative to the job's working directory)
+        overrides: config overrides, after --: --section.key=value ...
+        sweep_file: the sweep file (configs/sweep/*.toml)
+        work: directory of the runs and the report (shared by the replicas)
+        stage: all, tune, frontier or report
+        shards: replicas (each a node running its share of the runs)
+        jobs: runs at a time in each replica
+        image: container image (ignored by local_cwd)
+        cpu: CPUs per replica
+        gpu: GPUs per replica
+        memMB: memory per replica in MB
+        h: named resource (overrides cpu/gpu/memMB)
+        max_retries: resubmissions by the scheduler on a failure (finished runs are kept)
+        env: extra environment variables
+        mounts: volumes for container schedulers, e.g. type=volume,src=<PVC>,dst=/runs
+    """
+    if shards < 1 or jobs < 1:
+        raise ValueError(f"shards and jobs must be >= 1, got {shards}, {jobs}")
+    if stage not in ("all", "tune", "frontier", "report"):
+        raise ValueError(f"stage must be all, tune, frontier or report, got {stage!r}")
+    if stage in ("all", "report") and shards != 1:
+        raise ValueError(f"--stage {stage} runs in one replica: use --shards 1")
+    python = 'PY="$${MLET_PYTHON:-.venv/bin/python}"; command -v "$$PY" >/dev/null || PY=python3; '
+    cmd = " ".join(
+        [
+            'exec "$$PY" -m mlet_dist sweep',
+            f"--config {config} --sweep {sweep_file} --work {work} --stage {stage}",
+            f"--shard {specs.macros.replica_id}/{shards} --jobs {jobs}",
+            *_overrides(overrides),
+        ]
+    )
+    resource = specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h)
+    role = specs.Role(
+        name="sweep",
+        image=image,
+        entrypoint="bash",
+        args=["-c", python + cmd],
+        num_replicas=shards,
+        resource=resource,
+        max_retries=max_retries,
+        env={"OMP_NUM_THREADS": "1", **(env or {})},
+        mounts=specs.parse_mounts(mounts) if mounts else [],
+    )
+    return specs.AppDef(name="mlet-sweep", roles=[role])

@@ -30,6 +30,12 @@ if [[ -z "${MLET_DEVICE:-}" ]]; then
     MLET_DEVICE=cpu
   fi
 fi
+# The CUDA wheels: PyPI's torch 2.13.0 Linux wheel is the CUDA 13.0 build (it requires
+# cuda-toolkit 13.0.3 and the nvidia-*-cu13 runtime wheels), and PyPI's fbgemm-gpu 1.8.0
+# (cp310-cp312 manylinux_2_28 wheels, ~495 MB, 2.8 GB unpacked) is built for the same CUDA 13 (it
+# links libcudart.so.13): both from PyPI, they match. CUDA 13 needs an NVIDIA driver >= 580. A
+# CPU-only torch (a local "+cpu" wheel or index shadowing PyPI) cannot load the CUDA fbgemm-gpu:
+# that is refused below before fbgemm is installed. (Resolved and inspected 2026-11-30; see README.)
 case "$MLET_DEVICE" in
   cpu) FBGEMM_PKG="fbgemm-gpu-cpu==$FBGEMM_VERSION" ;;
   cuda) FBGEMM_PKG="fbgemm-gpu==$FBGEMM_VERSION" ;;
@@ -53,6 +59,14 @@ echo "setup.sh: creating/updating $VENV for $MLET_DEVICE (torch $TORCH_VERSION, 
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install "torch==$TORCH_VERSION"
+if [[ "$MLET_DEVICE" == cuda ]] && ! "$VENV/bin/python" -W ignore -c 'import sys, torch; sys.exit(not torch.version.cuda)'; then
+  echo "setup.sh: MLET_DEVICE=cuda but the torch installed in $VENV is a CPU-only build" \
+       "($("$VENV/bin/python" -W ignore -c 'import torch; print(torch.__version__)')): a local wheel or index" \
+       "shadows PyPI's CUDA build. Install PyPI's without pip's configuration (PIP_CONFIG_FILE=/dev/null" \
+       "$VENV/bin/python -m pip install --isolated --force-reinstall torch==$TORCH_VERSION)," \
+       "then run setup.sh again." >&2
+  exit 1
+fi
 "${PIP[@]}" install --no-deps "$FBGEMM_PKG" "torchrec==$TORCHREC_VERSION"
 # torchrec's own requirements except fbgemm-gpu, then the rest of the stack.
 "${PIP[@]}" install numpy tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath \

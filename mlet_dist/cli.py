@@ -5,10 +5,11 @@ Commands:
     train      train a model (one process, or every rank under torchrun / torchx)
     evaluate   AUC / log loss / NE of a run's latest checkpoint on a split or files
     collapse   collapse a run's MLET tables into a plain d-dim model and its serving artifacts
-    predict    score Criteo TSV rows with a serving directory's TorchScript predictor
+    predict    score Criteo TSV rows with a serving directory's predictor (torch.export program)
     run        the whole job end to end: generate (if needed), train, evaluate, collapse, check
     plan       dry run of the sharding plan and per-rank memory for a cluster (nothing allocated)
     preprocess raw Criteo TSV files -> Parquet shards (train/eval/test) for streaming
+    sweep      MLET vs the tuned single-layer baseline over d: which served d to pick
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         "--run", "--run-dir", dest="run", required=True, help="run directory of a training run"
     )
     e.add_argument("--split", default="eval", choices=["eval", "test", "train"])
-    e.add_argument("--data", nargs="+", help="Criteo TSV files to evaluate instead of a split")
+    e.add_argument("--data", nargs="+", help="files (as data.source) to evaluate, not a split")
     c = add("collapse", "collapse a run's MLET tables into a plain d-dim model", config=False)
     # --run-dir: the same, for torchrun, which takes --run as an abbreviation of its --run-path
     c.add_argument(
@@ -92,17 +93,31 @@ def _parser() -> argparse.ArgumentParser:
         "--quantize",
         default="fp32",
         choices=["fp32", "fp16", "int8"],
-        help="serving table format of the predictor (int8: TorchRec's row-wise int8)",
+        help="serving table format of the predictors (int8: TorchRec's row-wise int8)",
     )
     c.add_argument(
         "--allow-plain",
         action="store_true",
         help="export a run without factorized tables (model.inner_dim = 0) as it is",
     )
-    c.add_argument("--no-predictor", action="store_true", help="skip serving/predictor.pt")
-    pr = add("predict", "score Criteo TSV rows with a serving directory", config=False)
+    c.add_argument(
+        "--no-predictor", action="store_true", help="write no predictor (no serving/predictor*)"
+    )
+    c.add_argument(
+        "--aoti",
+        action="store_true",
+        help="also compile the predictor with AOTInductor (serving/predictor_aoti.pt2); refused "
+        "with the reason if it cannot be compiled",
+    )
+    c.add_argument(
+        "--torchscript",
+        action="store_true",
+        help="also write the TorchScript predictor serving/predictor.pt (deprecated in torch "
+        "2.13; for torchrec.inference's C++ server)",
+    )
+    pr = add("predict", "score raw rows with a serving directory", config=False)
     pr.add_argument("--serving", required=True, help="output directory of `mlet-dist collapse`")
-    pr.add_argument("--data", required=True, nargs="+", help="Criteo TSV files (plain or .gz)")
+    pr.add_argument("--data", required=True, nargs="+", help="files as the run's data.source")
     pr.add_argument("--out", required=True, help="probabilities: text (one per line) or .parquet")
     pr.add_argument("--batch-size", type=int, default=4096, help="rows per predictor call")
     pr.add_argument(
@@ -110,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
         default="all",
         choices=["all", "predictor"],
         help="files whose manifest checksums are checked first (default all)",
+    )
+    pr.add_argument(
+        "--predictor",
+        default="auto",
+        choices=["auto", "export", "aoti", "torchscript"],
+        help="auto (default): the torch.export program serving/predictor.pt2, or TorchScript "
+        "where that is all the directory has",
     )
     r = add("run", "end to end: generate (if needed), train, evaluate, collapse, check")
     r.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
@@ -128,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--on-bad-row", choices=["error", "skip"], help="data.on_bad_row")
     pp.add_argument("--frequency-threshold", type=int, help="data.frequency_threshold")
     pp.add_argument("--row-group-rows", type=int, help="data.row_group_rows")
+    from mlet_dist.sweep import add_arguments as add_sweep_arguments
+
+    add_sweep_arguments(add("sweep", "MLET vs the tuned baseline over served d; resumable"))
     return p
 
 
@@ -193,6 +218,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
             quantize=args.quantize,
             allow_plain=args.allow_plain,
             predictor=not args.no_predictor,
+            torchscript=args.torchscript,
+            aoti=args.aoti,
         )
         return 0
     if args.command == "predict":
@@ -201,7 +228,12 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         if overrides:
             raise ConfigError(f"predict takes no config overrides (got {overrides})")
         result = predict_file(
-            args.serving, args.data, args.out, batch_size=args.batch_size, verify=args.verify
+            args.serving,
+            args.data,
+            args.out,
+            batch_size=args.batch_size,
+            verify=args.verify,
+            kind=args.predictor,
         )
         print(json.dumps(result))
         return 0
@@ -258,6 +290,10 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
             )
         )
         return 0
+    if args.command == "sweep":
+        from mlet_dist.sweep import main_from_args
+
+        return main_from_args(args, overrides)
     raise AssertionError(args.command)  # argparse restricts the choices
 
 

@@ -102,6 +102,8 @@ class SyntheticConfig:
     """Rank of the hidden teacher embeddings that generate the labels."""
     teacher_scale: float = 2.0
     """Scale of the teacher logit; larger gives a more learnable (higher-AUC) task."""
+    teacher_spectrum_decay: float = 0.0
+    """Power-law decay of the teacher's spectrum: component r of every teacher vector has variance proportional to (r + 1) ** -decay (renormalized to the same total). 0 = flat (every direction equally strong); > 0 makes a high-rank teacher whose leading directions matter most, so the quality keeps rising with the served d."""
     dense_missing_rate: float = 0.1
     """Fraction of integer features left empty (missing)."""
     sparse_missing_rate: float = 0.02
@@ -117,11 +119,11 @@ class DataConfig:
     """Where the data is and how it is batched."""
 
     source: str = "synthetic"
-    """'synthetic' (generated into `dir` by `mlet-dist generate`), 'criteo' (Criteo TSV files in `train_files`), 'avazu' (Avazu CSV files in `train_files`, mapped onto the Criteo layout by `mlet_dist.data.avazu`) or 'parquet' (shards of `mlet-dist preprocess` in `parquet_dir`, streamed)."""
+    """'synthetic' (generated into `dir` by `mlet-dist generate`), 'criteo' (Criteo TSV files in `train_files`), 'avazu' (Avazu CSV files in `train_files`, mapped onto the Criteo layout by `mlet_dist.data.avazu`), 'movielens' (MovieLens-1M `ratings.dat(.gz)` in `train_files` with `users.dat` and `movies.dat` beside it, mapped onto the Criteo layout by `mlet_dist.data.movielens`, rows sorted by time) or 'parquet' (shards of `mlet-dist preprocess` in `parquet_dir`, streamed)."""
     dir: str = "data/synthetic"
     """Directory of the synthetic day files (source = 'synthetic')."""
     train_files: list[str] = field(default_factory=list)
-    """Criteo TSV (source = 'criteo') or Avazu CSV (source = 'avazu') files, plain or .gz, used for training, read in this order."""
+    """Criteo TSV (source = 'criteo'), Avazu CSV (source = 'avazu') or MovieLens ratings (source = 'movielens') files, plain or .gz, used for training, read in this order."""
     eval_files: list[str] = field(default_factory=list)
     """Held-out files. Empty: the last `eval_fraction` of the training rows is held out."""
     eval_fraction: float = 0.1
@@ -196,6 +198,8 @@ class OptimConfig:
     """Learning rate of the MLPs."""
     projection_lr: float = 0.0
     """Learning rate of W2; 0 means the same as dense_lr."""
+    w1_lr_scaling: str = "none"
+    """'sqrt_d_over_k': W1 of MLET(k, d) trains with embedding_lr * sqrt(d / k). With row-wise Adagrad and W2 of orthonormal columns (model.projection_init = 'orthogonal') a W1 step then moves the collapsed rows W1 @ W2 exactly as far as a plain d-dim table's step at embedding_lr (README "When does MLET pay off?"), so one tuned embedding_lr serves both and MLET differs from the plain table only by what W2 learns. Needs one k for every table. 'none': embedding_lr as it is (W1's steps are then sqrt(k / d) times larger in the collapsed table)."""
     eps: float = 1e-8
     """Epsilon of the Adagrad/Adam optimizers."""
     warmup_steps: int = 0
@@ -267,7 +271,8 @@ _ALLOWED = {
     ("model", "interaction"): ("dot", "dcn"),
     ("optim", "embedding_optimizer"): ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     ("optim", "dense_optimizer"): ("adagrad", "adam", "sgd"),
-    ("data", "source"): ("synthetic", "criteo", "avazu", "parquet"),
+    ("optim", "w1_lr_scaling"): ("none", "sqrt_d_over_k"),
+    ("data", "source"): ("synthetic", "criteo", "avazu", "movielens", "parquet"),
     ("data", "on_bad_row"): ("error", "skip"),
     ("dist", "backend"): ("", "gloo", "nccl"),
     ("dist", "device"): ("auto", "cpu", "cuda"),
@@ -415,7 +420,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "saved config") -> Confi
 
 
 CATEGORICAL_FEATURES = 26
-"""Categorical features of every data source (Criteo C1..C26; Avazu mapped onto them)."""
+"""Categorical features of every data source (Criteo C1..C26; Avazu, MovieLens mapped onto them)."""
 
 
 def check_feature_count(data: DataConfig) -> None:
@@ -429,8 +434,9 @@ def check_feature_count(data: DataConfig) -> None:
     if n != CATEGORICAL_FEATURES:
         raise ConfigError(
             f"data.num_embeddings_per_feature has {n} values, expected {CATEGORICAL_FEATURES} "
-            f"(one hash size per categorical feature: Criteo's C1..C26, or Avazu's 22 columns "
-            f"followed by 4 unused tables of size 1)"
+            f"(one hash size per categorical feature of the Criteo layout every data source is "
+            f"read into: Criteo's C1..C26; Avazu and MovieLens leave their last ones unused, "
+            f"size 1)"
         )
 
 
@@ -448,11 +454,31 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.over_arch_layer_sizes must end with 1 (one logit), got {m.over_arch_layer_sizes}"
         )
+    # fbgemm's TBE kernels (training W1, serving the collapsed table) need widths divisible by 4.
+    for name, width in [
+        ("model.embedding_dim", m.embedding_dim),
+        ("model.inner_dim", m.inner_dim),
+        *((f"model.inner_dim_per_table.{t}", k) for t, k in m.inner_dim_per_table.items()),
+    ]:
+        if width % 4:
+            raise ConfigError(
+                f"{name} = {width} is not a multiple of 4: fbgemm's embedding kernels (TorchRec "
+                f"training and serving) need table widths divisible by 4; use e.g. "
+                f"{max(4, width - width % 4)} or {width - width % 4 + 4}"
+            )
     for name, k in [("model.inner_dim", m.inner_dim), *m.inner_dim_per_table.items()]:
         if k and k < m.embedding_dim:
             raise ConfigError(
                 f"{name} = {k} is smaller than model.embedding_dim = {m.embedding_dim}: MLET needs "
                 f"k >= d (use 0 for an ordinary single-layer table)"
+            )
+    if cfg.optim.w1_lr_scaling != "none" and m.inner_dim_per_table:
+        ks = {m.inner_dim, *m.inner_dim_per_table.values()}
+        if len(ks) > 1:
+            raise ConfigError(
+                f"optim.w1_lr_scaling = {cfg.optim.w1_lr_scaling!r} needs one inner dimension for "
+                f"every table (all W1 tables share one fused optimizer), got k in {sorted(ks)}: "
+                f"drop model.inner_dim_per_table or set optim.w1_lr_scaling = 'none'"
             )
     n = len(cfg.data.num_embeddings_per_feature)
     if any(v <= 0 for v in cfg.data.num_embeddings_per_feature):
@@ -479,3 +505,12 @@ def validate(cfg: Config) -> None:
             "data.source = 'parquet' needs data.parquet_dir (the output directory of "
             "`mlet-dist preprocess`)"
         )
+
+
+def w1_learning_rate(cfg: Config) -> float:
+    """The learning rate W1's fused optimizer gets: ``optim.embedding_lr``, times sqrt(d / k) for
+    a factorized model under ``optim.w1_lr_scaling = 'sqrt_d_over_k'`` (see that key)."""
+    o, m = cfg.optim, cfg.model
+    if o.w1_lr_scaling == "sqrt_d_over_k" and m.inner_dim:
+        return o.embedding_lr * (m.embedding_dim / m.inner_dim) ** 0.5
+    return o.embedding_lr

@@ -7,8 +7,9 @@ rank collapses its own W1 shards in one chunked pass (:mod:`mlet_dist.distribute
 column pieces are summed only among the ranks that hold the same rows, and every finished chunk
 is written by the rank that owns its rows, to all outputs at once (float32 rows for the
 checkpoint, Parquet row groups, the quantized serving rows). No rank allocates a whole table
-unless it owns all of it (table_wise). Rank 0 then builds the TorchScript predictor, writes the
-manifest and swaps the result in atomically.
+unless it owns all of it (table_wise). Rank 0 then builds the serving predictors (a torch.export
+program; optionally an AOTInductor package and TorchScript), writes the manifest and swaps the
+result in atomically.
 
 Output directory (README "Serving contract")::
 
@@ -19,7 +20,10 @@ Output directory (README "Serving contract")::
                              saved as row-block ShardedTensors by their owners
     OUT/parquet/<table>/rows-<first>-<end>.parquet   id (int64), embedding (fixed_size_list<float32>[d])
     OUT/serving/tables/      DCP checkpoint of the fp16 / int8 serving rows (absent for fp32)
-    OUT/serving/predictor.pt TorchScript predictor (see mlet_dist.serving.predictor)
+    OUT/serving/predictor.pt2       torch.export program of the served model (the default predictor)
+    OUT/serving/predictor_aoti.pt2  AOTInductor package of it (--aoti)
+    OUT/serving/predictor.pt        TorchScript predictor (--torchscript)
+                                    (see mlet_dist.serving.predictor)
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from mlet_dist.distributed.collapse import (
 from mlet_dist.models import build_dlrm, build_tables
 from mlet_dist.modules.collapse import collapse
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, inner_dim_of, served_tables
-from mlet_dist.serving.manifest import PREDICTOR_FILE, ServingError, write_manifest
+from mlet_dist.serving.manifest import ARTIFACT_FILES, ServingError, write_manifest
 from mlet_dist.serving.quantize import check_dtype, serving_layout
 
 logger = logging.getLogger(__name__)
@@ -263,26 +267,63 @@ def build_predictor(
     tables: list[EmbeddingBagConfig],
     dense_state: dict[str, torch.Tensor],
     dtype: str,
-) -> Path:
-    """Writes ``OUT/serving/predictor.pt``: the served DLRM on TorchRec's quantized EBC, scripted."""
+    torchscript: bool = False,
+    aoti: bool = False,
+) -> dict[str, Any]:
+    """Writes the serving predictors of the served DLRM (TorchRec's quantized EBC) into ``out``.
+
+    Always ``serving/predictor.pt2`` (``torch.export``); with ``aoti`` also the AOTInductor
+    package ``serving/predictor_aoti.pt2``, with ``torchscript`` also ``serving/predictor.pt``.
+
+    Returns:
+        {"artifacts": {kind: manifest entry}, "signature": input_signature(...)}.
+
+    Raises:
+        AOTIError: ``aoti`` was asked for and AOTInductor could not compile the program.
+    """
     from mlet_dist.serving.predictor import (
-        ServingModel,
-        quant_embedding_bag_collection,
+        aoti_package,
+        export_predictor,
+        input_signature,
         script,
+        serving_model,
     )
 
-    qebc = quant_embedding_bag_collection(tables, _load_served_rows(out, tables, dtype), dtype)
-    model = build_dlrm(
-        served_config(cfg).model, cfg.data.num_embeddings_per_feature, embedding_module=qebc
+    model = serving_model(
+        served_config(cfg).model,
+        cfg.data.num_embeddings_per_feature,
+        tables,
+        _load_served_rows(out, tables, dtype),
+        dense_state,
+        dtype,
     )
-    missing, unexpected = model.load_state_dict(dense_state, strict=False)
-    if unexpected or any(not k.startswith(SPARSE_PREFIX) for k in missing):
-        raise RuntimeError(f"dense state mismatch: missing {missing}, unexpected {unexpected}")
-    features = [f for t in tables for f in t.feature_names]
-    path = out / PREDICTOR_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    script(ServingModel(model.model, features)).save(str(path))
-    return path
+    (out / "serving").mkdir(parents=True, exist_ok=True)
+    artifacts: dict[str, Any] = {}
+    ep = export_predictor(model)
+    torch.export.save(ep, str(out / ARTIFACT_FILES["export"]))
+    artifacts["export"] = {
+        "path": ARTIFACT_FILES["export"],
+        "format": "torch.export ExportedProgram (torch.export.save)",
+        "load": "import torch, fbgemm_gpu; model = torch.export.load(path).module()",
+        "device": "cpu",
+    }
+    if aoti:
+        aoti_package(ep, out / ARTIFACT_FILES["aoti"])
+        artifacts["aoti"] = {
+            "path": ARTIFACT_FILES["aoti"],
+            "format": "AOTInductor package (torch._inductor.aoti_compile_and_package)",
+            "load": "import torch, fbgemm_gpu; model = torch._inductor.aoti_load_package(path)",
+            "device": "cpu",
+        }
+    if torchscript:
+        script(model).save(str(out / ARTIFACT_FILES["torchscript"]))
+        artifacts["torchscript"] = {
+            "path": ARTIFACT_FILES["torchscript"],
+            "format": "TorchScript (torchrec.fx.symbolic_trace + torch.jit.script; deprecated)",
+            "load": "import torch, fbgemm_gpu; model = torch.jit.load(path)",
+            "device": "cpu",
+        }
+    return {"artifacts": artifacts, "signature": input_signature(ep)}
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -358,6 +399,8 @@ def collapse_run(
     allow_plain: bool = False,
     predictor: bool = True,
     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+    torchscript: bool = False,
+    aoti: bool = False,
 ) -> dict[str, Any]:
     """Collapses the latest checkpoint of a run into a serving directory (collective).
 
@@ -372,8 +415,14 @@ def collapse_run(
             'fp16' or 'int8' (TorchRec's row-wise int8, fp16 scale and bias).
         allow_plain: a run without factorized tables (``model.inner_dim = 0``) is refused unless
             this is set; then its tables are exported as they are.
-        predictor: build ``serving/predictor.pt`` (rank 0 assembles every serving table for it).
+        predictor: build the serving predictors (rank 0 assembles every serving table for them):
+            ``serving/predictor.pt2`` (torch.export), and the two below when asked for.
         row_group_rows: rows per Parquet row group (the owners buffer this many).
+        torchscript: also write the TorchScript predictor ``serving/predictor.pt`` (deprecated
+            in torch 2.13; for torchrec.inference's C++ server).
+        aoti: also write the AOTInductor package ``serving/predictor_aoti.pt2`` of the exported
+            program; if AOTInductor cannot compile it, the collapse is refused (nothing is
+            published) with the reason.
 
     Returns:
         The report (also ``OUT/collapse_report.json``), the same on every rank.
@@ -381,6 +430,7 @@ def collapse_run(
     Raises:
         CollapseError: the run has no factorized tables and ``allow_plain`` is not set.
         CheckpointError: the run has no complete checkpoint.
+        AOTIError: ``aoti`` and AOTInductor could not compile the predictor.
     """
     from mlet_dist.distributed.parallelize import init_distributed
     from mlet_dist.train import Trainer, load_run_config
@@ -388,6 +438,15 @@ def collapse_run(
     check_dtype(quantize)
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    if not predictor and (torchscript or aoti):
+        raise CollapseError(
+            "--no-predictor (predictor=False) writes no predictor, so there is nothing to compile "
+            "or script: drop it, or drop --aoti / --torchscript"
+        )
+    if aoti:
+        from mlet_dist.serving.predictor import check_aoti_available
+
+        check_aoti_available()
     cfg = load_run_config(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -491,6 +550,7 @@ def collapse_run(
             result[0] = _finish(
                 staging, out, run_dir, cfg, ckpt, tables, factorized, layouts, dense_state,
                 quantize, chunk_rows, row_group_rows, predictor, env.world_size, all_stats,
+                torchscript=torchscript, aoti=aoti,
             )  # fmt: skip
         except Exception as e:
             shutil.rmtree(staging, ignore_errors=True)
@@ -534,14 +594,19 @@ def _finish(
     predictor: bool,
     world_size: int,
     all_stats: list[dict[str, Any]],
+    torchscript: bool = False,
+    aoti: bool = False,
 ) -> dict[str, Any]:
     """Rank 0, after every rank's rows are written: config, predictor, report, manifest, swap."""
     served = served_config(cfg)
     (staging / "config.json").write_text(json.dumps(served.to_dict(), indent=1))
     t0 = time.perf_counter()
     plain = served_tables(tables)
+    built = {"artifacts": {}, "signature": None}
     if predictor:
-        build_predictor(staging, cfg, plain, dense_state, quantize)
+        built = build_predictor(
+            staging, cfg, plain, dense_state, quantize, torchscript=torchscript, aoti=aoti
+        )
     t_predictor = time.perf_counter() - t0
     table_info = _table_report(cfg)
     total_bytes = sum(collapse_bytes(layout) for layout in layouts.values())
@@ -607,14 +672,20 @@ def _finish(
                 "tables": None if quantize == "fp32" else "serving/tables",
                 "table_key": None if quantize == "fp32" else SERVING_TABLE_KEY,
                 "table_format": SERVING_FORMATS[quantize],
-                "predictor": PREDICTOR_FILE if predictor else None,
-                "inputs": {
-                    "dense": "float32 (B, 13)",
-                    "values": "int64 (N,) ids, feature-major",
-                    "lengths": "int32|int64 (F*B,) ids per (feature, sample), feature-major",
+                # the default predictor; every one written is in "artifacts"
+                "predictor": ARTIFACT_FILES["export"] if predictor else None,
+                "artifacts": built["artifacts"],
+                # "inputs", "output", "dynamic_dims": read from the exported program
+                **(built["signature"] or {"inputs": None, "output": None, "dynamic_dims": None}),
+                "layout": {
+                    "dense": "the 13 integer features as log(max(x, 0) + 1), missing = 0",
+                    "values": "categorical ids (modulo the table rows), feature-major: all ids "
+                    "of feature_order[0] for the batch, then feature_order[1], ...",
+                    "lengths": "ids per (feature, sample), feature-major",
+                    "output": "click probability (sigmoid of the logit)",
                 },
-                "output": "float32 (B,) click probability",
                 "feature_order": features,
+                "feature_tables": {f: t.name for t in plain for f in t.feature_names},
                 "dense_features": 13,
             },
             "parquet": {

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -35,11 +36,12 @@ from mlet_dist.config import (
     DataConfig,
     check_feature_count,
     config_from_dict,
+    w1_learning_rate,
 )
-from mlet_dist.data import CriteoArrays, make_batches, read_criteo_tsv, split_arrays
-from mlet_dist.data.avazu import read_avazu_csv
+from mlet_dist.data import CriteoArrays, make_batches, split_arrays
 from mlet_dist.data.criteo import require_rows
 from mlet_dist.data.loader import build_batch_source
+from mlet_dist.data.sources import FILE_KINDS, read_source_file
 from mlet_dist.distributed.elastic import TrainingGuard, _flag_group, check_agent_store
 from mlet_dist.distributed.parallelize import (
     DistEnv,
@@ -99,33 +101,31 @@ def data_files(data_cfg: DataConfig) -> list[Path]:
             )
         return files
     if not data_cfg.train_files:
-        kind = "Avazu CSV" if data_cfg.source == "avazu" else "Criteo TSV"
-        raise ConfigError(
-            f"data.source = {data_cfg.source!r} needs data.train_files ({kind} files)"
-        )
+        kind = FILE_KINDS.get(data_cfg.source, "Criteo TSV")
+        raise ConfigError(f"data.source = {data_cfg.source!r} needs data.train_files ({kind})")
     return [Path(f) for f in data_cfg.train_files]
 
 
 def read_data_file(data_cfg: DataConfig, path: str | Path) -> CriteoArrays:
-    """Reads one raw file of the configured source: an Avazu CSV (``data.source = 'avazu'``,
-    mapped onto the Criteo layout) or a Criteo-format TSV (every other source).
+    """Reads one raw file of the configured source: an Avazu CSV (``data.source = 'avazu'``),
+    MovieLens ratings (``'movielens'``, sorted by time), both mapped onto the Criteo layout, or a
+    Criteo-format TSV (every other source); :func:`mlet_dist.data.sources.read_source_file`.
 
     Raises:
         CriteoFormatError: the file is malformed, or holds no rows (named).
     """
     sizes = data_cfg.num_embeddings_per_feature
-    if data_cfg.source == "avazu":
-        arrays = read_avazu_csv(path, sizes, max_rows=data_cfg.max_rows)
-    else:
-        arrays = read_criteo_tsv(path, sizes, max_rows=data_cfg.max_rows)
+    arrays = read_source_file(data_cfg.source, path, sizes, max_rows=data_cfg.max_rows)
     return require_rows(arrays, path)
 
 
 def load_splits(data_cfg: DataConfig) -> Splits:
     """Reads the configured files and splits them (train / eval / test).
 
-    Criteo TSV files (synthetic day files, ``source = 'criteo'``) or Avazu CSV files
-    (``source = 'avazu'``, :func:`mlet_dist.data.avazu.read_avazu_csv`), concatenated in order.
+    Criteo TSV files (synthetic day files, ``source = 'criteo'``), Avazu CSV files
+    (``source = 'avazu'``, :func:`mlet_dist.data.avazu.read_avazu_csv`) or MovieLens ratings
+    (``source = 'movielens'``, :func:`mlet_dist.data.movielens.read_movielens`), concatenated in
+    order.
 
     With ``data.source = 'parquet'`` nothing is read here: every split is None and is streamed
     from ``data.parquet_dir`` by the loader.
@@ -173,8 +173,10 @@ class Trainer:
             embedding_device=torch.device("meta"),
             dense_device=env.device,
         )
+        # W1's effective rate (optim.w1_lr_scaling) is given to fbgemm as the fused base LR.
+        optim_cfg = dataclasses.replace(cfg.optim, embedding_lr=w1_learning_rate(cfg))
         self.model = parallelize(
-            model, env, cfg.dist, cfg.optim, cfg.data.batch_size // env.world_size, plan=plan
+            model, env, cfg.dist, optim_cfg, cfg.data.batch_size // env.world_size, plan=plan
         )
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim)
         self._sync_fused_lr()

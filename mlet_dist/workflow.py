@@ -12,7 +12,7 @@ import torch
 
 from mlet_dist.checkpoint import CheckpointError, latest_checkpoint
 from mlet_dist.config import Config, ConfigError, apply_overrides, check_feature_count
-from mlet_dist.data import CriteoArrays, read_criteo_tsv
+from mlet_dist.data import CriteoArrays
 from mlet_dist.data.criteo import require_rows
 from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.metrics import binary_metrics
@@ -26,16 +26,17 @@ def evaluate_run(
     files: list[str] | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a run's latest checkpoint on one of its splits or on given Criteo files.
+    """Metrics of a run's latest checkpoint on one of its splits or on given raw files.
 
     Overall and per id-frequency bucket (``"buckets"``: the rarest id of a row, counted in the
     run's training split; :mod:`mlet_dist.quality`). Files are read as the run's
-    ``data.source`` says (Avazu CSV for 'avazu', Criteo TSV otherwise).
+    ``data.source`` says (Avazu CSV for 'avazu', MovieLens ratings for 'movielens', Criteo TSV
+    otherwise; :func:`mlet_dist.data.sources.read_source_file`).
 
     Runs on one process or every rank of a launched job (the model is sharded as in training).
     Rank 0 writes ``RUN/eval_<name>.json``.
     """
-    from mlet_dist.data.avazu import read_avazu_csv
+    from mlet_dist.data.sources import read_source_file
     from mlet_dist.quality import id_counts
     from mlet_dist.train import Trainer, load_run_config, load_splits
 
@@ -46,8 +47,9 @@ def evaluate_run(
         raise CheckpointError(f"run {run_dir} has no complete checkpoint; train it first")
     sizes = cfg.data.num_embeddings_per_feature
     if files:
-        read = read_avazu_csv if cfg.data.source == "avazu" else read_criteo_tsv
-        arrays = CriteoArrays.concat([require_rows(read(f, sizes), f) for f in files])
+        arrays = CriteoArrays.concat(
+            [require_rows(read_source_file(cfg.data.source, f, sizes), f) for f in files]
+        )
         name = "files"
         try:  # the buckets need the training split; new files are scored without it too
             train_rows = load_splits(cfg.data).train
@@ -120,9 +122,10 @@ def check_serving(
 ) -> dict[str, Any]:
     """Compares the serving predictor's probabilities with the trained MLET model's on ``arrays``.
 
-    The predictor is loaded as a consumer would (manifest checksums first, ``torch.jit.load``).
-    With fp32 tables the check passes when every probability agrees to 1e-5; with fp16/int8
-    tables when the AUCs agree to 1e-3.
+    The default predictor (the torch.export program ``serving/predictor.pt2``) is loaded as a
+    consumer would (manifest checksums first, ``torch.export.load``). With fp32 tables the check
+    passes when every probability agrees to 1e-5; with fp16/int8 tables when the AUCs agree to
+    1e-3.
     """
     from mlet_dist.data import make_batches
     from mlet_dist.export import load_unsharded
@@ -149,6 +152,7 @@ def check_serving(
     return {
         "rows": len(a),
         "serving_dtype": dtype,
+        "predictor": manifest["predictor_used"],
         "max_abs_probability_diff": max_abs,
         "trained_auc": ma.get("auc"),
         "serving_auc": mb.get("auc"),
@@ -207,8 +211,9 @@ def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
         )
         serving = summary["serving_check"]
         logger.info(
-            "serving check %s: predictor (%s tables) max |probability diff| %.2e, AUC %.5f",
+            "serving check %s: %s predictor (%s tables) max |probability diff| %.2e, AUC %.5f",
             "passed" if serving["passed"] else "FAILED",
+            serving["predictor"],
             serving["serving_dtype"],
             serving["max_abs_probability_diff"],
             serving["serving_auc"],

@@ -35,7 +35,7 @@ def quick_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--suite", "all", "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return out
@@ -119,6 +119,69 @@ def test_delegated_suites_are_recorded(quick_run: Path) -> None:
     if collapse["status"] == "ok":
         s = collapse["summary"]
         assert s["copy_gb_per_s"] > 0 and s["collapse_fp32_gb_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_serving_suite_files_and_keys(quick_run: Path) -> None:
+    record = _record(quick_run, "serving")
+    assert record["suite"] == "serving" and record["quick"] is True and record["status"] == "ok"
+    assert {"python", "torch", "torchrec", "fbgemm_gpu"} <= set(record["versions"])
+    cfg, res = record["config"], record["results"]
+    bench = cfg["bench"]
+    rows_per_table = cfg["data"]["num_embeddings_per_feature"]
+    d = cfg["model"]["embedding_dim"]
+    assert res["model"]["rows_per_table"] == rows_per_table and res["model"]["embedding_dim"] == d
+    assert (res["model"]["label"], res["model"]["collapsed_from"]) == ("EBC(16)", "MLET(64,16)")
+    expected = [("fp32", p) for p in ("eager_ebc", "eager", "torchscript", "export", "aoti")] + [
+        ("int8", p) for p in ("eager", "torchscript", "export", "aoti")
+    ]
+    assert [(r["dtype"], r["predictor"]) for r in res["rows"]] == expected
+    by = {(r["dtype"], r["predictor"]): r for r in res["rows"]}
+    # quick mode: AOTInductor compiled for int8 only (it may also be refused, with the reason)
+    assert by["fp32", "aoti"]["status"] == "skipped"
+    assert by["int8", "aoti"]["status"] in ("ok", "refused")
+    calls = bench["repeats"] * bench["windows"] * bench["steps_per_window"] * 10
+    for r in res["rows"]:
+        if r["status"] != "ok":
+            assert r["reason"]
+            continue
+        lat = r["latency_ms"]
+        assert 0 < lat["median"] <= lat["p90"] <= lat["p99"] and lat["calls"] == calls
+        for b in (512, 4096):
+            t = r[f"throughput_{b}"]
+            assert 0 < t["min"] <= t["samples_per_s"] <= t["max"]
+            assert t["windows"] == bench["repeats"] * bench["windows"]
+        # every predictor computes what the eager serving model computes
+        assert r["max_abs_diff_vs_eager"] <= 1e-5, r
+    for q in res["ratios"]:
+        a, b = (next(r for r in res["rows"] if r["label"] == x and r["dtype"] == q["dtype"]) for x in q["ratio"].split(" / "))  # fmt: skip
+        assert q["speedup_latency_b1"] == b["latency_ms"]["median"] / a["latency_ms"]["median"]
+        for bs in (512, 4096):
+            got = q[f"speedup_throughput_{bs}"]
+            assert (
+                got
+                == a[f"throughput_{bs}"]["samples_per_s"] / b[f"throughput_{bs}"]["samples_per_s"]
+            )
+    assert {q["ratio"] for q in res["ratios"] if q["dtype"] == "int8"} >= {
+        "torch.export / TorchScript"
+    }
+    # memory that follows from the config: bytes per row of each format; fbgemm's TBE pads rows
+    # to 16 bytes (int8: d + 4 = 20 -> 32)
+    row_bytes = {"fp32": 4 * d, "fp16": 2 * d, "int8": d + 4}
+    memory = {m["dtype"]: m for m in res["memory"]}
+    assert list(memory) == ["fp32", "fp16", "int8"]
+    for dtype, m in memory.items():
+        assert m["table_bytes"] == sum(rows_per_table) * row_bytes[dtype]
+        assert m["tbe_bytes"] == sum(rows_per_table) * (-(-row_bytes[dtype] // 16) * 16)
+        # the exported program holds the tables once (not TorchRec's state-dict views as well)
+        assert m["tbe_bytes"] < m["artifact_bytes"]["export"] < 1.5 * m["tbe_bytes"]
+    md = (quick_run / record["files"]["markdown"]).read_text()
+    for heading in ("## Latency", "## Ratios", "## Served-table memory per format"):
+        assert heading in md
+    for label in ("TorchScript", "torch.export", "AOTInductor", "eager, quantized EBC"):
+        assert f"| fp32 | {label} |" in md and f"| int8 | {label} |" in md
+    (png,) = record["files"]["plots"]
+    assert (quick_run / png).read_bytes()[:8] == PNG_MAGIC
 
 
 def test_missing_delegate_is_reported_not_available(tmp_path, monkeypatch) -> None:

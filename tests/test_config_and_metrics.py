@@ -117,3 +117,15 @@ def test_log_loss_and_ne_by_hand():
     m = binary_metrics(logits, labels)
     assert m["log_loss"] == pytest.approx(ll, rel=1e-12)
     assert m["ne"] == pytest.approx(ll / math.log(2), rel=1e-12)  # base rate 0.5: entropy ln 2
+
+
+@pytest.mark.parametrize("override", ["--model.embedding_dim=6", "--model.inner_dim=66"])
+def test_table_widths_must_be_multiples_of_4(override):
+    # fbgemm's TBE refuses other widths deep inside the first step; the config says it up front.
+    with pytest.raises(ConfigError, match="not a multiple of 4"):
+        load_config(
+            None,
+            [override, "--model.dense_arch_layer_sizes=[64,6]"]
+            if "embedding" in override
+            else [override],
+        )

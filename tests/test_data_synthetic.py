@@ -207,3 +207,22 @@ def test_invalid_config(tmp_path):
         generate_synthetic(tmp_path, SyntheticConfig(cardinalities=[10] * 25), progress=False)
     with pytest.raises(ValueError, match="sparse_missing_rate"):
         build_teacher(SyntheticConfig(sparse_missing_rate=1.5))
+
+
+def test_teacher_spectrum_decay():
+
+    from mlet_dist.data.synthetic import build_teacher, teacher_spectrum
+
+    np.testing.assert_allclose(teacher_spectrum(4, 0.0), np.ones(4))
+    v = teacher_spectrum(4, 1.0) ** 2
+    np.testing.assert_allclose(v / v[0], [1, 1 / 2, 1 / 3, 1 / 4])
+    assert v.mean() == pytest.approx(1.0)
+    # the drawn teacher vectors have that spectrum: component r's variance ~ (r+1)^-1 / rank
+    cfg = dataclasses.replace(
+        SyntheticConfig(), cardinalities=[20000] * 26, teacher_rank=8, teacher_spectrum_decay=1.0
+    )
+    u = np.concatenate(build_teacher(cfg).vectors)  # (26 * 20000, 8)
+    want = teacher_spectrum(8, 1.0) ** 2 / 8
+    np.testing.assert_allclose(u.var(axis=0), want, rtol=0.02)
+    with pytest.raises(ValueError, match="teacher_spectrum_decay"):
+        build_teacher(dataclasses.replace(cfg, teacher_spectrum_decay=-1.0))

@@ -404,6 +404,7 @@ def _fake_serving(monkeypatch, nan_row: int) -> None:
     manifest = {
         "tables": [{"features": [f], "rows": 50} for f in features],
         "serving": {"feature_order": features, "dtype": "fp32"},
+        "predictor_used": "export",
     }
     monkeypatch.setattr(
         "mlet_dist.serving.predict.load_predictor",
@@ -418,7 +419,7 @@ def test_predict_refuses_to_write_nan(tmp_path, monkeypatch, capsys):
     args = ["predict", "--serving", str(tmp_path), "--data", str(a), str(b), "--out", str(out)]
     assert cli.main([*args, "--batch-size", "2"]) == 1
     line = one_error_line(capsys)
-    assert f"refusing to write {out}" in line and f"(first: {b}, line 2)" in line
+    assert f"refusing to write {out}" in line and f"(first: {b}, data row 2)" in line
     assert "1 of 7 rows" in line
     assert not out.exists() and not list(tmp_path.glob("p.txt*"))
     _fake_serving(monkeypatch, nan_row=100)  # no NaN: written

@@ -1,15 +1,20 @@
-"""The serving handoff on one process: predictor, formats, manifest, predict, atomic collapse.
+"""The serving handoff on one process: predictors, formats, manifest, predict, atomic collapse.
 
 Oracles: the trained (unsharded) MLET model's own predictions; TorchRec's own quantization path
 (``QuantEmbeddingBagCollection.from_float``) for the table formats; checksums recomputed here.
-The predictor is loaded in a fresh interpreter that imports neither mlet_dist nor torchrec.
+Every predictor (torch.export program, TorchScript, AOTInductor package) is loaded in a fresh
+interpreter that imports neither mlet_dist nor torchrec, and fed batches of 1, 7 and 4096 rows.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +32,9 @@ from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.export import CollapseError, collapse_run, load_served, load_unsharded
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.serving import ServingError, verify_manifest
+from mlet_dist.serving.manifest import MANIFEST, file_entries
 from mlet_dist.serving.predict import load_predictor, predict_arrays, predict_file, serving_inputs
-from mlet_dist.serving.predictor import quant_embedding_bag_collection
+from mlet_dist.serving.predictor import AOTIError, quant_embedding_bag_collection
 from mlet_dist.serving.quantize import dequantize_rows, quantize_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,8 +97,23 @@ def run(tmp_path_factory):
     cfg = tiny_run(tmp)
     held_out = write_criteo_tsv(tmp / "held_out.tsv", 150, seed=1)
     served = tmp / "served_fp32"
-    collapse_run(cfg.train.run_dir, served, chunk_rows=16, quantize="fp32")
+    # the default torch.export program and, with --torchscript, the TorchScript one
+    collapse_run(cfg.train.run_dir, served, chunk_rows=16, quantize="fp32", torchscript=True)
     return {"cfg": cfg, "tmp": tmp, "held_out": held_out, "served": served}
+
+
+BATCHES = (1, 7, 4096)
+
+
+@pytest.fixture(scope="module")
+def batches(run):
+    """Held-out rows cut into batches of 1, 7 and 4096, and the trained model's probabilities."""
+    arrays = read_criteo_tsv(
+        write_criteo_tsv(run["tmp"] / "batches.tsv", sum(BATCHES), seed=2), SIZES
+    )
+    bounds = np.cumsum((0, *BATCHES))
+    inputs = [serving_inputs(arrays.slice(int(a), int(b))) for a, b in itertools.pairwise(bounds)]
+    return {"inputs": inputs, "expected": trained_probabilities(run["cfg"], arrays)}
 
 
 _PLAIN_PROCESS = """
@@ -126,6 +147,222 @@ def test_fp32_predictor_matches_trained_model_in_a_plain_process(run, tmp_path) 
     got = torch.load(tmp_path / "out.pt")
     assert got.shape == (len(arrays),) and got.dtype == torch.float32
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+_PLAIN_PREDICTORS = """
+import sys, torch
+import fbgemm_gpu  # the fbgemm operators the predictors call
+inputs, out, *predictors = sys.argv[1:]
+batches, outs = torch.load(inputs), {}
+for kind, path in zip(predictors[::2], predictors[1::2]):
+    if kind == "export":
+        model = torch.export.load(path).module()
+    elif kind == "aoti":
+        model = torch._inductor.aoti_load_package(path)
+    else:
+        model = torch.jit.load(path)
+    with torch.no_grad():
+        outs[kind] = [model(*batch) for batch in batches]
+torch.save(outs, out)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("mlet_dist", "torchrec"))
+assert not loaded, loaded
+"""
+
+
+def run_in_plain_process(
+    predictors: dict[str, Path], batches: list, tmp: Path
+) -> dict[str, list[torch.Tensor]]:
+    """Each predictor's outputs for each batch, computed by a fresh interpreter that imports only
+    torch and fbgemm_gpu (it asserts that mlet_dist and torchrec were never imported)."""
+    torch.save(batches, tmp / "batches.pt")
+    pairs = [str(x) for kind, path in predictors.items() for x in (kind, path)]
+    done = subprocess.run(
+        [sys.executable, "-c", _PLAIN_PREDICTORS, str(tmp / "batches.pt"), str(tmp / "out.pt"), *pairs],
+        cwd=tmp,  # not the checkout: mlet_dist must not be importable by accident
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(tmp / "out.pt")
+
+
+def test_predictors_match_trained_model_at_batch_1_7_4096_in_a_plain_process(
+    run, batches, tmp_path
+) -> None:
+    """Each artifact, three batch sizes (the exported program's batch is dynamic, 1 included)."""
+    served = run["served"]
+    predictors = {"export": served / "serving/predictor.pt2", "torchscript": served / "serving/predictor.pt"}  # fmt: skip
+    outs = run_in_plain_process(predictors, batches["inputs"], tmp_path)
+    assert set(outs) == set(predictors)
+    for kind, got in outs.items():
+        assert [o.shape for o in got] == [(b,) for b in BATCHES], kind
+        assert all(o.dtype == torch.float32 for o in got), kind
+        assert (torch.cat(got) - batches["expected"]).abs().max().item() <= 1e-5, kind
+
+
+@pytest.mark.slow
+def test_aoti_package_matches_trained_model_or_is_refused_in_one_line(
+    run, batches, tmp_path
+) -> None:
+    """AOTInductor is optional: it compiles here (g++) and must then match like the others; where
+    it cannot lower the program the collapse is refused with a one-line reason."""
+    out = tmp_path / "served_aoti"
+    try:
+        collapse_run(run["cfg"].train.run_dir, out, chunk_rows=16, quantize="fp32", aoti=True)
+    except AOTIError as e:
+        assert "\n" not in str(e) and str(e).startswith("AOTInductor"), str(e)
+        assert not out.exists()
+        pytest.skip(f"AOTInductor refused, cleanly: {e}")
+    manifest = verify_manifest(out)
+    assert set(manifest["serving"]["artifacts"]) == {"export", "aoti"}
+    path = out / manifest["serving"]["artifacts"]["aoti"]["path"]
+    outs = run_in_plain_process({"aoti": path}, batches["inputs"], tmp_path)["aoti"]
+    assert [o.shape for o in outs] == [(b,) for b in BATCHES]
+    assert (torch.cat(outs) - batches["expected"]).abs().max().item() <= 1e-5
+    got = predict_file(out, run["held_out"], tmp_path / "p.txt", kind="aoti")
+    assert got["predictor"] == "aoti"
+    expected = trained_probabilities(run["cfg"], read_criteo_tsv(run["held_out"], SIZES))
+    np.testing.assert_allclose(
+        np.loadtxt(tmp_path / "p.txt"), expected.double().numpy(), atol=1e-5, rtol=0
+    )
+
+
+def test_aoti_lowering_failure_is_refused_in_one_line_and_publishes_nothing(
+    run, tmp_path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "served"
+    shutil.copytree(run["served"], out)
+    before = (out / MANIFEST).read_bytes()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("could not lower fbgemm::int_nbit_split_embedding_codegen\n  trace line")
+
+    monkeypatch.setattr("torch._inductor.aoti_compile_and_package", fail)
+    code = cli.main(
+        ["collapse", "--run", str(run["cfg"].train.run_dir), "--out", str(out), "--aoti"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "AOTInductor could not compile the predictor: RuntimeError: could not lower" in err
+    assert "--aoti" in err
+    assert (out / MANIFEST).read_bytes() == before and verify_manifest(out)  # untouched
+    assert not (tmp_path / ".served.tmp").exists()
+
+
+def test_manifest_records_the_programs_signature_schema_and_checksums(run) -> None:
+    manifest = verify_manifest(run["served"])
+    serving = manifest["serving"]
+    assert manifest["format"] == "mlet_dist.serving/2"
+    assert serving["predictor"] == "serving/predictor.pt2"
+    assert set(serving["artifacts"]) == {"export", "torchscript"}
+    for artifact in serving["artifacts"].values():
+        data = (run["served"] / artifact["path"]).read_bytes()
+        assert (artifact["bytes"], artifact["sha256"]) == (
+            len(data),
+            hashlib.sha256(data).hexdigest(),
+        )
+    assert serving["inputs"] == [
+        {"name": "dense", "dtype": "float32", "shape": ["batch", 13]},
+        {"name": "values", "dtype": "int64", "shape": ["num_ids"]},
+        {"name": "lengths", "dtype": "int32", "shape": ["26*batch"]},
+    ]
+    assert serving["output"] == {"dtype": "float32", "shape": ["batch"]}
+    assert serving["dynamic_dims"] == {
+        "batch": {"min": 1, "max": None},
+        "num_ids": {"min": 0, "max": None},
+    }
+    features = [f"cat_{i}" for i in range(26)]
+    assert serving["feature_order"] == features
+    tables = {t["name"]: t for t in manifest["tables"]}
+    assert [f in tables[serving["feature_tables"][f]]["features"] for f in features] == [True] * 26
+    # the program enforces what the manifest says: dtypes, 13 dense columns, 26 lengths per row
+    model = torch.export.load(run["served"] / "serving/predictor.pt2").module()
+    dense, values, lengths = serving_inputs(read_criteo_tsv(run["held_out"], SIZES).slice(0, 5))
+    assert model(dense, values, lengths).shape == (5,)
+    for bad in [
+        (dense, values, lengths.long()),  # int64 lengths
+        (dense[:, :12], values, lengths),  # 12 dense features
+        (dense, values, lengths[:-1]),  # not 26 * batch lengths
+        (dense.double(), values, lengths),
+    ]:
+        with pytest.raises(Exception):  # noqa: B017  (the program's input checks, several types)
+            model(*bad)
+
+
+def test_tampered_predictor_is_refused(run, tmp_path, capsys) -> None:
+    copy = tmp_path / "served"
+    shutil.copytree(run["served"], copy)
+    victim = copy / "serving/predictor.pt2"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    victim.write_bytes(bytes(data))
+    for verify in ("all", "predictor"):
+        with pytest.raises(ServingError, match=r"predictor\.pt2 does not match its checksum"):
+            load_predictor(copy, verify=verify)
+    code = cli.main(["predict", "--serving", str(copy), "--data", str(run["held_out"]), "--out", str(tmp_path / "p.txt")])  # fmt: skip
+    assert code == 1 and "predictor.pt2 does not match its checksum" in capsys.readouterr().err
+    assert not (tmp_path / "p.txt").exists()
+    # the TorchScript file is intact and can still be asked for
+    assert predict_file(copy, run["held_out"], tmp_path / "p.txt", verify="predictor", kind="torchscript")["predictor"] == "torchscript"  # fmt: skip
+    # a manifest whose artifact entry was edited to match the tampered file is refused too
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["serving"]["artifacts"]["export"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ServingError, match="export predictor's size/sha256 differ"):
+        load_predictor(copy, verify="predictor")
+
+
+def test_predict_uses_the_exported_program_and_falls_back_to_torchscript(run, tmp_path) -> None:
+    expected = trained_probabilities(run["cfg"], read_criteo_tsv(run["held_out"], SIZES))
+    got = predict_file(run["served"], run["held_out"], tmp_path / "a.txt")
+    assert got["predictor"] == "export"
+    # a directory written before torch.export became the default: format 1, TorchScript only
+    old = tmp_path / "old"
+    shutil.copytree(run["served"], old)
+    (old / "serving/predictor.pt2").unlink()
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["format"] = "mlet_dist.serving/1"
+    manifest["serving"]["predictor"] = "serving/predictor.pt"
+    del manifest["serving"]["artifacts"]
+    manifest["files"] = file_entries(old)
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    got = predict_file(old, run["held_out"], tmp_path / "b.txt")
+    assert got["predictor"] == "torchscript"
+    for name in ("a.txt", "b.txt"):
+        np.testing.assert_allclose(
+            np.loadtxt(tmp_path / name), expected.double().numpy(), atol=1e-5, rtol=0
+        )
+    with pytest.raises(ServingError, match=r"no export predictor \(it has: torchscript\)"):
+        predict_file(old, run["held_out"], tmp_path / "c.txt", kind="export")
+    with pytest.raises(ServingError, match=r"no aoti predictor .* collapse again with --aoti"):
+        predict_file(run["served"], run["held_out"], tmp_path / "c.txt", kind="aoti")
+    assert not (tmp_path / "c.txt").exists()
+
+
+def test_default_path_emits_no_torch_jit_deprecation_warning(run, tmp_path) -> None:
+    """collapse, load and predict without TorchScript: torch.jit's DeprecationWarning is an error."""
+    out = tmp_path / "served"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=DeprecationWarning, module="torch.jit")
+        with pytest.raises(DeprecationWarning, match="torch.jit.script"):  # the filter catches it
+            torch.jit.script(torch.nn.Linear(2, 2))
+        collapse_run(run["cfg"].train.run_dir, out, chunk_rows=16, quantize="int8")
+        predictor, manifest = load_predictor(out)
+        predict_arrays(predictor, read_criteo_tsv(run["held_out"], SIZES))
+        assert predict_file(out, run["held_out"], tmp_path / "p.txt")["predictor"] == "export"
+        # and the TorchScript path would have been caught
+        with pytest.raises(DeprecationWarning, match="torch.jit"):
+            collapse_run(run["cfg"].train.run_dir, tmp_path / "ts", chunk_rows=16, torchscript=True)
+    assert manifest["predictor_used"] == "export"
+    assert sorted(p.name for p in (out / "serving").iterdir()) == ["predictor.pt2", "tables"]
+
+
+def test_workflow_serving_check_uses_the_exported_program(run) -> None:
+    from mlet_dist.workflow import check_serving
+
+    arrays = read_criteo_tsv(run["held_out"], SIZES)
+    check = check_serving(run["cfg"].train.run_dir, run["served"], arrays)
+    assert check["predictor"] == "export" and check["passed"], check
+    assert check["max_abs_probability_diff"] <= 1e-5 and check["rows"] == len(arrays)
 
 
 def test_predict_command_writes_one_probability_per_line(run, tmp_path) -> None:
@@ -175,8 +412,8 @@ def test_checksum_mismatch_is_refused_naming_the_file(run, tmp_path, capsys) -> 
     assert not (tmp_path / "p.txt").exists()
     code = cli.main(["predict", "--serving", str(copy), "--data", str(run["held_out"]), "--out", str(tmp_path / "p.txt")])  # fmt: skip
     assert code == 1 and victim.name in capsys.readouterr().err
-    (copy / "serving/predictor.pt").unlink()
-    with pytest.raises(ServingError, match="predictor.pt is listed .* but missing"):
+    (copy / "serving/predictor.pt2").unlink()
+    with pytest.raises(ServingError, match=r"predictor\.pt2 is listed .* but missing"):
         predict_file(copy, run["held_out"], tmp_path / "p.txt", verify="predictor")
 
 
@@ -284,14 +521,19 @@ def test_int8_serving_auc_within_0_001_of_fp32_on_criteo_sample(tmp_path) -> Non
     metrics = train(cfg)
     held_out = load_splits(cfg.data).test
     labels = torch.from_numpy(held_out.labels)
-    auc = {}
+    auc, probs = {}, {}
     for dtype in ("fp32", "int8"):
         out = tmp_path / f"served_{dtype}"
-        collapse_run(cfg.train.run_dir, out, quantize=dtype)
-        predictor, _ = load_predictor(out)
-        p = predict_arrays(predictor, held_out).double()
-        auc[dtype] = binary_metrics(torch.logit(p.clamp(1e-12, 1 - 1e-12)), labels)["auc"]
-    assert auc["fp32"] == pytest.approx(metrics["test"]["auc"], abs=1e-5)
-    assert abs(auc["int8"] - auc["fp32"]) <= 0.001, auc
+        collapse_run(cfg.train.run_dir, out, quantize=dtype, torchscript=True)
+        for kind in ("export", "torchscript"):
+            predictor, manifest = load_predictor(out, kind=kind)
+            assert manifest["predictor_used"] == kind
+            p = probs[dtype, kind] = predict_arrays(predictor, held_out).double()
+            auc[dtype, kind] = binary_metrics(torch.logit(p.clamp(1e-12, 1 - 1e-12)), labels)["auc"]
+    for kind in ("export", "torchscript"):
+        assert auc["fp32", kind] == pytest.approx(metrics["test"]["auc"], abs=1e-5)
+        assert abs(auc["int8", kind] - auc["fp32", kind]) <= 0.001, auc
+    for dtype in ("fp32", "int8"):  # the same kernels: the two artifacts agree
+        assert (probs[dtype, "export"] - probs[dtype, "torchscript"]).abs().max().item() <= 1e-6
     sizes = json.loads((tmp_path / "served_int8/manifest.json").read_text())["tables"]
     assert [t["rows"] for t in sizes] == cfg.data.num_embeddings_per_feature

@@ -92,15 +92,20 @@ def make_tables(mean: bool, uniform: bool = False) -> list[MLETEmbeddingBagConfi
     return tables
 
 
-def build_model(tables: list[MLETEmbeddingBagConfig], w1_device: torch.device):
-    """DLRMTrain over an MLET module; W2 and the MLPs on CPU, W1 on ``w1_device``."""
+def build_model(
+    tables: list[MLETEmbeddingBagConfig],
+    w1_device: torch.device,
+    dense_device: torch.device | None = None,
+):
+    """DLRMTrain over an MLET module; W2 and the MLPs on ``dense_device`` (CPU), W1 on
+    ``w1_device``."""
+    dense_device = dense_device or torch.device("cpu")
     torch.manual_seed(SEED)
-    cpu = torch.device("cpu")
-    mlet = MLETEmbeddingBagCollection(tables, device=w1_device, projection_device=cpu)
+    mlet = MLETEmbeddingBagCollection(tables, device=w1_device, projection_device=dense_device)
     model_cfg = ModelConfig(
         embedding_dim=D, dense_arch_layer_sizes=[16, D], over_arch_layer_sizes=[16, 1]
     )
-    return build_dlrm(model_cfg, [], w1_device, cpu, embedding_module=mlet)
+    return build_dlrm(model_cfg, [], w1_device, dense_device, embedding_module=mlet)
 
 
 @dataclass
@@ -154,9 +159,9 @@ class Case:
     def tables(self) -> list[MLETEmbeddingBagConfig]:
         return make_tables(self.mean, self.uniform)
 
-    def dist_cfg(self) -> DistConfig:
+    def dist_cfg(self, device: str = "cpu") -> DistConfig:
         return DistConfig(
-            device="cpu", sharding_types=[self.sharding_type], min_partition=self.min_partition
+            device=device, sharding_types=[self.sharding_type], min_partition=self.min_partition
         )
 
     def optim_cfg(self) -> OptimConfig:
@@ -216,13 +221,14 @@ def _plan_of(dmp) -> dict[str, dict]:
 
 
 def _w1_local_shards(dmp) -> dict[str, list[tuple[int, int, torch.Tensor]]]:
-    """table -> this rank's W1 shards as (row0, col0, tensor)."""
+    """table -> this rank's W1 shards as (row0, col0, tensor on CPU)."""
     out: dict[str, list] = {}
     for key, value in dmp.state_dict().items():
         if key.startswith(W1_PREFIX):
             table = key[len(W1_PREFIX) :].removesuffix(".weight")
             out[table] = [
-                (*s.metadata.shard_offsets, s.tensor.detach().clone()) for s in value.local_shards()
+                (*s.metadata.shard_offsets, s.tensor.detach().to("cpu", copy=True))
+                for s in value.local_shards()
             ]
     return out
 
@@ -243,13 +249,14 @@ def _copy_unsharded_state(dmp, state: dict[str, torch.Tensor]) -> None:
 
 
 def _run_case(case: Case, env) -> dict:
+    """Trains the sharded model on this rank's slices (on ``env.device``); results on CPU."""
     tables = case.tables()
     state = build_model(tables, torch.device("cpu")).state_dict()
     per_rank = GLOBAL_BATCH // env.world_size
     dmp = parallelize(
-        build_model(tables, torch.device("meta")),
+        build_model(tables, torch.device("meta"), env.device),
         env,
-        case.dist_cfg(),
+        case.dist_cfg(env.device.type),
         case.optim_cfg(),
         batch_size_per_rank=per_rank,
     )
@@ -259,27 +266,27 @@ def _run_case(case: Case, env) -> dict:
     result: dict = {"plan": _plan_of(dmp), "w1_initial": _w1_local_shards(dmp), "steps": []}
     lo = env.rank * per_rank
     for step in range(STEPS):
-        batch = slice_batch(global_batch(tables, step), lo, lo + per_rank)
+        batch = slice_batch(global_batch(tables, step), lo, lo + per_rank).to(env.device)
         loss, (_, logits, _) = dmp(batch)
         loss.backward()  # the fused W1 optimizer steps here
-        grads = {n: p.grad.detach().clone() for n, p in dense.items()}
+        grads = {n: p.grad.detach().to("cpu", copy=True) for n, p in dense.items()}
         optimizer.step()
         optimizer.zero_grad()
         result["steps"].append(
             {
-                "loss": loss.detach().clone(),
-                "logits": logits.clone(),
+                "loss": loss.detach().to("cpu", copy=True),
+                "logits": logits.detach().to("cpu", copy=True),
                 "grads": grads,
-                "dense": {n: p.detach().clone() for n, p in dense.items()},
+                "dense": {n: p.detach().to("cpu", copy=True) for n, p in dense.items()},
                 "w1": _w1_local_shards(dmp),
             }
         )
     return result
 
 
-def _run_cases(cases: list[Case]) -> dict[str, dict]:
+def _run_cases(cases: list[Case], device: str = "cpu") -> dict[str, dict]:
     """On each rank: every case in turn; a case that raises records its traceback."""
-    env = init_distributed(DistConfig(device="cpu"))
+    env = init_distributed(DistConfig(device=device))
     out = {}
     for case in cases:
         try:
@@ -384,8 +391,7 @@ def _close(actual, expected, what: str) -> None:
 
 
 def _check_plan(case: Case, plan: dict[str, dict]) -> None:
-    for name, p in plan.items():
-        assert p["sharding_type"] == case.sharding_type, (name, p)
+    """The 2-rank plan really splits the tables as the case's sharding type says."""
     ranks_of = {name: {s[4] for s in p["shards"]} for name, p in plan.items()}
     col_splits = {name: len(_column_blocks(p)) for name, p in plan.items()}
     row_splits = {name: len({s[0] for s in p["shards"]}) for name, p in plan.items()}
@@ -409,12 +415,19 @@ def _check_plan(case: Case, plan: dict[str, dict]) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_sharded_training_matches_unsharded(case: Case, sharded_results) -> None:
     ranks = [r[case.name] for r in sharded_results]
+    check_against_oracle(case, ranks)
+    _check_plan(case, ranks[0]["plan"])
+
+
+def check_against_oracle(case: Case, ranks: list[dict]) -> None:
+    """Every rank's results of one case (any world size) vs the unsharded oracle, step by step."""
     for rank, r in enumerate(ranks):
         if "error" in r:
             pytest.fail(f"rank {rank} failed on {case.name}:\n{r['error']}")
     plan = ranks[0]["plan"]
-    assert ranks[1]["plan"] == plan, "the ranks disagree on the sharding plan"
-    _check_plan(case, plan)
+    assert all(r["plan"] == plan for r in ranks[1:]), "the ranks disagree on the sharding plan"
+    for name, p in plan.items():
+        assert p["sharding_type"] == case.sharding_type, (name, p)
 
     tables = case.tables()
     shapes = {t.name: (t.num_embeddings, t.inner_dim or t.embedding_dim) for t in tables}
@@ -424,7 +437,7 @@ def test_sharded_training_matches_unsharded(case: Case, sharded_results) -> None
     for name, w in w1_initial.items():
         assert torch.equal(w, initial[f"{W1_PREFIX}{name}.weight"]), f"copy of W1 {name}"
 
-    per_rank = GLOBAL_BATCH // WORLD_SIZE
+    per_rank = GLOBAL_BATCH // len(ranks)
     for step, ref in enumerate(oracle):
         got = [r["steps"][step] for r in ranks]
         where = f"{case.name} step {step}"
@@ -444,9 +457,10 @@ def test_sharded_training_matches_unsharded(case: Case, sharded_results) -> None
             _close(w1[name], w, f"{where} W1 {name}")
         for name, w in ref["dense"].items():
             _close(got[0]["dense"][name], w, f"{where} {name}")
-            assert torch.equal(got[0]["dense"][name], got[1]["dense"][name]), (
-                f"{where}: {name} differs between the ranks"
-            )
+            for rank, g in enumerate(got[1:], 1):
+                assert torch.equal(got[0]["dense"][name], g["dense"][name]), (
+                    f"{where}: {name} differs between rank 0 and rank {rank}"
+                )
 
 
 # -- the grid_shard + MEAN guard (no processes needed) ----------------------------------------

@@ -1022,8 +1022,15 @@ def preprocess_from_config(
     defaults to ``data.parquet_dir``.
 
     Raises:
-        ConfigError: no inputs or no output directory, or not 26 table sizes.
+        ConfigError: no inputs or no output directory; a source other than Criteo TSV;
+            not 26 table sizes.
     """
+    if data_cfg.source in ("avazu", "movielens"):
+        raise ConfigError(
+            f"mlet-dist preprocess reads Criteo TSV only, not data.source = {data_cfg.source!r}: "
+            f"train, run and evaluate read that source into memory (no preprocessing needed); "
+            f"for Criteo TSV inputs set --data.source=criteo"
+        )
     check_feature_count(data_cfg)
     if inputs is None:
         if data_cfg.source == "synthetic":

@@ -168,6 +168,10 @@ def _validate(cfg: SyntheticConfig) -> None:
         raise ValueError("synthetic.days and synthetic.rows_per_day must be >= 0")
     if cfg.teacher_rank < 1:
         raise ValueError(f"synthetic.teacher_rank must be >= 1, got {cfg.teacher_rank}")
+    if cfg.teacher_spectrum_decay < 0:
+        raise ValueError(
+            f"synthetic.teacher_spectrum_decay must be >= 0, got {cfg.teacher_spectrum_decay}"
+        )
     if cfg.zipf_exponent < 0:
         raise ValueError(f"synthetic.zipf_exponent must be >= 0, got {cfg.zipf_exponent}")
     for name in ("dense_missing_rate", "sparse_missing_rate"):
@@ -231,6 +235,20 @@ def _calibrate_intercept(logits: np.ndarray, target: float) -> float:
     return 0.5 * (lo + hi)
 
 
+def teacher_spectrum(rank: int, decay: float) -> np.ndarray:
+    """Per-component scale of the teacher vectors: component r has variance proportional to
+    ``(r + 1) ** -decay``, normalized so the variances average 1 (the expected squared norm of a
+    teacher vector, hence the variance of each pair term, does not depend on ``decay``).
+
+    Example::
+
+        teacher_spectrum(4, 0.0)  # [1, 1, 1, 1]
+        teacher_spectrum(4, 1.0) ** 2  # proportional to [1, 1/2, 1/3, 1/4], mean 1
+    """
+    var = np.arange(1, rank + 1, dtype=np.float64) ** -float(decay)
+    return np.sqrt(var / var.mean())
+
+
 def build_teacher(cfg: SyntheticConfig) -> Teacher:
     """Builds the hidden teacher of a config (deterministic in seed, cardinalities, rank, scale).
 
@@ -245,10 +263,11 @@ def build_teacher(cfg: SyntheticConfig) -> Teacher:
     """
     _validate(cfg)
     rank = cfg.teacher_rank
+    spectrum = teacher_spectrum(rank, cfg.teacher_spectrum_decay)
     vectors, biases, cdfs = [], [], []
     for j, card in enumerate(cfg.cardinalities):
         rng = np.random.default_rng([cfg.seed, _TAG_FEATURE, j])
-        vectors.append(rng.normal(0.0, 1.0 / math.sqrt(rank), (card, rank)))
+        vectors.append(rng.normal(0.0, 1.0 / math.sqrt(rank), (card, rank)) * spectrum)
         biases.append(rng.normal(0.0, 1.0 / math.sqrt(CAT_FEATURE_COUNT), card))
         weights = np.arange(1, card + 1, dtype=np.float64) ** -cfg.zipf_exponent
         cdf = np.cumsum(weights)

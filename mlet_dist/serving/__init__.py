@@ -1,4 +1,5 @@
-"""The serving handoff: served table formats, the TorchScript predictor, the manifest, scoring.
+"""The serving handoff: served table formats, the predictors (torch.export, AOTInductor,
+TorchScript), the manifest, scoring.
 
 See README "Serving contract" for what a serving directory holds.
 """

@@ -3,6 +3,11 @@
 The manifest is written last (after every other file is complete) and lists every file of the
 directory with its size and sha256. :func:`verify_manifest` refuses a directory whose files do
 not match it, naming the first file that differs.
+
+Format ``mlet_dist.serving/2`` lists the serving predictors under ``serving.artifacts`` (the
+torch.export program, and optionally an AOTInductor package and a TorchScript file), each with its
+size and sha256; ``serving.predictor`` names the default one. Format 1 (written before torch.export
+became the default) had only ``serving.predictor``, a TorchScript file; it is still read.
 """
 
 from __future__ import annotations
@@ -15,8 +20,15 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-FORMAT = "mlet_dist.serving/1"
-PREDICTOR_FILE = "serving/predictor.pt"
+FORMAT = "mlet_dist.serving/2"
+READABLE_FORMATS = ("mlet_dist.serving/1", FORMAT)
+ARTIFACT_FILES = {
+    "export": "serving/predictor.pt2",
+    "aoti": "serving/predictor_aoti.pt2",
+    "torchscript": "serving/predictor.pt",
+}
+"""The serving predictors by kind: torch.export program (the default), AOTInductor package,
+TorchScript."""
 
 
 class ServingError(RuntimeError):
@@ -70,10 +82,18 @@ def library_versions() -> dict[str, str]:
 
 
 def write_manifest(root: Path, content: dict[str, Any]) -> dict[str, Any]:
-    """Adds the file list (checksums) and versions to ``content`` and writes ``root/manifest.json``."""
+    """Adds the file list (checksums) and versions to ``content`` and writes ``root/manifest.json``.
+
+    Each entry of ``content["serving"]["artifacts"]`` also gets the ``bytes`` and ``sha256`` of
+    its ``path`` from the file list.
+    """
     manifest = {"format": FORMAT, **content}
     manifest["versions"] = library_versions()
     manifest["files"] = file_entries(root)
+    by_path = {f["path"]: f for f in manifest["files"]}
+    for artifact in (manifest.get("serving") or {}).get("artifacts", {}).values():
+        entry = by_path[artifact["path"]]
+        artifact.update(bytes=entry["bytes"], sha256=entry["sha256"])
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -89,9 +109,23 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ServingError(f"{path} is not valid JSON ({e}); collapse the run again") from e
-    if manifest.get("format") != FORMAT:
-        raise ServingError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise ServingError(
+            f"{path} has format {manifest.get('format')!r}, expected one of {READABLE_FORMATS}; "
+            f"collapse the run again with this version"
+        )
     return manifest
+
+
+def artifacts(manifest: dict[str, Any]) -> dict[str, str]:
+    """The serving predictors a manifest lists: kind ('export', 'aoti', 'torchscript') -> path.
+
+    Format 1 manifests list one TorchScript predictor (``serving.predictor``).
+    """
+    serving = manifest.get("serving") or {}
+    if manifest.get("format") == "mlet_dist.serving/1":
+        return {"torchscript": serving["predictor"]} if serving.get("predictor") else {}
+    return {kind: a["path"] for kind, a in (serving.get("artifacts") or {}).items()}
 
 
 def verify_manifest(root: str | Path, only: set[str] | None = None) -> dict[str, Any]:
@@ -107,6 +141,22 @@ def verify_manifest(root: str | Path, only: set[str] | None = None) -> dict[str,
     """
     root = Path(root)
     manifest = read_manifest(root)
+    listed = {entry["path"]: entry for entry in manifest["files"]}
+    unlisted = sorted((only or set()) - set(listed))
+    if unlisted:
+        raise ServingError(
+            f"{root / unlisted[0]} is not listed in {root / MANIFEST}; collapse again"
+        )
+    for kind, artifact in ((manifest.get("serving") or {}).get("artifacts") or {}).items():
+        entry = listed.get(artifact["path"], {})
+        if (artifact.get("bytes"), artifact.get("sha256")) != (
+            entry.get("bytes"),
+            entry.get("sha256"),
+        ):
+            raise ServingError(
+                f"{root / MANIFEST}: the {kind} predictor's size/sha256 differ from its entry in "
+                f"the file list (the manifest was edited); collapse again"
+            )
     for entry in manifest["files"]:
         if only is not None and entry["path"] not in only:
             continue

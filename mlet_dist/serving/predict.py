@@ -1,4 +1,13 @@
-"""Scoring Criteo rows with a serving directory's TorchScript predictor (``mlet-dist predict``)."""
+"""Scoring rows with a serving directory's predictor (``mlet-dist predict``).
+
+Input files are read in the raw format of the run's ``data.source`` (recorded in the manifest):
+Criteo TSV, or Avazu CSV / MovieLens ratings mapped onto the Criteo layout
+(:func:`mlet_dist.data.sources.read_source_file`), always in file order.
+
+The predictor is the manifest's default, the ``torch.export`` program ``serving/predictor.pt2``
+(``torch.export.load``), or, when asked for, the AOTInductor package or the TorchScript file. A
+directory written before torch.export became the default has only TorchScript, which is then used.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlet_dist.data import CriteoArrays, read_criteo_tsv
+from mlet_dist.data import CriteoArrays
 from mlet_dist.data.criteo import require_rows
-from mlet_dist.serving.manifest import ServingError, read_manifest, verify_manifest
+from mlet_dist.data.sources import read_source_file
+from mlet_dist.serving.manifest import ServingError, artifacts, read_manifest, verify_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +36,13 @@ def serving_inputs(arrays: CriteoArrays) -> tuple[torch.Tensor, torch.Tensor, to
     """
     dense = torch.from_numpy(np.ascontiguousarray(arrays.dense, dtype=np.float32))
     values = torch.from_numpy(np.ascontiguousarray(arrays.sparse.T, dtype=np.int64).reshape(-1))
-    lengths = torch.ones(values.numel(), dtype=torch.int32)
+    lengths = torch.ones(values.numel(), dtype=torch.int32)  # the exported programs' dtype
     return dense, values, lengths
 
 
 @torch.no_grad()
 def predict_arrays(predictor: Any, arrays: CriteoArrays, batch_size: int = 4096) -> torch.Tensor:
-    """Probabilities (float32, one per row) of ``arrays`` from a (scripted) predictor."""
+    """Probabilities (float32, one per row) of ``arrays`` from a loaded predictor."""
     outs = []
     for start in range(0, len(arrays), batch_size):
         outs.append(predictor(*serving_inputs(arrays.slice(start, start + batch_size))))
@@ -45,28 +55,87 @@ def table_sizes(manifest: dict[str, Any]) -> list[int]:
     return [rows[f] for f in manifest["serving"]["feature_order"]]
 
 
-def load_predictor(serving_dir: str | Path, verify: str = "all") -> tuple[Any, dict[str, Any]]:
-    """Checks the manifest checksums, then ``torch.jit.load``s the predictor.
+def data_source(manifest: dict[str, Any]) -> str:
+    """The ``data.source`` the served model was trained on ('criteo' when not recorded)."""
+    source = manifest.get("source", {}).get("config", {}).get("data", {}).get("source")
+    return source or "criteo"
+
+
+PREDICTOR_KINDS = ("auto", "export", "aoti", "torchscript")
+
+
+def choose_predictor(manifest: dict[str, Any], kind: str = "auto") -> tuple[str, str]:
+    """(kind, path) of the predictor to use: ``kind``, or for 'auto' the torch.export program,
+    else (a directory written before it was the default) the TorchScript file.
+
+    Raises:
+        ServingError: no predictor was written, or not the one asked for (the message lists those
+            there are and how to get the other).
+    """
+    if kind not in PREDICTOR_KINDS:
+        raise ValueError(f"predictor kind must be one of {PREDICTOR_KINDS}, got {kind!r}")
+    there = artifacts(manifest)
+    if not there:
+        raise ServingError(
+            "this serving directory has no predictor (collapsed with --no-predictor); collapse "
+            "again without it"
+        )
+    if kind == "auto":
+        kind = "export" if "export" in there else next(iter(there))
+    if kind not in there:
+        flag = {"aoti": "--aoti", "torchscript": "--torchscript", "export": ""}[kind]
+        raise ServingError(
+            f"this serving directory has no {kind} predictor (it has: {', '.join(there)}); "
+            f"use one of those, or collapse again{' with ' + flag if flag else ''}"
+        )
+    return kind, there[kind]
+
+
+def load_predictor(
+    serving_dir: str | Path, verify: str = "all", kind: str = "auto"
+) -> tuple[Any, dict[str, Any]]:
+    """Checks the manifest checksums, then loads a predictor as a serving process would.
 
     Args:
         serving_dir: a directory written by ``mlet-dist collapse``.
         verify: 'all' (every file of the manifest) or 'predictor' (only the predictor file).
+        kind: 'auto' (see :func:`choose_predictor`), 'export' (``torch.export.load``), 'aoti'
+            (``torch._inductor.aoti_load_package``) or 'torchscript' (``torch.jit.load``).
+
+    Returns:
+        (callable ``(dense, values, lengths) -> probabilities``, manifest); the kind used is
+        ``manifest["predictor_used"]``.
 
     Raises:
-        ServingError: a checksum mismatch or missing file (named), or no predictor was written.
+        ServingError: a checksum mismatch or missing file (named), or no such predictor.
     """
     if verify not in ("all", "predictor"):
         raise ValueError(f"verify must be 'all' or 'predictor', got {verify!r}")
-    predictor = read_manifest(serving_dir).get("serving", {}).get("predictor")
-    if not predictor:
-        raise ServingError(
-            f"{serving_dir} has no predictor (collapsed with --no-predictor); collapse again "
-            f"without it"
-        )
-    manifest = verify_manifest(serving_dir, only=None if verify == "all" else {predictor})
+    try:
+        kind, rel = choose_predictor(read_manifest(serving_dir), kind)
+    except ServingError as e:
+        raise ServingError(f"{serving_dir}: {e}") from None
+    manifest = verify_manifest(serving_dir, only=None if verify == "all" else {rel})
     import fbgemm_gpu  # noqa: F401  (registers the fbgemm operators the predictor calls)
 
-    return torch.jit.load(str(Path(serving_dir) / predictor), map_location="cpu"), manifest
+    path = str(Path(serving_dir) / rel)
+    try:
+        if kind == "export":
+            predictor = torch.export.load(path).module()
+        elif kind == "aoti":
+            predictor = torch._inductor.aoti_load_package(path)
+        else:
+            predictor = torch.jit.load(path, map_location="cpu")
+    except Exception as e:  # each loader raises its own types (version, platform, operators)
+        lines = str(e).strip().splitlines() or [""]
+        written = manifest.get("versions", {})
+        raise ServingError(
+            f"cannot load {path} ({kind}): {type(e).__name__}: {lines[0][:300]}; it was written "
+            f"with torch {written.get('torch')}, fbgemm {written.get('fbgemm-gpu-cpu') or written.get('fbgemm-gpu')}, "
+            f"this is torch {torch.__version__}"
+        ) from e
+    manifest["predictor_used"] = kind
+    return predictor, manifest
 
 
 def predict_file(
@@ -75,29 +144,34 @@ def predict_file(
     out: str | Path,
     batch_size: int = 4096,
     verify: str = "all",
+    kind: str = "auto",
 ) -> dict[str, Any]:
-    """Scores Criteo TSV rows with a serving directory's predictor and writes the probabilities.
+    """Scores raw rows with a serving directory's predictor and writes the probabilities.
 
     Args:
         serving_dir: output of ``mlet-dist collapse``; its manifest is checked first.
-        data: one or more Criteo TSV files (plain or gzip; the label column is read, not used).
+        data: one or more files (plain or gzip; labels are read, not used) in the raw format of
+            the trained run's ``data.source`` (:func:`data_source`): Criteo TSV, Avazu CSV or
+            MovieLens ratings (with ``users.dat`` and ``movies.dat`` beside them).
         out: ``*.parquet``: a Parquet file with one float32 column ``probability``; anything else:
             text, one probability per line (``%.9g``), in input row order.
         batch_size: rows per predictor call.
         verify: see :func:`load_predictor`.
+        kind: the predictor, see :func:`load_predictor`.
 
     Returns:
-        {"rows", "out", "serving_dtype"}.
+        {"rows", "out", "serving_dtype", "predictor"}.
 
     Raises:
         CriteoFormatError: a data file is malformed or empty (named).
         ServingError: the serving directory does not match its manifest, or the predictor gave a
             non-finite probability (nothing is written then; the first such row is named).
     """
-    predictor, manifest = load_predictor(serving_dir, verify)
+    predictor, manifest = load_predictor(serving_dir, verify, kind)
     files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     sizes = table_sizes(manifest)
-    parts = [require_rows(read_criteo_tsv(f, sizes), f) for f in files]
+    source = data_source(manifest)
+    parts = [require_rows(read_source_file(source, f, sizes, in_file_order=True), f) for f in files]
     arrays = CriteoArrays.concat(parts)
     probs = predict_arrays(predictor, arrays, batch_size).numpy()
     bad = np.flatnonzero(~np.isfinite(probs))
@@ -105,11 +179,12 @@ def predict_file(
         row = int(bad[0])
         ends = np.cumsum([len(p) for p in parts])
         k = int(np.searchsorted(ends, row, side="right"))
-        line = row - (int(ends[k - 1]) if k else 0) + 1
+        row_in_file = row - (int(ends[k - 1]) if k else 0) + 1
         raise ServingError(
             f"refusing to write {out}: the predictor of {serving_dir} returned {probs[row]} for "
-            f"{bad.size} of {len(probs)} rows (first: {files[k]}, line {line}); its tables or "
-            f"dense weights are not finite. Collapse a checkpoint of a run whose loss was finite"
+            f"{bad.size} of {len(probs)} rows (first: {files[k]}, data row {row_in_file}); its "
+            f"tables or dense weights are not finite. Collapse a checkpoint of a run whose loss "
+            f"was finite"
         )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,4 +199,9 @@ def predict_file(
             np.savetxt(f, probs, fmt="%.9g")
     tmp.replace(out)
     logger.info("wrote %d probabilities to %s", len(probs), out)
-    return {"rows": len(probs), "out": str(out), "serving_dtype": manifest["serving"]["dtype"]}
+    return {
+        "rows": len(probs),
+        "out": str(out),
+        "serving_dtype": manifest["serving"]["dtype"],
+        "predictor": manifest["predictor_used"],
+    }

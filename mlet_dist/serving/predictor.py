@@ -1,27 +1,41 @@
-"""The serving predictor: the collapsed DLRM on TorchRec's inference path, as TorchScript.
+"""The serving predictors: the collapsed DLRM on TorchRec's inference path, as a ``torch.export``
+program (the default), an AOTInductor package (optional) or TorchScript (optional, deprecated).
 
 The tables become a TorchRec quantized ``EmbeddingBagCollection`` (fbgemm's inference TBE, tables in
 fp32, fp16 or row-wise int8) built directly from the rows the collapse wrote; the dense network is
-the trained one in float32. The model is traced with ``torchrec.fx.symbolic_trace`` and compiled
-with ``torch.jit.script``, so it loads with ``torch.jit.load`` in any process that has loaded
-fbgemm's operators (``import fbgemm_gpu``), without torchrec or mlet_dist.
+the trained one in float32. :class:`ServingModel` wraps it with plain tensor inputs. From it:
 
-Inputs (plain tensors, the simplest signature that scripts cleanly and is callable from C++)::
+- :func:`export_predictor`: ``torch.export.export(..., strict=False)`` with a dynamic batch;
+  ``torch.export.save`` writes ``serving/predictor.pt2``, which loads with
+  ``torch.export.load(path).module()`` in any process that has loaded fbgemm's operators
+  (``import fbgemm_gpu``), without torchrec or mlet_dist.
+- :func:`aoti_package`: the same program compiled by AOTInductor
+  (``torch._inductor.aoti_compile_and_package``) into ``serving/predictor_aoti.pt2``; loads with
+  ``torch._inductor.aoti_load_package`` (Python) or AOTInductor's C++ runtime. Optional: lowering a
+  TorchRec model can fail (pytorch/pytorch#139911), and then it is refused with the reason.
+- :func:`script`: ``torchrec.fx.symbolic_trace`` then ``torch.jit.script`` (``serving/predictor.pt``),
+  for torchrec.inference's C++ server; TorchScript is deprecated as of torch 2.13.
+
+Inputs (plain tensors: a KeyedJaggedTensor argument would make the exported program depend on
+torchrec's pytree registration to load; the KJT is built inside the model)::
 
     dense:   float32 (B, 13)   the transformed integer features (log(x + 1), missing = 0)
     values:  int64   (N,)      the categorical ids, feature-major: all ids of feature 0 for the
                                B samples, then feature 1, ... (the KeyedJaggedTensor layout)
-    lengths: int32 or int64 (F * B,)  ids per (feature, sample), feature-major
+    lengths: int32   (F * B,)  ids per (feature, sample), feature-major (TorchScript also takes int64)
     returns: float32 (B,)      click probabilities (sigmoid of the logit)
 
-The feature order is the manifest's ``serving.feature_order``.
+The feature order is the manifest's ``serving.feature_order``; B is dynamic (1 and up), N too.
 """
 
 # No `from __future__ import annotations`: fx codegen needs real type objects in forward().
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,9 +43,14 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mlet_dist.serving.manifest import ServingError
 from mlet_dist.serving.quantize import check_dtype, tbe_weights
 
 DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
+DENSE_FEATURES = 13
+LENGTHS_DTYPE = torch.int32
+# Names of the dynamic dimensions in the manifest's input signature.
+BATCH_DIM, IDS_DIM = "batch", "num_ids"
 
 
 class ServingModel(nn.Module):
@@ -59,6 +78,10 @@ class ServingModel(nn.Module):
         return torch.sigmoid(self.dlrm(dense, features)).squeeze(-1)
 
 
+class AOTIError(ServingError):
+    """AOTInductor could not compile the predictor; the message (one line) says why."""
+
+
 def quant_embedding_bag_collection(
     tables: list[EmbeddingBagConfig],
     rows: Mapping[str, torch.Tensor],
@@ -84,13 +107,209 @@ def quant_embedding_bag_collection(
         is_weighted=is_weighted,
         device=torch.device("cpu"),
         table_name_to_quantized_weights={t.name: tbe_weights(rows[t.name], dtype) for t in tables},
-        register_tbes=True,  # TBEs as submodules: fx keeps them as call_module
+        # TBEs as submodules: fx keeps them as call_module, and export sees their state as
+        # the module's (AOTInductor cannot functionalize the bounds check's in-place update of a
+        # tensor that is only a lifted constant, which is what unregistered TBEs give)
+        register_tbes=True,
     )
+
+
+def serving_model(
+    model_cfg: Any,
+    num_embeddings_per_feature: list[int],
+    tables: list[EmbeddingBagConfig],
+    rows: Mapping[str, torch.Tensor],
+    dense_state: Mapping[str, torch.Tensor],
+    dtype: str,
+) -> ServingModel:
+    """The served DLRM: quantized EBC over ``rows``, the dense network from ``dense_state``.
+
+    Args:
+        model_cfg: the served model config (``model.inner_dim = 0``).
+        num_embeddings_per_feature: table rows per feature.
+        tables: the served (d-dim) table configs.
+        rows: table -> rows in the serving format.
+        dense_state: ``DLRMTrain`` state-dict entries of the dense network (``model.*``).
+        dtype: 'fp32', 'fp16' or 'int8'.
+    """
+    from mlet_dist.models import build_dlrm
+
+    qebc = quant_embedding_bag_collection(tables, rows, dtype)
+    model = build_dlrm(model_cfg, num_embeddings_per_feature, embedding_module=qebc)
+    missing, unexpected = model.load_state_dict(dict(dense_state), strict=False)
+    if unexpected or any(not k.startswith("model.sparse_arch.") for k in missing):
+        raise RuntimeError(f"dense state mismatch: missing {missing}, unexpected {unexpected}")
+    features = [f for t in tables for f in t.feature_names]
+    return ServingModel(model.model, features).eval().requires_grad_(False)
+
+
+def example_inputs(num_features: int, batch: int = 3) -> tuple[torch.Tensor, ...]:
+    """(dense, values, lengths) of ``batch`` samples with one id (0) per feature."""
+    return (
+        torch.zeros(batch, DENSE_FEATURES),
+        torch.zeros(num_features * batch, dtype=torch.int64),
+        torch.ones(num_features * batch, dtype=LENGTHS_DTYPE),
+    )
+
+
+def _register_fbgemm_fake_classes() -> None:
+    """Fake versions of fbgemm's TorchScript classes that the TBE holds (export traces them).
+
+    TorchRec's own (``torchrec.pt2.utils.register_fake_classes``), registered once per process.
+    """
+    from torch._library.fake_class_registry import has_fake_class
+    from torchrec.pt2.utils import register_fake_classes
+
+    if not has_fake_class("__torch__.torch.classes.fbgemm.AtomicCounter"):
+        register_fake_classes()
+
+
+@contextlib.contextmanager
+def _without_state_dict_views(model: nn.Module) -> Iterator[None]:
+    """Hides the ``embedding_bags.<table>.weight`` buffers of the quantized EBCs meanwhile.
+
+    TorchRec registers views of the TBE's weights under these names for ``state_dict()`` only;
+    ``forward`` reads the TBE's own weights. An exported program would store both, i.e. every
+    table twice.
+    """
+    hidden = [
+        (m, m.embedding_bags) for m in model.modules() if isinstance(m, QuantEmbeddingBagCollection)
+    ]
+    try:
+        for m, _ in hidden:
+            m.embedding_bags = nn.ModuleDict()
+        yield
+    finally:
+        for m, bags in hidden:
+            m.embedding_bags = bags
+
+
+def export_predictor(model: ServingModel) -> torch.export.ExportedProgram:
+    """``torch.export`` of the serving model: flat inputs, dynamic batch (1 and up) and id count.
+
+    Non-strict export (TorchRec's KJT and quantized EBC are traced as Python, as TorchRec's own
+    export tests do); ``lengths`` is declared as ``num_features * batch``. Sizes are traced
+    size-oblivious (``backed_size_oblivious``): otherwise the trace specializes the KJT's
+    (features, batch) view on batch != 1 and the program refuses a single sample.
+    """
+    model.eval().requires_grad_(False)
+    _register_fbgemm_fake_classes()
+    batch = torch.export.Dim(BATCH_DIM, min=1)
+    num_ids = torch.export.Dim(IDS_DIM, min=0)
+    dynamic = {
+        "dense": {0: batch},
+        "values": {0: num_ids},
+        "lengths": {0: len(model.feature_names) * batch},
+    }
+    with (
+        _without_state_dict_views(model),
+        torch.fx.experimental._config.patch(backed_size_oblivious=True),
+    ):
+        return torch.export.export(
+            model,
+            example_inputs(len(model.feature_names)),
+            dynamic_shapes=dynamic,
+            strict=False,
+        )
+
+
+def input_signature(ep: torch.export.ExportedProgram) -> dict[str, Any]:
+    """The exported program's inputs and output as the manifest records them.
+
+    Read from the program itself: each user input's dtype and shape, the dynamic sizes named
+    (``batch``: dense's first dimension, ``num_ids``: values'), and their allowed ranges.
+
+    Returns:
+        {"inputs": [{"name", "dtype", "shape"}], "output": {"dtype", "shape"},
+        "dynamic_dims": {name: {"min", "max"}}} (max None = unbounded); shapes hold ints and
+        expressions of the dynamic sizes, e.g. ``["26*batch"]``.
+    """
+    import sympy
+    from torch.utils._sympy.numbers import int_oo
+
+    user = {
+        n.name: n.meta["val"]
+        for n in ep.graph.nodes
+        if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs
+    }
+    names = {
+        user["dense"].shape[0].node.expr: BATCH_DIM,
+        user["values"].shape[0].node.expr: IDS_DIM,
+    }
+    rename = {sym: sympy.Symbol(name) for sym, name in names.items()}
+
+    def shape(val: torch.Tensor) -> list[int | str]:
+        return [s if isinstance(s, int) else str(s.node.expr.xreplace(rename)) for s in val.shape]
+
+    def dtype(val: torch.Tensor) -> str:
+        return str(val.dtype).removeprefix("torch.")
+
+    (output,) = next(n for n in ep.graph.nodes if n.op == "output").args[0]
+    dims = {}
+    for sym, name in names.items():
+        r = ep.range_constraints[sym]
+        unbounded = r.upper in (int_oo, sympy.oo)
+        dims[name] = {"min": int(r.lower), "max": None if unbounded else int(r.upper)}
+    return {
+        "inputs": [
+            {"name": name, "dtype": dtype(user[name]), "shape": shape(user[name])}
+            for name in ep.graph_signature.user_inputs
+        ],
+        "output": {"dtype": dtype(output.meta["val"]), "shape": shape(output.meta["val"])},
+        "dynamic_dims": dims,
+    }
+
+
+def check_aoti_available() -> None:
+    """Refuses AOTInductor early (before a long collapse) where it has no C++ compiler.
+
+    Raises:
+        AOTIError: Inductor finds no C++ compiler (its ``cpp.cxx`` setting / ``$CXX``).
+    """
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch: the compile itself reports what is missing
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # torch._inductor.exc.InvalidCxxCompiler, OSError
+        raise AOTIError(
+            f"AOTInductor needs a C++ compiler and found none ({_first_line(e)}); install g++ "
+            f"(or set CXX), or collapse without --aoti"
+        ) from e
+
+
+def aoti_package(ep: torch.export.ExportedProgram, path: str | Path) -> Path:
+    """Compiles an exported predictor with AOTInductor into a package at ``path`` (``*.pt2``).
+
+    Raises:
+        AOTIError: lowering or compiling failed (e.g. an operator AOTInductor cannot lower, no
+            C++ compiler); the message is one line with the first line of the cause.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation notes inside
+            out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+    except Exception as e:  # Inductor raises many types (lowering, codegen, C++ compiler)
+        raise AOTIError(
+            f"AOTInductor could not compile the predictor: {type(e).__name__}: "
+            f"{_first_line(e)}; the torch.export program (serving/predictor.pt2) does not need "
+            f"it: collapse without --aoti"
+        ) from e
+    return Path(out)
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else "no message"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def script(model: nn.Module) -> torch.jit.ScriptModule:
     """``torchrec.fx.symbolic_trace`` then ``torch.jit.script`` (scripting the quantized EBC
-    directly fails; tracing first resolves its Python-only parts)."""
+    directly fails; tracing first resolves its Python-only parts). TorchScript is deprecated in
+    torch 2.13: this is the ``--torchscript`` path only."""
     import torchrec.fx
 
     model.eval().requires_grad_(False)  # inference: outputs carry no autograd graph

@@ -1,0 +1,321 @@
+"""Running the sweep: one process per training run (``python -m mlet_dist.sweep RUN/sweep_run.json``),
+``--jobs`` at a time, resumable from each run's ``result.json``; the ``mlet-dist sweep`` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mlet_dist.config import Config, ConfigError, config_from_dict, load_config
+from mlet_dist.sweep.report import markdown, plot, summarize
+from mlet_dist.sweep.spec import (
+    RESULT_FILE,
+    RUN_SPEC_FILE,
+    STAGES,
+    RunSpec,
+    SweepSpec,
+    _point_name,
+    best_recipes,
+    frontier_runs,
+    load_sweep,
+    tune_runs,
+)
+
+logger = logging.getLogger("mlet_dist.sweep")
+
+
+def read_result(run: RunSpec) -> dict[str, Any] | None:
+    """The run's result when it exists and was computed for the same config and epochs."""
+    path = run.run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return result if result.get("key") == run.key else None
+
+
+def execute(run: RunSpec, keep: bool = False) -> dict[str, Any]:
+    """Trains one run in this process: epoch by epoch, evaluating eval and test after each.
+
+    Returns (and writes ``result.json``) the per-epoch metrics and the epoch chosen by eval AUC.
+    """
+    from mlet_dist.train import train
+
+    run_dir = run.run_dir
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a stale or partial run of this sweep (never user data: see main)
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_SPEC_FILE).write_text(json.dumps(asdict(run), indent=1))
+    cfg = config_from_dict(run.config, origin=str(run_dir / RUN_SPEC_FILE))
+    t0 = time.perf_counter()
+    epochs: list[dict[str, Any]] = []
+    best = -math.inf
+    for e in range(1, run.epochs + 1):
+        cfg.train.epochs = e
+        metrics = train(cfg, resume=True)
+        if "eval" not in metrics:
+            raise ConfigError(
+                "the sweep needs an eval split: set data.eval_fraction > 0 or data.eval_files"
+            )
+        epochs.append({"epoch": e, **{s: metrics[s] for s in ("eval", "test") if s in metrics}})
+        auc = metrics["eval"]["auc"]
+        if auc < best:
+            break  # eval AUC fell: later epochs overfit further
+        best = max(best, auc)
+    chosen = max(epochs, key=lambda m: m["eval"]["auc"])
+    if not keep:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    result = {
+        "key": run.key,
+        "stage": run.stage,
+        "side": run.side,
+        "variant": run.variant,
+        "k": run.k,
+        "d": run.d,
+        "recipe": run.recipe,
+        "point": run.point,
+        "seed": run.seed,
+        "epochs": epochs,
+        "chosen": chosen,
+        "seconds": time.perf_counter() - t0,
+        "optim": run.config["optim"],
+    }
+    tmp = run_dir / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, run_dir / RESULT_FILE)
+    return result
+
+
+def shard_runs(runs: list[RunSpec], shard: tuple[int, int]) -> list[RunSpec]:
+    """The runs of shard ``(i, n)``: every n-th run from the i-th (the shards partition ``runs``)."""
+    index, count = shard
+    return [r for i, r in enumerate(runs) if i % count == index]
+
+
+def run_all(
+    runs: list[RunSpec], jobs: int, threads: int, keep: bool, shard: tuple[int, int] = (0, 1)
+) -> list[dict[str, Any]]:
+    """Runs (or reuses) this shard's runs, ``jobs`` processes at a time; returns every finished
+    result of ``runs`` (all shards') that exists when done."""
+    mine = shard_runs(runs, shard)
+    todo = [r for r in mine if read_result(r) is None]
+    logger.info(
+        "%d runs (%d in this shard, %d already done); %d at a time",
+        len(runs), len(mine), len(mine) - len(todo), jobs,
+    )  # fmt: skip
+    done = [0]
+    t0 = time.perf_counter()
+
+    def one(run: RunSpec) -> None:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = run.run_dir / RUN_SPEC_FILE
+        spec_path.write_text(json.dumps(asdict(run), indent=1))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)  # each run is its own one-process job
+        cmd = [sys.executable, "-m", "mlet_dist.sweep", str(spec_path)]
+        if keep:
+            cmd.append("--keep-runs")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        (run.run_dir.parent / f"{run.run_dir.name}.log").write_text(proc.stdout + proc.stderr)
+        done[0] += 1
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+            raise RuntimeError(f"sweep run {run.run_dir} failed: {tail[0]}")
+        r = read_result(run)
+        logger.info(
+            "[%d/%d] %s %s %s seed %d: eval AUC %.4f (epoch %d), %.0f s (%.0f s elapsed)",
+            done[0], len(todo), run.stage, run.variant, run.recipe + " " + _point_name(run.point),
+            run.seed, r["chosen"]["eval"]["auc"], r["chosen"]["epoch"], r["seconds"],
+            time.perf_counter() - t0,
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for f in [pool.submit(one, r) for r in todo]:
+            f.result()
+    return [res for r in runs if (res := read_result(r)) is not None]
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+
+def _num_tables(cfg: Config) -> int:
+    return len(cfg.data.num_embeddings_per_feature)
+
+
+def _check_work_dir(work: Path, cfg: Config) -> None:
+    """The sweep deletes stale run directories under ``work``: refuse a work directory that is
+    (or holds) anything but a sweep's own output, and one that contains the data it reads."""
+    work = work.resolve()
+    data = [Path(p).resolve() for p in [cfg.data.dir, *cfg.data.train_files, *cfg.data.eval_files,
+                                        cfg.data.parquet_dir] if p]  # fmt: skip
+    for p in data:
+        if p == work or work in p.parents:
+            raise ConfigError(f"--work {work} contains the input data {p}: choose another --work")
+    if work.exists() and any(work.iterdir()) and not (work / "sweep_work.json").is_file():
+        raise ConfigError(
+            f"--work {work} exists and is not a sweep's work directory (no sweep_work.json): "
+            f"choose an empty or new directory"
+        )
+
+
+def ensure_data(cfg: Config) -> None:
+    """Generates synthetic day files once, before runs start in parallel (each would otherwise)."""
+    if cfg.data.source != "synthetic":
+        return
+    from mlet_dist.data import META_FILE_NAME, generate_synthetic
+
+    meta = Path(cfg.data.dir) / META_FILE_NAME
+    saved = json.loads(meta.read_text()).get("config") if meta.is_file() else None
+    if saved != asdict(cfg.synthetic):
+        logger.info("generating synthetic data into %s", cfg.data.dir)
+        generate_synthetic(cfg.data.dir, cfg.synthetic, progress=cfg.train.progress)
+
+
+def sweep(
+    cfg: Config,
+    spec: SweepSpec,
+    work: Path,
+    *,
+    jobs: int = 1,
+    threads: int = 1,
+    keep: bool = False,
+    stage: str = "all",
+    shard: tuple[int, int] = (0, 1),
+    title: str | None = None,
+) -> dict[str, Any] | None:
+    """Runs the sweep (or one stage / shard of it) and writes the report when it is complete.
+
+    Returns the report, or None when this call ran only part of it (a stage or a shard).
+    """
+    work = Path(work)
+    _check_work_dir(work, cfg)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "sweep_work.json").write_text(
+        json.dumps({"config": cfg.to_dict(), "spec": asdict(spec)}, indent=1)
+    )
+    ensure_data(cfg)
+    tune = tune_runs(cfg, spec, work)
+    if stage in ("all", "tune"):
+        run_all(tune, jobs, threads, keep, shard)
+        if stage == "tune":
+            return None
+    tuned = [r for t in tune if (r := read_result(t)) is not None]
+    if len(tuned) < len(tune):
+        raise ConfigError(
+            f"the tune stage is not complete ({len(tuned)}/{len(tune)} runs in {work}/tune): run "
+            f"`--stage tune` on every shard first"
+        )
+    best = best_recipes(spec, tuned)
+    frontier = frontier_runs(cfg, spec, work, best)
+    if stage in ("all", "frontier"):
+        run_all(frontier, jobs, threads, keep, shard)
+        if stage == "frontier" or shard != (0, 1):
+            return None
+    done = [r for f in frontier if (r := read_result(f)) is not None]
+    partial = len(done) < len(frontier)
+    if (partial and stage != "report") or not done:
+        raise ConfigError(
+            f"the frontier stage is not complete ({len(done)}/{len(frontier)} runs in "
+            f"{work}/frontier): run `--stage frontier` on every shard first (`--stage report` "
+            f"summarizes the finished runs of an unfinished sweep)"
+        )
+    report = summarize(spec, tuned, done)
+    report["meta"] = _meta(cfg)
+    if partial:  # a look at a sweep still running: said in the report and on the console
+        report["meta"]["partial"] = f"{len(done)} of {len(frontier)} frontier runs finished"
+        logger.warning("partial report: %s", report["meta"]["partial"])
+    n = _num_tables(cfg)
+    title = title or f"mlet-dist sweep: {cfg.data.source} ({work.name})"
+    (work / "sweep.json").write_text(json.dumps(report, indent=1))
+    (work / "sweep.md").write_text(markdown(report, title, n))
+    plot(report, work / "sweep.png", title, n)
+    return report
+
+
+def _meta(cfg: Config) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "data": cfg.data.source,
+        "batch": cfg.data.batch_size,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sweep", required=True, help="sweep file (TOML, see configs/sweep/)")
+    p.add_argument("--work", required=True, help="directory of the runs and the report")
+    p.add_argument("--jobs", type=_positive, default=1, help="runs at a time (default 1)")
+    p.add_argument("--threads", type=_positive, default=1, help="threads per run (default 1)")
+    p.add_argument("--stage", default="all", choices=["all", *STAGES])
+    p.add_argument("--shard", default="0/1", type=_shard, help="I/N: this job's share of runs")
+    p.add_argument("--seeds", type=_positive, help="override the sweep file's seeds")
+    p.add_argument("--epochs", type=_positive, help="override the sweep file's epochs")
+    p.add_argument("--keep-runs", action="store_true", help="keep each run's checkpoints")
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r} must look like I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def main_from_args(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg = load_config(args.config, overrides)
+    extra = {k: v for k, v in (("seeds", args.seeds), ("epochs", args.epochs)) if v is not None}
+    spec = load_sweep(args.sweep, extra)
+    report = sweep(
+        cfg, spec, Path(args.work), jobs=args.jobs, threads=args.threads, keep=args.keep_runs,
+        stage=args.stage, shard=args.shard,
+    )  # fmt: skip
+    if report is not None:
+        print((Path(args.work) / "sweep.md").read_text())
+        print(f"wrote {args.work}/sweep.json, sweep.md, sweep.png")
+    return 0
+
+
+def _worker(argv: list[str]) -> int:
+    """``python -m mlet_dist.sweep RUN/sweep_run.json``: one run, in its own process."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    raw = json.loads(Path(argv[0]).read_text())
+    execute(RunSpec(**raw), keep="--keep-runs" in argv)
+    return 0

@@ -1,0 +1,272 @@
+"""The sweep file (:class:`SweepSpec`, :class:`Recipe`) and the runs it expands to (:class:`RunSpec`):
+stage 1 (tune) and stage 2 (frontier) of ``mlet-dist sweep`` (see :mod:`mlet_dist.sweep`)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+
+from mlet_dist.config import Config, ConfigError, _apply
+
+RESULT_FILE = "result.json"
+RUN_SPEC_FILE = "sweep_run.json"
+STAGES = ("tune", "frontier", "report")
+W1_LR_SCALINGS = ("none", "sqrt_d_over_k")
+
+
+# -- the sweep file ----------------------------------------------------------------------------
+
+
+@dataclass
+class Recipe:
+    """One way of training a side: fixed config overrides plus a grid of values."""
+
+    name: str
+    """Short name used in run directories and reports (letters, digits, '-', '_')."""
+    set: dict[str, Any] = field(default_factory=dict)
+    """Fixed overrides, ``{"optim.embedding_optimizer" = "sgd", ...}`` (``section.key`` keys)."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """Values tried in the tune stage (Cartesian product), e.g. ``{"optim.embedding_lr" = [...]}``."""
+    w1_lr_scaling: str = "none"
+    """MLET only: 'sqrt_d_over_k' multiplies optim.embedding_lr by sqrt(d / k) for MLET(k, d), so
+    W1's row-wise Adagrad steps move the collapsed rows W1·W2 as far as the baseline's steps move
+    its rows (see README "When does MLET pay off?"); 'none' uses embedding_lr as it is."""
+
+
+@dataclass
+class SweepSpec:
+    """A sweep file: the grid of ``mlet-dist sweep``."""
+
+    dims: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    """Served dimensions d of both sides."""
+    inner_dims: list[int] = field(default_factory=lambda: [64])
+    """Inner dimensions k of MLET(k, d) (only d < k are trained)."""
+    seeds: int = 3
+    """Seeds per frontier variant (train.seed = config seed + 0, 1, ...)."""
+    tune_dim: int = 8
+    """d at which the recipes are tuned (eval split, one seed)."""
+    tune_seeds: int = 1
+    """Seeds per tune point (the eval AUC is averaged over them)."""
+    epochs: int = 1
+    """1 = one pass over the training data; > 1 = up to this many epochs, each run's epoch chosen
+    by its eval AUC (stops after the first epoch whose eval AUC is lower than the best)."""
+    epsilon: float = 0.001
+    """The recommendation: the smallest served d whose mean eval AUC is within epsilon of the best."""
+    baseline: list[Recipe] = field(default_factory=list)
+    """Recipes of the single-layer baseline EBC(d)."""
+    mlet: list[Recipe] = field(default_factory=list)
+    """Recipes of MLET(k, d)."""
+
+    def check(self, origin: str) -> None:
+        if not self.dims or any(d <= 0 for d in self.dims):
+            raise ConfigError(f"{origin}: dims must be a non-empty list of positive integers")
+        if any(d % 4 for d in self.dims):
+            raise ConfigError(
+                f"{origin}: dims {self.dims}: every d must be a multiple of 4 (fbgemm's embedding "
+                f"kernels, which train and serve the tables, need widths divisible by 4)"
+            )
+        if any(k <= 0 for k in self.inner_dims):
+            raise ConfigError(f"{origin}: inner_dims must be positive integers")
+        if self.seeds < 1 or self.tune_seeds < 1 or self.epochs < 1:
+            raise ConfigError(f"{origin}: seeds, tune_seeds and epochs must be at least 1")
+        if not self.baseline:
+            raise ConfigError(f"{origin}: give at least one [[baseline]] recipe")
+        if self.inner_dims and not self.mlet:
+            raise ConfigError(f"{origin}: give at least one [[mlet]] recipe (or inner_dims = [])")
+        names = [r.name for r in self.baseline] + [r.name for r in self.mlet]
+        for r in [*self.baseline, *self.mlet]:
+            if not r.name or not all(c.isalnum() or c in "-_" for c in r.name):
+                raise ConfigError(f"{origin}: recipe name {r.name!r} must be letters/digits/-/_")
+            if r.w1_lr_scaling not in W1_LR_SCALINGS:
+                raise ConfigError(
+                    f"{origin}: recipe {r.name}: w1_lr_scaling = {r.w1_lr_scaling!r} is not one "
+                    f"of {', '.join(W1_LR_SCALINGS)}"
+                )
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"{origin}: recipe names must be unique, repeated: {dup}")
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Reads a sweep file; ``overrides`` replace top-level keys (``{"seeds": 1}``)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"sweep file {path} does not exist (see configs/sweep/)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"sweep file {path} is not valid TOML: {e}") from None
+    raw.update(overrides or {})
+    spec = SweepSpec()
+    hints = typing.get_type_hints(SweepSpec)
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(f"{path}: unknown key {key!r}; valid keys: {', '.join(hints)}")
+        if key in ("baseline", "mlet"):
+            recipes = []
+            for i, table in enumerate(value):
+                unknown = set(table) - set(typing.get_type_hints(Recipe))
+                if unknown or "name" not in table:
+                    raise ConfigError(
+                        f"{path}: [[{key}]] #{i + 1}: needs 'name'; unknown keys {sorted(unknown)}"
+                        f" (valid: name, set, grid, w1_lr_scaling)"
+                    )
+                recipes.append(Recipe(**table))
+            value = recipes
+        elif hints[key] is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ConfigError(f"{path}: {key} = {value!r} must be an integer")
+        elif hints[key] is float and not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: {key} = {value!r} must be a number")
+        setattr(spec, key, value)
+    spec.check(str(path))
+    return spec
+
+
+# -- runs --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSpec:
+    """One training run of the sweep."""
+
+    stage: str
+    side: str  # "baseline" | "mlet"
+    k: int  # 0 for the baseline
+    d: int
+    recipe: str
+    point: dict[str, Any]  # the grid values of this run
+    seed: int
+    config: dict[str, Any]  # Config.to_dict() of the run (run_dir included)
+    epochs: int
+
+    @property
+    def variant(self) -> str:
+        return f"MLET({self.k},{self.d})" if self.k else f"EBC({self.d})"
+
+    @property
+    def key(self) -> str:
+        """A stable id of what the run computes (not where it runs)."""
+        cfg = copy.deepcopy(self.config)
+        cfg["train"].pop("run_dir", None)
+        cfg["train"].pop("progress", None)
+        text = json.dumps({"config": cfg, "epochs": self.epochs}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["train"]["run_dir"])
+
+
+def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
+    # the same checks as --section.key=value overrides
+    if "." not in dotted:
+        raise ConfigError(f"{origin}: override key {dotted!r} must look like section.key")
+    section, key = dotted.split(".", 1)
+    _apply(cfg, section, key, value, origin)
+
+
+def variant_config(
+    base: Config, k: int, d: int, recipe: Recipe, point: dict[str, Any], seed: int
+) -> Config:
+    """The config of one run: the recipe's overrides and grid point, then k, d and the seed.
+
+    The bottom MLP's last size must equal d (DLRM interacts it with the embeddings): it is set to
+    d; the other sizes are the user's.
+    """
+    cfg = copy.deepcopy(base)
+    origin = f"sweep recipe {recipe.name}"
+    for dotted, value in {**recipe.set, **point}.items():
+        _set(cfg, dotted, value, origin)
+    cfg.model.inner_dim = k
+    cfg.model.inner_dim_per_table = {}
+    cfg.model.embedding_dim = d
+    if cfg.model.dense_arch_layer_sizes:
+        cfg.model.dense_arch_layer_sizes = [*cfg.model.dense_arch_layer_sizes[:-1], d]
+    if k and recipe.w1_lr_scaling == "sqrt_d_over_k":
+        cfg.optim.embedding_lr = cfg.optim.embedding_lr * math.sqrt(d / k)
+    cfg.train.seed = base.train.seed + seed
+    cfg.train.progress = False
+    return cfg
+
+
+def _points(recipe: Recipe) -> list[dict[str, Any]]:
+    keys = sorted(recipe.grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(recipe.grid[k] for k in keys))]
+
+
+def _point_name(point: dict[str, Any]) -> str:
+    return "_".join(f"{k.split('.')[-1]}-{v}" for k, v in sorted(point.items())) or "default"
+
+
+def _sides(spec: SweepSpec, d: int) -> list[tuple[str, int, list[Recipe]]]:
+    sides = [("baseline", 0, spec.baseline)]
+    # k == d adds no width to train with: MLET(k, d) is swept for k > d only.
+    sides += [("mlet", k, spec.mlet) for k in spec.inner_dims if k > d]
+    return sides
+
+
+def tune_runs(base: Config, spec: SweepSpec, work: Path) -> list[RunSpec]:
+    """Stage 1: every recipe × grid point of each side at ``tune_dim``, ``tune_seeds`` seeds."""
+    runs = []
+    d = spec.tune_dim
+    for side, k, recipes in _sides(spec, d):
+        for recipe in recipes:
+            for point in _points(recipe):
+                for seed in range(spec.tune_seeds):
+                    cfg = variant_config(base, k, d, recipe, point, seed)
+                    name = f"k{k}_d{d}_{recipe.name}_{_point_name(point)}_s{seed}"
+                    cfg.train.run_dir = str(work / "tune" / name)
+                    runs.append(
+                        RunSpec("tune", side, k, d, recipe.name, point, seed, cfg.to_dict(),
+                                spec.epochs)
+                    )  # fmt: skip
+    return runs
+
+
+def best_recipes(
+    spec: SweepSpec, results: list[dict[str, Any]]
+) -> dict[int, tuple[str, dict[str, Any], float]]:
+    """Per side (k; 0 = baseline), the recipe and point with the best mean eval AUC."""
+    scores: dict[tuple[int, str, str], list[float]] = {}
+    points: dict[tuple[int, str, str], dict[str, Any]] = {}
+    for r in results:
+        key = (r["k"], r["recipe"], json.dumps(r["point"], sort_keys=True))
+        scores.setdefault(key, []).append(r["chosen"]["eval"]["auc"])
+        points[key] = r["point"]
+    best: dict[int, tuple[str, dict[str, Any], float]] = {}
+    for (k, recipe, p), aucs in sorted(scores.items()):
+        mean = float(np.mean(aucs))
+        if k not in best or mean > best[k][2]:
+            best[k] = (recipe, points[(k, recipe, p)], mean)
+    return best
+
+
+def frontier_runs(
+    base: Config, spec: SweepSpec, work: Path, best: dict[int, tuple[str, dict[str, Any], float]]
+) -> list[RunSpec]:
+    """Stage 2: every d with each side's winning recipe, ``seeds`` seeds."""
+    recipes = {r.name: r for r in [*spec.baseline, *spec.mlet]}
+    runs = []
+    for d in spec.dims:
+        for side, k, _ in _sides(spec, d):
+            if k not in best:
+                continue
+            name, point, _ = best[k]
+            recipe = recipes[name]
+            for seed in range(spec.seeds):
+                cfg = variant_config(base, k, d, recipe, point, seed)
+                cfg.train.run_dir = str(work / "frontier" / f"k{k}_d{d}_{name}_s{seed}")
+                runs.append(
+                    RunSpec("frontier", side, k, d, name, point, seed, cfg.to_dict(), spec.epochs)
+                )
+    return runs
