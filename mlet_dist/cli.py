@@ -140,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     add("generate", "write synthetic Criteo-format day files into data.dir")
     t = add("train", "train a model; resumes the latest checkpoint of train.run_dir")
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    t.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="refuse to resume when the newest checkpoint is damaged (default: resume the newest "
+        "intact one, with a warning)",
+    )
     e = add("evaluate", "evaluate a run's latest checkpoint", config=False)
     e.add_argument(
         "--run", "--run-dir", dest="run", required=True, help="run directory of a training run"
@@ -290,7 +296,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "train":
         from mlet_dist.train import train
 
-        train(load_config(args.config, overrides), resume=not args.no_resume)
+        cfg = load_config(args.config, overrides)
+        train(cfg, resume=not args.no_resume, fallback=not args.no_fallback)
         return 0
     if args.command == "evaluate":
         from mlet_dist.workflow import evaluate_run

@@ -421,6 +421,27 @@ def config_from_dict(raw: dict[str, Any], origin: str = "saved config") -> Confi
     return cfg
 
 
+CATEGORICAL_FEATURES = 26
+"""Categorical features of every data source (Criteo C1..C26; Avazu, MovieLens mapped onto them)."""
+
+
+def check_feature_count(data: DataConfig) -> None:
+    """Refuses a table-size list that does not match the data's 26 categorical features.
+
+    Called before any data is read or anything is written by the commands that read data
+    (train, run, evaluate, preprocess). Not part of :func:`validate`: `plan`, a dry run
+    without data, accepts any number of tables.
+    """
+    n = len(data.num_embeddings_per_feature)
+    if n != CATEGORICAL_FEATURES:
+        raise ConfigError(
+            f"data.num_embeddings_per_feature has {n} values, expected {CATEGORICAL_FEATURES} "
+            f"(one hash size per categorical feature of the Criteo layout every data source is "
+            f"read into: Criteo's C1..C26; Avazu and MovieLens leave their last ones unused, "
+            f"size 1)"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key cannot express."""
     m = cfg.model

@@ -47,7 +47,13 @@ from torchrec.models.dlrm import DLRMTrain
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from mlet_dist.checkpoint import CheckpointError, latest_checkpoint, read_train_state
+from mlet_dist.checkpoint import (
+    CheckpointError,
+    dcp_load,
+    latest_checkpoint,
+    read_train_state,
+    verify_checkpoint,
+)
 from mlet_dist.config import Config, ConfigError
 from mlet_dist.distributed.collapse import (
     DEFAULT_CHUNK_ROWS,
@@ -123,13 +129,8 @@ def load_unsharded(cfg: Config, checkpoint: Path) -> DLRMTrain:
         cfg.model, cfg.data.num_embeddings_per_feature, embedding_device=torch.device("cpu")
     )
     state = {"model": model.state_dict()}
-    try:
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # this process alone
-    except Exception as e:  # DCP raises several types for a mismatched or damaged checkpoint
-        raise CheckpointError(
-            f"cannot load {checkpoint} into the model of its run config ({e}); is the checkpoint "
-            f"complete and from this run?"
-        ) from e
+    verify_checkpoint(checkpoint, collective=False)
+    dcp_load(state, checkpoint, no_dist=True)  # this process alone; one-line CheckpointError
     model.load_state_dict(state["model"])
     return model
 
@@ -262,14 +263,14 @@ def _load_served_rows(
     if dtype == "fp32":
         key = SERVED_TABLE_KEY
         state = {key.format(t.name): torch.empty(t.num_embeddings, t.embedding_dim) for t in tables}
-        dcp.load({"model": state}, checkpoint_id=str(out / "model"), no_dist=True)
+        dcp_load({"model": state}, out / "model", no_dist=True)
     else:
         key = SERVING_TABLE_KEY
         state = {}
         for t in tables:
             dt, cols = serving_layout(dtype, t.embedding_dim)
             state[key.format(t.name)] = torch.empty(t.num_embeddings, cols, dtype=dt)
-        dcp.load(state, checkpoint_id=str(out / "serving" / "tables"), no_dist=True)
+        dcp_load(state, out / "serving" / "tables", no_dist=True)
     return {t.name: state[key.format(t.name)] for t in tables}
 
 
@@ -556,6 +557,7 @@ def _collapse_run(
         )
 
     env = init_distributed(cfg.dist)
+    verify_checkpoint(ckpt)  # collective; before anything is written
     out = Path(out_dir)
     staging = _staging_dir(out)
     if env.is_rank0:
@@ -567,7 +569,7 @@ def _collapse_run(
 
     t0 = time.perf_counter()
     trainer = Trainer(_collapse_config(cfg, env.world_size), env)
-    trainer.load(ckpt, optimizer=False)
+    trainer.load(ckpt, optimizer=False, verify=False)
     state = trainer.model.state_dict()
     t_load = time.perf_counter() - t0
 
@@ -798,6 +800,6 @@ def load_served(out_dir: str | Path) -> tuple[DLRMTrain, Config]:
     ebc = EmbeddingBagCollection(tables=served_tables(tables), device=torch.device("cpu"))
     model = build_dlrm(cfg.model, cfg.data.num_embeddings_per_feature, embedding_module=ebc)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(Path(out_dir) / "model"), no_dist=True)
+    dcp_load(state, Path(out_dir) / "model", no_dist=True)  # refuses a crafted .metadata
     model.load_state_dict(state["model"])
     return model, cfg

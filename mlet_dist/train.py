@@ -27,20 +27,31 @@ from mlet_dist.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_train_state,
+    resume_checkpoint,
     save_checkpoint,
     saved_plan,
+    verify_checkpoint,
 )
-from mlet_dist.config import Config, ConfigError, DataConfig, config_from_dict, w1_learning_rate
+from mlet_dist.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    check_feature_count,
+    config_from_dict,
+    w1_learning_rate,
+)
 from mlet_dist.data import CriteoArrays, make_batches, split_arrays
+from mlet_dist.data.criteo import require_rows
 from mlet_dist.data.loader import build_batch_source
 from mlet_dist.data.sources import FILE_KINDS, read_source_file
-from mlet_dist.distributed.elastic import TrainingGuard, check_agent_store
+from mlet_dist.distributed.elastic import TrainingGuard, _flag_group, check_agent_store
 from mlet_dist.distributed.parallelize import (
     DistEnv,
     build_optimizer,
     init_distributed,
     parallelize,
 )
+from mlet_dist.errors import MletError
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.models import build_dlrm
 from mlet_dist.quality import bucket_metrics, id_counts, rarest_id_count
@@ -63,6 +74,10 @@ MODEL_KEYS = {
     "model": None,  # every key
     "data": {"num_embeddings_per_feature"},
 }
+
+
+class TrainingDiverged(MletError, RuntimeError):
+    """The training loss became NaN or infinite; training stopped without saving those weights."""
 
 
 @dataclass
@@ -107,9 +122,14 @@ def data_files(data_cfg: DataConfig) -> list[Path]:
 def read_data_file(data_cfg: DataConfig, path: str | Path) -> CriteoArrays:
     """Reads one raw file of the configured source: an Avazu CSV (``data.source = 'avazu'``),
     MovieLens ratings (``'movielens'``, sorted by time), both mapped onto the Criteo layout, or a
-    Criteo-format TSV (every other source); :func:`mlet_dist.data.sources.read_source_file`."""
+    Criteo-format TSV (every other source); :func:`mlet_dist.data.sources.read_source_file`.
+
+    Raises:
+        CriteoFormatError: the file is malformed, or holds no rows (named).
+    """
     sizes = data_cfg.num_embeddings_per_feature
-    return read_source_file(data_cfg.source, path, sizes, max_rows=data_cfg.max_rows)
+    arrays = read_source_file(data_cfg.source, path, sizes, max_rows=data_cfg.max_rows)
+    return require_rows(arrays, path)
 
 
 def load_splits(data_cfg: DataConfig) -> Splits:
@@ -245,19 +265,23 @@ class Trainer:
                 raise full from e
             raise
 
-    def load(self, path: Path, optimizer: bool = True) -> None:
+    def load(self, path: Path, optimizer: bool = True, verify: bool = True) -> None:
         """Loads a checkpoint (collectively), resharding it to this job's plan.
 
         Args:
             path: a complete checkpoint directory.
             optimizer: also load the optimizer state and LR schedule (to resume training).
                 ``False`` loads the weights only (evaluation), which reshards from any plan.
+            verify: check the files' sizes and CRC-32 first (False: the caller just did).
 
         Raises:
-            CheckpointError: the model config differs from the checkpoint's (the keys are named),
-                or (with ``optimizer``) a column-based table's fused optimizer state would have
-                to be resharded to another world size or column split, which TorchRec cannot do.
+            CheckpointError: a file of the checkpoint is damaged or missing (named), the model
+                config differs from the checkpoint's (the keys are named), or (with
+                ``optimizer``) a column-based table's fused optimizer state would have to be
+                resharded to another world size or column split, which TorchRec cannot do.
         """
+        if verify:
+            verify_checkpoint(path)
         saved = read_train_state(path)
         check_model_config(path, saved["config"], self.cfg)
         if not optimizer:
@@ -367,6 +391,7 @@ class Trainer:
                 self.step += 1
                 self.batch_in_epoch = i + 1
                 seen += batch.labels.numel()
+                self._stop_if_diverged(loss, bar, guard)  # before anything is logged or saved
                 if self.step % cfg.train.log_every == 0 or self.step == total:
                     value = loss.detach().item()
                     losses.append([self.step, value])
@@ -395,6 +420,33 @@ class Trainer:
             "samples_per_s": seen * env.world_size / seconds if seconds > 0 else 0.0,
             "loss_curve": losses,
         }
+
+    def _stop_if_diverged(self, loss: torch.Tensor, bar: Any, guard: TrainingGuard) -> None:
+        """Collective, after every step: raises :class:`TrainingDiverged` on every rank when the
+        loss of any rank is not finite (the optimizer step already made the weights NaN, so
+        nothing may be saved from here on).
+
+        One scalar read per step and, on several ranks, an all-reduce of one int on the CPU
+        (gloo) group of the stop flags: every rank must stop at the same step.
+        """
+        value = float(loss.detach().float().cpu())
+        bad = torch.tensor([0 if np.isfinite(value) else self.env.rank + 1], dtype=torch.int32)
+        if self.env.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=_flag_group(self.env))
+        if not bad.item():
+            return
+        rank = int(bad.item()) - 1
+        shown = f"{value}" if rank == self.env.rank else "not finite"
+        last = latest_checkpoint(self.cfg.train.run_dir)
+        bar.close()
+        guard.close()
+        raise TrainingDiverged(
+            f"training diverged: the loss is {shown} at step {self.step} (rank {rank}); stopped "
+            f"without writing a checkpoint of the non-finite weights (the last checkpoint: "
+            f"{last.name if last else 'none'}). Lower the learning rates (optim.embedding_lr, "
+            f"optim.dense_lr, optim.projection_lr) or check the data for extreme values, then "
+            f"resume from the last checkpoint or start a new train.run_dir"
+        )
 
     @torch.no_grad()
     def predict(self, arrays: CriteoArrays) -> tuple[torch.Tensor, torch.Tensor]:
@@ -515,11 +567,13 @@ def _local_sizes(n: int, batch_size: int, world_size: int) -> list[int]:
     return sizes
 
 
-def train(cfg: Config, resume: bool = True) -> dict[str, Any]:
+def train(cfg: Config, resume: bool = True, fallback: bool = True) -> dict[str, Any]:
     """Trains a model as configured; returns (and on rank 0 writes) the run's metrics.
 
     Writes ``RUN/config.json``, ``RUN/metrics.json`` and checkpoints under ``RUN/checkpoints``.
-    With ``resume`` the latest complete checkpoint of the run directory is continued.
+    With ``resume`` the newest intact checkpoint of the run directory is continued: a damaged
+    newer one is moved aside with a warning, or, with ``fallback=False``, refused
+    (:func:`mlet_dist.checkpoint.resume_checkpoint`).
 
     Safety: rank 0 checks ``train.run_dir`` (not an input, a checkpoint, a serving directory or
     inside another run; an existing one must be a run) and holds the run's exclusive lock
@@ -530,9 +584,12 @@ def train(cfg: Config, resume: bool = True) -> dict[str, Any]:
     Raises:
         OutputPathError: ``train.run_dir`` is refused.
         RunLockedError: another process holds the run (its pid and host are named).
-        CheckpointError: the checkpoint to resume was written with another model config.
+        CheckpointError: the checkpoint to resume was written with another model config, or
+            (with ``fallback=False``) the newest one is damaged.
+        TrainingDiverged: the loss became NaN/inf (nothing is saved after that step).
         NoSpaceError: a checkpoint could not be written (the half-written one is removed).
     """
+    check_feature_count(cfg.data)
     check_agent_store()  # fail fast where torchrun's restart would hang (elastic.py)
     env = init_distributed(cfg.dist)
     run_dir = Path(cfg.train.run_dir)
@@ -548,7 +605,7 @@ def train(cfg: Config, resume: bool = True) -> dict[str, Any]:
         )
 
     with hold_run(run_dir, env, command="train", shared=False, check=check):
-        return _train(cfg, env, run_dir, resume)
+        return _train(cfg, env, run_dir, resume, fallback)
 
 
 # What training writes into its run directory (besides RUN/.lock and eval_*.json).
@@ -584,7 +641,9 @@ def remove_stale_checkpoints(run_dir: str | Path) -> None:
         logger.info("removed the unfinished checkpoint %s", stale)
 
 
-def _train(cfg: Config, env: DistEnv, run_dir: Path, resume: bool) -> dict[str, Any]:
+def _train(
+    cfg: Config, env: DistEnv, run_dir: Path, resume: bool, fallback: bool = True
+) -> dict[str, Any]:
     splits = load_splits(cfg.data)
     if splits.train is None:
         logger.info(
@@ -596,14 +655,14 @@ def _train(cfg: Config, env: DistEnv, run_dir: Path, resume: bool) -> dict[str, 
             "data: %d train / %d eval / %d test rows; world size %d on %s",
             len(splits.train), len(splits.eval), len(splits.test), env.world_size, env.device,
         )  # fmt: skip
-    last = latest_checkpoint(run_dir) if resume else None
+    last = resume_checkpoint(run_dir, fallback) if resume else None  # verified
     plan = None  # the saved plan when it fits: TorchRec's planning is not reproducible
     if last is not None:
         check_model_config(last, read_train_state(last)["config"], cfg)  # before any write
         plan = saved_plan(last, cfg.to_dict()["dist"], env.world_size, env.device.type)
     trainer = Trainer(cfg, env, plan=plan)
     if last is not None:
-        trainer.load(last)
+        trainer.load(last, verify=False)
 
     def start() -> None:  # every check passed: from here on the run directory is written
         if env.is_rank0:

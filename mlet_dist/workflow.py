@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from mlet_dist.checkpoint import CheckpointError, latest_checkpoint
-from mlet_dist.config import Config, apply_overrides
+from mlet_dist.config import Config, ConfigError, apply_overrides, check_feature_count
 from mlet_dist.data import CriteoArrays
+from mlet_dist.data.criteo import require_rows
 from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.utils.files import atomic_write_json, check_output, hold_run
@@ -73,12 +74,15 @@ def _evaluate_run(
     from mlet_dist.train import Trainer, load_run_config, load_splits
 
     cfg = apply_overrides(load_run_config(run_dir), overrides or [])
+    check_feature_count(cfg.data)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"run {run_dir} has no complete checkpoint; train it first")
     sizes = cfg.data.num_embeddings_per_feature
     if files:
-        arrays = CriteoArrays.concat([read_source_file(cfg.data.source, f, sizes) for f in files])
+        arrays = CriteoArrays.concat(
+            [require_rows(read_source_file(cfg.data.source, f, sizes), f) for f in files]
+        )
         name = "files"
         try:  # the buckets need the training split; new files are scored without it too
             train_rows = load_splits(cfg.data).train
@@ -89,6 +93,13 @@ def _evaluate_run(
         splits = load_splits(cfg.data)
         arrays, train_rows = getattr(splits, split), splits.train
         name = split
+        if arrays is not None and len(arrays) == 0:
+            key = f"{split}_fraction"
+            why = f" (data.{key} = {getattr(cfg.data, key)})" if hasattr(cfg.data, key) else ""
+            raise ConfigError(
+                f"the {split!r} split of run {run_dir} has no rows{why}; evaluate another split "
+                f"or pass --data FILE"
+            )
     # Per id-frequency bucket, with the ids counted in the training split (as training reports).
     counts = None if train_rows is None else id_counts(train_rows.sparse, sizes)
     env = init_distributed(cfg.dist)
@@ -188,6 +199,7 @@ def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
     from mlet_dist.export import collapse_run
     from mlet_dist.train import load_splits, train
 
+    check_feature_count(cfg.data)
     env = init_distributed(cfg.dist)
     if cfg.data.source == "synthetic" and env.is_rank0:
         meta = Path(cfg.data.dir) / META_FILE_NAME

@@ -427,7 +427,7 @@ def test_sigterm_checkpoints_every_rank_then_resume_matches(data, torchx_ref, tm
     state = read_train_state(ckpt)
     assert (state["step"], state["batch_in_epoch"], state["world_size"]) == (9, 9, 2)
     assert {f.name for f in ckpt.glob("*.distcp")} >= {"__0_0.distcp", "__1_0.distcp"}
-    assert (ckpt / "plan.pt").is_file()
+    assert (ckpt / "plan.json").is_file()
     assert not (run_dir / "metrics.json").exists()
     assert [s for s, _ in read_loss_log(run_dir)] == list(range(1, 10))
 
@@ -564,16 +564,27 @@ def test_schedule_restores_on_a_rank_with_other_param_groups():
 
 
 def test_saved_plan_is_reused_only_where_it_fits(tmp_path):
-    from mlet_dist.checkpoint import PLAN_FILE, TRAIN_STATE, saved_plan
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
+    from torchrec.distributed.types import (
+        EmbeddingModuleShardingPlan,
+        ParameterSharding,
+        ShardingPlan,
+    )
+
+    from mlet_dist.checkpoint import PLAN_FILE, TRAIN_STATE, plan_to_json, saved_plan
 
     dist_cfg = {"device": "cpu", "sharding_types": ["table_wise"]}
     ckpt = tmp_path / "step_00000009"
     ckpt.mkdir()
     state = {"world_size": 2, "device": "cpu", "config": {"dist": dist_cfg}}
     (ckpt / TRAIN_STATE).write_text(json.dumps(state))
-    assert saved_plan(ckpt, dist_cfg, 2, "cpu") is None  # no plan.pt (an older checkpoint)
-    torch.save({"t_cat_0": "plan"}, ckpt / PLAN_FILE)
-    assert saved_plan(ckpt, dist_cfg, 2, "cpu") == {"t_cat_0": "plan"}
+    assert saved_plan(ckpt, dist_cfg, 2, "cpu") is None  # no plan (an older checkpoint)
+    spec = EnumerableShardingSpec([ShardMetadata([0, 0], [10, 4], "rank:1/cpu")])
+    table = ParameterSharding("table_wise", "fused", [1], spec)
+    plan = ShardingPlan({"model.ebc": EmbeddingModuleShardingPlan({"t_cat_0": table})})
+    (ckpt / PLAN_FILE).write_text(json.dumps(plan_to_json(plan)))
+    assert saved_plan(ckpt, dist_cfg, 2, "cpu") == plan
     assert saved_plan(ckpt, dist_cfg, 4, "cpu") is None  # another world size: plan anew
     assert saved_plan(ckpt, dist_cfg, 2, "cuda") is None
     assert saved_plan(ckpt, {**dist_cfg, "sharding_types": []}, 2, "cpu") is None

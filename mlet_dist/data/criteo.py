@@ -7,7 +7,10 @@ Kaggle ``train.txt`` and the Criteo 1TB ``day_N`` files, and of the synthetic ge
 
 The transforms follow the facebookresearch/dlrm reference: integer features are clamped at 0 and
 mapped through ``log(x + 1)`` (missing = 0); categorical hashes are parsed as unsigned integers
-(missing = 0) and taken modulo the table size of their feature.
+(missing = 0) and taken modulo the table size of their feature. Values that cannot be represented
+are malformed, not clamped: an integer feature of more than 38 significant digits (>= 10**38,
+near float32's limit of 3.4e38; a 309-digit one would be ``inf`` in float64) and a categorical
+value of more than 16 hex digits (64 bits).
 
 Example::
 
@@ -58,6 +61,7 @@ __all__ = [
     "num_batches",
     "parse_lines",
     "read_criteo_tsv",
+    "require_rows",
     "split_arrays",
     "to_batch",
 ]
@@ -72,6 +76,11 @@ _CHUNK_BYTES = 8 << 20
 # Longest categorical value accepted: 16 hex digits fit an unsigned 64-bit integer exactly, so
 # ``value % table_size`` is the true modulo (Criteo hashes have 8).
 _MAX_HEX_DIGITS = 16
+# Longest integer feature accepted, in significant digits (leading zeros do not count): every
+# such value is < 10**38, below float32's largest finite value (3.4e38), so the parsed count and
+# its log(x + 1) are finite in float32 (a 309-digit value would be inf even in float64, and
+# would train to a NaN loss). Criteo's counts have at most 10 digits.
+_MAX_INT_DIGITS = 38
 _MAX_SHOWN_CHARS = 40
 
 _HEX_LUT = np.full(256, -1, dtype=np.int16)
@@ -202,6 +211,13 @@ def _line_error(line: bytes) -> str | None:
                 f"integer: {_show(value)}; integer features must be decimal integers (optionally "
                 f"negative) or empty for missing"
             )
+        digits = len(value.lstrip(b"-").lstrip(b"0"))
+        if digits > _MAX_INT_DIGITS:
+            return (
+                f"integer feature I{i + 1} ({DEFAULT_INT_NAMES[i]}, field {i + 2}) has {digits} "
+                f"significant digits, at most {_MAX_INT_DIGITS} are accepted (values must stay "
+                f"below 10**38, within float32's range): {_show(value)}; fix or drop the row"
+            )
     for j in range(CAT_FEATURE_COUNT):
         value = fields[1 + INT_FEATURE_COUNT + j]
         if value and _HEX_RE.fullmatch(value) is None:
@@ -258,19 +274,28 @@ def _parse_hex(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> tuple[n
 
 
 def _parse_int(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Vectorized parse of ``-?[0-9]+`` fields; returns (float64 values clamped at 0, any_bad)."""
+    """Vectorized parse of ``-?[0-9]+`` fields; returns (float64 values clamped at 0, any_bad).
+
+    A value of more than ``_MAX_INT_DIGITS`` significant digits is bad (either sign)."""
     neg = (lens > 0) & (_gather(buf, starts, 0) == ord("-"))
     digit_starts = starts + neg
     ndigits = lens - neg
     bad = bool((neg & (ndigits == 0)).any())
-    # float64 accumulation cannot overflow; it is exact below 2**53, far above Criteo's counts.
+    # float64 accumulation is exact below 2**53, far above Criteo's counts; with at most 38
+    # significant digits it stays below 1e38 (finite in float32 too).
     values = np.zeros(starts.shape[0], dtype=np.float64)
+    significant = np.zeros(starts.shape[0], dtype=np.int64)
     for p in range(int(ndigits.max(initial=0))):
         active = ndigits > p
         digit = _DEC_LUT[_gather(buf, digit_starts, p)]
         if (active & (digit < 0)).any():
             bad = True
-        values = np.where(active, values * 10.0 + digit, values)
+        with np.errstate(over="ignore"):  # a too-long value may reach inf: it is bad anyway
+            values = np.where(active, values * 10.0 + digit, values)
+        # Once a non-zero digit was seen the value stays > 0: every later digit is significant.
+        significant += active & (values > 0)
+    if (significant > _MAX_INT_DIGITS).any():
+        bad = True
     values[neg] = 0.0  # negative counts (e.g. I2 = -1) are clamped to 0, as in DLRM
     return values, bad
 
@@ -518,6 +543,21 @@ def read_criteo_tsv(
     ]
     arrays = CriteoArrays.concat(parts)
     logger.debug("read %d rows from %s", len(arrays), path)
+    return arrays
+
+
+def require_rows(arrays: CriteoArrays, path: str | Path) -> CriteoArrays:
+    """Returns ``arrays``, or raises a CriteoFormatError naming ``path`` when it has no rows.
+
+    The readers accept an empty file (zero rows, e.g. for preprocessing); training, evaluation
+    and prediction refuse one, since it is almost always a wrong or truncated path.
+    """
+    if len(arrays) == 0:
+        raise CriteoFormatError(
+            f"{path}: the file is empty (no data rows); check the path, or remove it from the "
+            f"list of files",
+            path=path,
+        )
     return arrays
 
 

@@ -81,7 +81,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mlet_dist.config import ConfigError, DataConfig
+from mlet_dist.config import ConfigError, DataConfig, check_feature_count
 from mlet_dist.data.criteo import (
     CAT_FEATURE_COUNT,
     DEFAULT_CAT_NAMES,
@@ -1022,7 +1022,8 @@ def preprocess_from_config(
     defaults to ``data.parquet_dir``.
 
     Raises:
-        ConfigError: no inputs or no output directory; a source other than Criteo TSV.
+        ConfigError: no inputs or no output directory; a source other than Criteo TSV;
+            not 26 table sizes.
     """
     if data_cfg.source in ("avazu", "movielens"):
         raise ConfigError(
@@ -1030,6 +1031,7 @@ def preprocess_from_config(
             f"train, run and evaluate read that source into memory (no preprocessing needed); "
             f"for Criteo TSV inputs set --data.source=criteo"
         )
+    check_feature_count(data_cfg)
     if inputs is None:
         if data_cfg.source == "synthetic":
             from mlet_dist.train import data_files  # the synthetic day-file discovery

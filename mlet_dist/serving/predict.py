@@ -22,6 +22,7 @@ import torch
 
 from mlet_dist.config import ConfigError
 from mlet_dist.data import CriteoArrays
+from mlet_dist.data.criteo import require_rows
 from mlet_dist.data.movielens import MOVIES_FILE, USERS_FILE
 from mlet_dist.data.sources import read_source_file
 from mlet_dist.serving.manifest import ServingError, artifacts, read_manifest, verify_manifest
@@ -209,6 +210,9 @@ def predict_file(
         OutputPathError: ``out`` is, contains or lies inside an input (the serving directory, a
             data file), a run, a checkpoint or a serving directory, or exists and is not a
             previous predictions file (:func:`previous_predictions`).
+        CriteoFormatError: a data file is malformed or empty (named).
+        ServingError: the serving directory does not match its manifest, or the predictor gave a
+            non-finite probability (nothing is written then; the first such row is named).
     """
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be a positive number of rows, got {batch_size}")
@@ -225,10 +229,21 @@ def predict_file(
     predictor, manifest = load_predictor(serving_dir, verify, kind)
     sizes = table_sizes(manifest)
     source = data_source(manifest)
-    arrays = CriteoArrays.concat(
-        [read_source_file(source, f, sizes, in_file_order=True) for f in files]
-    )
+    parts = [require_rows(read_source_file(source, f, sizes, in_file_order=True), f) for f in files]
+    arrays = CriteoArrays.concat(parts)
     probs = predict_arrays(predictor, arrays, batch_size).numpy()
+    bad = np.flatnonzero(~np.isfinite(probs))
+    if bad.size:
+        row = int(bad[0])
+        ends = np.cumsum([len(p) for p in parts])
+        k = int(np.searchsorted(ends, row, side="right"))
+        row_in_file = row - (int(ends[k - 1]) if k else 0) + 1
+        raise ServingError(
+            f"refusing to write {out}: the predictor of {serving_dir} returned {probs[row]} for "
+            f"{bad.size} of {len(probs)} rows (first: {files[k]}, data row {row_in_file}); its "
+            f"tables or dense weights are not finite. Collapse a checkpoint of a run whose loss "
+            f"was finite"
+        )
     with atomic_path(out) as tmp:  # a failed write leaves no partial file (and names a full disk)
         if out.suffix == ".parquet":
             import pyarrow as pa
