@@ -201,7 +201,7 @@ class OptimConfig:
     projection_lr: float = 0.0
     """Learning rate of W2; 0 means the same as dense_lr."""
     w1_lr_scaling: str = "none"
-    """'sqrt_d_over_k': W1 of MLET(k, d) trains with embedding_lr * sqrt(d / k). With row-wise Adagrad and W2 of orthonormal columns (model.projection_init = 'orthogonal') a W1 step then moves the collapsed rows W1 @ W2 exactly as far as a plain d-dim table's step at embedding_lr (README "When does MLET pay off?"), so one tuned embedding_lr serves both and MLET differs from the plain table only by what W2 learns. Needs one k for every table. 'none': embedding_lr as it is (W1's steps are then sqrt(k / d) times larger in the collapsed table)."""
+    """'sqrt_d_over_k': W1 of MLET(k, d) trains with embedding_lr * sqrt(d / k). With row-wise Adagrad and W2 of orthonormal columns (model.projection_init = 'orthogonal') a W1 step then moves the collapsed rows W1 @ W2 exactly as far as a plain d-dim table's step at embedding_lr (README "When does MLET pay off?"), so one tuned embedding_lr serves both and MLET differs from the plain table only by what W2 learns. Needs one k for every table. 'auto': the same when every table is factorized with one k, else 'none'. 'none': embedding_lr as it is (W1's steps then move the collapsed table about sqrt(k / d) times further than a plain table's)."""
     eps: float = 1e-8
     """Epsilon of the Adagrad/Adam optimizers."""
     warmup_steps: int = 0
@@ -273,7 +273,7 @@ _ALLOWED = {
     ("model", "interaction"): ("dot", "dcn"),
     ("optim", "embedding_optimizer"): ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     ("optim", "dense_optimizer"): ("adagrad", "adam", "sgd"),
-    ("optim", "w1_lr_scaling"): ("none", "sqrt_d_over_k"),
+    ("optim", "w1_lr_scaling"): ("none", "sqrt_d_over_k", "auto"),
     ("data", "source"): ("synthetic", "criteo", "avazu", "movielens", "parquet"),
     ("data", "on_bad_row"): ("error", "skip"),
     ("dist", "backend"): ("", "gloo", "nccl"),
@@ -474,7 +474,7 @@ def validate(cfg: Config) -> None:
                 f"{name} = {k} is smaller than model.embedding_dim = {m.embedding_dim}: MLET needs "
                 f"k >= d (use 0 for an ordinary single-layer table)"
             )
-    if cfg.optim.w1_lr_scaling != "none" and m.inner_dim_per_table:
+    if cfg.optim.w1_lr_scaling == "sqrt_d_over_k":
         ks = {m.inner_dim, *m.inner_dim_per_table.values()}
         if len(ks) > 1:
             raise ConfigError(
@@ -510,9 +510,11 @@ def validate(cfg: Config) -> None:
 
 
 def w1_learning_rate(cfg: Config) -> float:
-    """The learning rate W1's fused optimizer gets: ``optim.embedding_lr``, times sqrt(d / k) for
-    a factorized model under ``optim.w1_lr_scaling = 'sqrt_d_over_k'`` (see that key)."""
+    """The learning rate W1's fused optimizer gets: ``optim.embedding_lr``, times sqrt(d / k)
+    under ``optim.w1_lr_scaling`` = 'sqrt_d_over_k', or 'auto' when every table is factorized
+    with one k (see that key)."""
     o, m = cfg.optim, cfg.model
-    if o.w1_lr_scaling == "sqrt_d_over_k" and m.inner_dim:
+    uniform = bool(m.inner_dim) and all(k == m.inner_dim for k in m.inner_dim_per_table.values())
+    if o.w1_lr_scaling in ("sqrt_d_over_k", "auto") and uniform:
         return o.embedding_lr * (m.embedding_dim / m.inner_dim) ** 0.5
     return o.embedding_lr

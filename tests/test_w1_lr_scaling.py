@@ -85,3 +85,12 @@ def test_scaling_needs_one_k(tmp_path):
             "--optim.w1_lr_scaling=sqrt_d_over_k",
             "--model.inner_dim_per_table={t_cat_0 = 0}",
         )
+
+
+def test_auto_scales_only_a_uniform_model(tmp_path):
+    uniform = _cfg(tmp_path, "--optim.w1_lr_scaling=auto")
+    assert w1_learning_rate(uniform) == pytest.approx(0.05)
+    mixed = _cfg(
+        tmp_path, "--optim.w1_lr_scaling=auto", "--model.inner_dim_per_table={t_cat_0 = 0}"
+    )
+    assert w1_learning_rate(mixed) == pytest.approx(0.1)
