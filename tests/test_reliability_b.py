@@ -161,7 +161,7 @@ def test_flipped_bytes_are_refused_by_collapse_naming_the_file(base, tmp_path, c
     shard = ckpts(run)[-1] / "__0_0.distcp"
     flip_bytes(shard)
     out = tmp_path / "served"
-    assert cli.main(["collapse", "--run", str(run), "--out", str(out)]) == 1
+    assert cli.main(["collapse", "--run", str(run), "--out", str(out)]) == 2
     line = one_error_line(capsys)
     assert str(ckpts(run)[-1]) in line and "__0_0.distcp does not match its CRC-32" in line
     assert not out.exists() and not (tmp_path / ".served.tmp").exists()
@@ -175,7 +175,7 @@ def test_truncated_shard_is_a_one_line_error(base, tmp_path, capsys):
     shard = ckpt / "__0_0.distcp"
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[: size // 2])
-    assert cli.main(["collapse", "--run", str(run), "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["collapse", "--run", str(run), "--out", str(tmp_path / "o")]) == 2
     line = one_error_line(capsys)
     assert f"__0_0.distcp has {size // 2} bytes, {INTEGRITY_FILE} records {size}" in line
     assert str(ckpt) in line
@@ -213,7 +213,7 @@ def test_no_fallback_refuses_and_changes_nothing(base, tmp_path, capsys):
     (step4 / ".metadata").unlink()
     listing = sorted(p.relative_to(run) for p in (run / "checkpoints").rglob("*"))
     args = ["train", "--no-fallback", *overrides(run, base["data"], "--train.max_steps=6")]
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2
     line = one_error_line(capsys)
     assert ".metadata is missing" in line and "--no-fallback" in line and str(step4) in line
     assert sorted(p.relative_to(run) for p in (run / "checkpoints").rglob("*")) == listing
@@ -296,7 +296,7 @@ def test_crafted_dcp_metadata_is_refused(base, tmp_path, capsys):
     ckpt = ckpts(run)[-1]
     (ckpt / ".metadata").write_bytes(pickle.dumps(Evil()))
     rewrite_integrity(ckpt)  # so that only the unpickler stands in the way
-    assert cli.main(["collapse", "--run", str(run), "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["collapse", "--run", str(run), "--out", str(tmp_path / "o")]) == 2
     line = one_error_line(capsys)
     assert f"{ckpt / '.metadata'} refers to posix.system" in line
     assert not MARKER.exists() and not (tmp_path / "o").exists()
@@ -368,7 +368,7 @@ def test_training_stops_at_the_first_non_finite_loss(tmp_path, monkeypatch, caps
     monkeypatch.setattr("mlet_dist.train.load_splits", lambda _: Splits(rows, none, none))
     run = tmp_path / "run"
     args = overrides(run, tmp_path / "unused.tsv", "--train.max_steps=6", "--data.shuffle=false")
-    assert cli.main(["train", *args, "--train.checkpoint_every=1"]) == 1
+    assert cli.main(["train", *args, "--train.checkpoint_every=1"]) == 2
     line = one_error_line(capsys)
     assert "training diverged: the loss is nan at step 3 (rank 0)" in line
     assert "the last checkpoint: step_00000002" in line
@@ -416,8 +416,9 @@ def test_predict_refuses_to_write_nan(tmp_path, monkeypatch, capsys):
     _fake_serving(monkeypatch, nan_row=5)
     a, b = write_tsv(tmp_path / "a.tsv", 4), write_tsv(tmp_path / "b.tsv", 3, seed=1)
     out = tmp_path / "p.txt"
-    args = ["predict", "--serving", str(tmp_path), "--data", str(a), str(b), "--out", str(out)]
-    assert cli.main([*args, "--batch-size", "2"]) == 1
+    serving = tmp_path / "serving"  # (faked) the output may not lie inside the serving directory
+    args = ["predict", "--serving", str(serving), "--data", str(a), str(b), "--out", str(out)]
+    assert cli.main([*args, "--batch-size", "2"]) == 2
     line = one_error_line(capsys)
     assert f"refusing to write {out}" in line and f"(first: {b}, data row 2)" in line
     assert "1 of 7 rows" in line
@@ -436,8 +437,9 @@ def test_predict_refuses_a_huge_integer_and_an_empty_file(tmp_path, monkeypatch,
     empty.write_text("")
     for data, needle in [(huge, f"{huge}, line 2: integer feature I1"), (empty, f"{empty}: the file is empty")]:  # fmt: skip
         out = tmp_path / "p.txt"
-        args = ["predict", "--serving", str(tmp_path), "--data", str(data), "--out", str(out)]
-        assert cli.main(args) == 1
+        serving = tmp_path / "serving"  # (faked) the output may not lie inside it
+        args = ["predict", "--serving", str(serving), "--data", str(data), "--out", str(out)]
+        assert cli.main(args) == 2
         assert needle in one_error_line(capsys)
         assert not out.exists()
 
@@ -448,19 +450,19 @@ def test_predict_refuses_a_huge_integer_and_an_empty_file(tmp_path, monkeypatch,
 def test_empty_training_file_is_named(tmp_path, capsys):
     empty = tmp_path / "empty.tsv"
     empty.write_text("")
-    assert cli.main(["train", *overrides(tmp_path / "run", empty)]) == 1
+    assert cli.main(["train", *overrides(tmp_path / "run", empty)]) == 2
     line = one_error_line(capsys)
     assert f"{empty}: the file is empty" in line and "fewer rows than one batch" not in line
     good = write_tsv(tmp_path / "good.tsv", 64)
     both = [f"--data.train_files=['{good}', '{empty}']"]
-    assert cli.main(["train", *overrides(tmp_path / "run", good), *both]) == 1
+    assert cli.main(["train", *overrides(tmp_path / "run", good), *both]) == 2
     assert f"{empty}: the file is empty" in one_error_line(capsys)
 
 
 def test_evaluate_refuses_an_empty_file_and_an_empty_split(base, tmp_path, capsys):
     empty = tmp_path / "empty.tsv"
     empty.write_text("")
-    assert cli.main(["evaluate", "--run", str(base["run"]), "--data", str(empty)]) == 1
+    assert cli.main(["evaluate", "--run", str(base["run"]), "--data", str(empty)]) == 2
     assert f"{empty}: the file is empty" in one_error_line(capsys)
     assert cli.main(["evaluate", "--run", str(base["run"]), "--split", "test"]) == 2
     line = one_error_line(capsys)

@@ -134,7 +134,7 @@ def summarize(
         buckets: dict[str, list[float]] = {}
         for r in runs:
             for b, m in r["chosen"]["test"].get("buckets", {}).items():
-                if m.get("auc") is not None:
+                if m.get("auc") is not None and math.isfinite(m["auc"]):  # one-class bucket: nan
                     buckets.setdefault(b, []).append(m["auc"])
         v["test_auc_buckets"] = {b: _stats(a) for b, a in buckets.items()}
         v["seconds"] = _stats([r["seconds"] for r in runs])
