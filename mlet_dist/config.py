@@ -170,8 +170,8 @@ class ModelConfig:
     """Per-table k overriding `inner_dim`, e.g. {t_cat_0 = 128}; 0 makes that table single-layer."""
     pooling: str = "sum"
     """Pooling of each bag: 'sum' or 'mean'."""
-    projection_init: str = "normal"
-    """Init of W2 (k × d): 'normal' (std = projection_init_std), 'xavier' or 'orthogonal'."""
+    projection_init: str = "orthogonal"
+    """Init of W2 (k × d): 'orthogonal' (orthonormal columns: with optim.w1_lr_scaling the collapsed table then trains exactly like a plain one, README "When does MLET pay off?"), 'normal' (std = projection_init_std) or 'xavier'."""
     projection_init_std: float = 0.0
     """Std of the 'normal' W2 init; 0 means 1/sqrt(k) (keeps the row norm of W1 @ W2 like W1's)."""
     interaction: str = "dot"
@@ -192,15 +192,15 @@ class OptimConfig:
 
     embedding_optimizer: str = "rowwise_adagrad"
     """W1 optimizer: 'rowwise_adagrad', 'adagrad', 'sgd' (fbgemm fused) or 'adam' (GPU only)."""
-    embedding_lr: float = 0.05
-    """Learning rate of W1 (and of single-layer tables)."""
+    embedding_lr: float = 0.1
+    """Learning rate of single-layer tables, and of W1 (times sqrt(d / k) under w1_lr_scaling). 0.1: the tuned optimum of row-wise Adagrad on the synthetic teacher and MovieLens (README "When does MLET pay off?")."""
     dense_optimizer: str = "adagrad"
     """Optimizer of W2 and the MLPs: 'adagrad', 'adam' or 'sgd'."""
     dense_lr: float = 0.05
     """Learning rate of the MLPs."""
-    projection_lr: float = 0.0
+    projection_lr: float = 0.02
     """Learning rate of W2; 0 means the same as dense_lr."""
-    w1_lr_scaling: str = "none"
+    w1_lr_scaling: str = "auto"
     """'sqrt_d_over_k': W1 of MLET(k, d) trains with embedding_lr * sqrt(d / k). With row-wise Adagrad and W2 of orthonormal columns (model.projection_init = 'orthogonal') a W1 step then moves the collapsed rows W1 @ W2 exactly as far as a plain d-dim table's step at embedding_lr (README "When does MLET pay off?"), so one tuned embedding_lr serves both and MLET differs from the plain table only by what W2 learns. Needs one k for every table. 'auto': the same when every table is factorized with one k, else 'none'. 'none': embedding_lr as it is (W1's steps then move the collapsed table about sqrt(k / d) times further than a plain table's)."""
     eps: float = 1e-8
     """Epsilon of the Adagrad/Adam optimizers."""

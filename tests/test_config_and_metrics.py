@@ -132,3 +132,10 @@ def test_table_widths_must_be_multiples_of_4(override):
             if "embedding" in override
             else [override],
         )
+
+
+def test_readme_config_keys_are_the_dataclasses():
+    """The README's key tables are mlet_dist.config_doc's output, default values included."""
+    from mlet_dist.config_doc import markdown
+
+    assert markdown() in (REPO / "README.md").read_text()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlet_dist.config import ConfigError, load_config
+from mlet_dist.config import ConfigError, config_from_dict, load_config, w1_learning_rate
 from mlet_dist.sweep import (
     bootstrap_reduction,
     equal_auc_dim,
@@ -40,9 +40,8 @@ grid = { "optim.embedding_lr" = [0.02, 0.1] }
 
 [[mlet]]
 name = "matched"
-set = { "model.projection_init" = "orthogonal" }
+set = { "model.projection_init" = "orthogonal", "optim.w1_lr_scaling" = "sqrt_d_over_k" }
 grid = { "optim.projection_lr" = [0.01] }
-w1_lr_scaling = "sqrt_d_over_k"
 """
 
 
@@ -103,7 +102,12 @@ def test_mlet_lr_scaling_and_init(swept):
         m, o = r["cfg"]["model"], r["cfg"]["optim"]
         if m["inner_dim"]:
             d, k = m["embedding_dim"], m["inner_dim"]
-            assert o["embedding_lr"] == pytest.approx(cfg.optim.embedding_lr * math.sqrt(d / k))
+            assert (
+                o["embedding_lr"] == cfg.optim.embedding_lr
+                and o["w1_lr_scaling"] == "sqrt_d_over_k"
+            )
+            lr = w1_learning_rate(config_from_dict(r["cfg"]))
+            assert lr == pytest.approx(cfg.optim.embedding_lr * math.sqrt(d / k))
             assert m["projection_init"] == "orthogonal"
             assert m["dense_arch_layer_sizes"][-1] == d
 
@@ -204,7 +208,7 @@ def test_cli_refuses_a_work_dir_that_is_not_a_sweeps(tmp_path):
         ("inner_dims = []\n[[baseline]]\nname='a b'\n", "letters"),
         ("bogus = 1\n[[baseline]]\nname='a'\n", "unknown key 'bogus'"),
         ("inner_dims = []\n", "baseline"),
-        ("inner_dims = []\n[[baseline]]\nname='a'\nw1_lr_scaling='x'\n", "w1_lr_scaling"),
+        ("inner_dims = []\n[[baseline]]\nname='a'\nw1_lr_scaling='x'\n", "unknown keys"),
         ("[[baseline]]\nname='a'\n", "at least one \\[\\[mlet\\]\\]"),
     ],
 )

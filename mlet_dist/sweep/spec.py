@@ -7,7 +7,6 @@ import copy
 import hashlib
 import itertools
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ from mlet_dist.config import Config, ConfigError, _apply, config_from_dict
 RESULT_FILE = "result.json"
 RUN_SPEC_FILE = "sweep_run.json"
 STAGES = ("tune", "frontier", "report")
-W1_LR_SCALINGS = ("none", "sqrt_d_over_k")
 
 
 # -- the sweep file ----------------------------------------------------------------------------
@@ -37,10 +35,6 @@ class Recipe:
     """Fixed overrides, ``{"optim.embedding_optimizer" = "sgd", ...}`` (``section.key`` keys)."""
     grid: dict[str, list[Any]] = field(default_factory=dict)
     """Values tried in the tune stage (Cartesian product), e.g. ``{"optim.embedding_lr" = [...]}``."""
-    w1_lr_scaling: str = "none"
-    """MLET only: 'sqrt_d_over_k' multiplies optim.embedding_lr by sqrt(d / k) for MLET(k, d), so
-    W1's row-wise Adagrad steps move the collapsed rows W1·W2 as far as the baseline's steps move
-    its rows (see README "When does MLET pay off?"); 'none' uses embedding_lr as it is."""
 
 
 @dataclass
@@ -87,11 +81,6 @@ class SweepSpec:
         for r in [*self.baseline, *self.mlet]:
             if not r.name or not all(c.isalnum() or c in "-_" for c in r.name):
                 raise ConfigError(f"{origin}: recipe name {r.name!r} must be letters/digits/-/_")
-            if r.w1_lr_scaling not in W1_LR_SCALINGS:
-                raise ConfigError(
-                    f"{origin}: recipe {r.name}: w1_lr_scaling = {r.w1_lr_scaling!r} is not one "
-                    f"of {', '.join(W1_LR_SCALINGS)}"
-                )
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"{origin}: recipe names must be unique, repeated: {dup}")
@@ -119,7 +108,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
                 if unknown or "name" not in table:
                     raise ConfigError(
                         f"{path}: [[{key}]] #{i + 1}: needs 'name'; unknown keys {sorted(unknown)}"
-                        f" (valid: name, set, grid, w1_lr_scaling)"
+                        f" (valid: name, set, grid)"
                     )
                 recipes.append(Recipe(**table))
             value = recipes
@@ -199,8 +188,6 @@ def variant_config(
     cfg.model.embedding_dim = d
     if cfg.model.dense_arch_layer_sizes:
         cfg.model.dense_arch_layer_sizes = [*cfg.model.dense_arch_layer_sizes[:-1], d]
-    if k and recipe.w1_lr_scaling == "sqrt_d_over_k":
-        cfg.optim.embedding_lr = cfg.optim.embedding_lr * math.sqrt(d / k)
     cfg.train.seed = base.train.seed + seed
     cfg.train.progress = False
     return cfg
