@@ -266,7 +266,9 @@ def avazu_lines(draw) -> bytes:
             else:
                 column = AVAZU_COLUMNS[k]
                 bad = _bad_label if k == 1 else _bad_hour if k == 2 else None
-                fields[k] = draw(bad or (_bad_hash if column in HEX_COLUMNS else _bad_code))
+                if bad is None:
+                    bad = _bad_hash if column in HEX_COLUMNS else _bad_code
+                fields[k] = draw(bad)
         lines.append(",".join(fields))
     newline = draw(st.sampled_from(["\n", "\r\n", "\r"]))
     text = newline.join(lines) + (newline if lines and draw(st.booleans()) else "")
