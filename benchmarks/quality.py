@@ -315,13 +315,9 @@ def grid(study: StudyConfig) -> list[Variant]:
 
 def ensure_synthetic(cfg: Any) -> None:
     """Generates the synthetic day files into ``data.dir`` unless they are there for this config."""
-    from mlet_dist.data import META_FILE_NAME, generate_synthetic
+    from mlet_dist.data import ensure_synthetic as ensure
 
-    meta = Path(cfg.data.dir) / META_FILE_NAME
-    saved = json.loads(meta.read_text()).get("config") if meta.is_file() else None
-    if saved != dataclasses.asdict(cfg.synthetic):
-        logger.info("generating synthetic data into %s", cfg.data.dir)
-        generate_synthetic(cfg.data.dir, cfg.synthetic, progress=False)
+    ensure(cfg.data.dir, cfg.synthetic, progress=False)
 
 
 def run_one(cfg: Any, held_out: Any, keep: bool = False) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -195,24 +193,14 @@ def check_serving(
 
 def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
     """The main job: data (generated if absent), training, evaluation, collapse and its check."""
-    from mlet_dist.data import META_FILE_NAME, generate_synthetic
+    from mlet_dist.data import ensure_synthetic
     from mlet_dist.export import collapse_run
     from mlet_dist.train import load_splits, train
 
     check_feature_count(cfg.data)
     env = init_distributed(cfg.dist)
     if cfg.data.source == "synthetic" and env.is_rank0:
-        meta = Path(cfg.data.dir) / META_FILE_NAME
-        saved = json.loads(meta.read_text()).get("config") if meta.is_file() else None
-        if saved == dataclasses.asdict(cfg.synthetic):
-            logger.info("using the synthetic data already in %s", cfg.data.dir)
-        else:
-            logger.info(
-                "generating synthetic data into %s (%s)",
-                cfg.data.dir,
-                "config changed" if saved else "none there yet",
-            )
-            generate_synthetic(cfg.data.dir, cfg.synthetic, progress=cfg.train.progress)
+        ensure_synthetic(cfg.data.dir, cfg.synthetic, progress=cfg.train.progress)
     if env.world_size > 1:
         torch.distributed.barrier()
     metrics = train(cfg, resume=resume)

@@ -53,6 +53,7 @@ __all__ = [
     "Teacher",
     "build_teacher",
     "day_file_name",
+    "ensure_synthetic",
     "format_rows",
     "generate_synthetic",
     "sample_day",
@@ -563,3 +564,19 @@ def generate_synthetic(
         meta["positive_rate"],
     )
     return paths
+
+
+def ensure_synthetic(data_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -> bool:
+    """Generates the day files into ``data_dir`` unless it already holds them for this config
+    (its meta file records the config they were made with). Returns True when it generated."""
+    meta = Path(data_dir) / META_FILE_NAME
+    saved = json.loads(meta.read_text()).get("config") if meta.is_file() else None
+    if saved == dataclasses.asdict(cfg):
+        logger.info("using the synthetic data already in %s", data_dir)
+        return False
+    logger.info(
+        "generating synthetic data into %s (%s)",
+        data_dir, "config changed" if saved else "none there yet",
+    )  # fmt: skip
+    generate_synthetic(data_dir, cfg, progress=progress)
+    return True

@@ -181,15 +181,10 @@ def _check_work_dir(work: Path, cfg: Config) -> None:
 
 def ensure_data(cfg: Config) -> None:
     """Generates synthetic day files once, before runs start in parallel (each would otherwise)."""
-    if cfg.data.source != "synthetic":
-        return
-    from mlet_dist.data import META_FILE_NAME, generate_synthetic
+    if cfg.data.source == "synthetic":
+        from mlet_dist.data import ensure_synthetic
 
-    meta = Path(cfg.data.dir) / META_FILE_NAME
-    saved = json.loads(meta.read_text()).get("config") if meta.is_file() else None
-    if saved != asdict(cfg.synthetic):
-        logger.info("generating synthetic data into %s", cfg.data.dir)
-        generate_synthetic(cfg.data.dir, cfg.synthetic, progress=cfg.train.progress)
+        ensure_synthetic(cfg.data.dir, cfg.synthetic, progress=cfg.train.progress)
 
 
 def sweep(
