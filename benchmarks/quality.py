@@ -420,7 +420,7 @@ def run_dataset(
 
     ``point`` (the sweep) changes one more hyper-parameter of every run and names the runs.
     """
-    from mlet_dist.train import load_splits
+    from mlet_dist.data import load_splits
 
     if cfg.data.source == "synthetic":
         ensure_synthetic(cfg)

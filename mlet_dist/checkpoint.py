@@ -50,6 +50,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from mlet_dist.config import Config
 from mlet_dist.errors import MletError
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,40 @@ class CheckpointError(MletError, RuntimeError):
     def __init__(self, message: str, problem: str | None = None) -> None:
         super().__init__(message)
         self.problem = problem or message
+
+
+# Config sections/keys that define the model's parameters: a checkpoint written under other values
+# cannot be loaded. Everything else (steps, learning rates, data files, logging) may change.
+MODEL_KEYS = {
+    "model": None,  # every key
+    "data": {"num_embeddings_per_feature"},
+}
+
+
+def model_config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys defining the model's parameters that differ between two config dicts."""
+    diffs = []
+    for section, keys in MODEL_KEYS.items():
+        a, b = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(a) | set(b)) if keys is None else sorted(keys):
+            if a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} != config {b.get(key)!r}")
+    return diffs
+
+
+def check_model_config(path: Path, saved: dict[str, Any], cfg: Config) -> None:
+    """Refuses a checkpoint (``saved``: its config dict) written with another model config.
+
+    Raises:
+        CheckpointError: the differing keys are named.
+    """
+    diffs = model_config_diff(saved, cfg.to_dict())
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was written with a different model config; differing keys: "
+            + "; ".join(diffs)
+            + ". Use a new train.run_dir, or restore these values."
+        )
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -174,6 +209,30 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         )
     dcp_load(state, path)
     return json.loads((path / TRAIN_STATE).read_text())
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, cfg: Config, verify: bool = True) -> int:
+    """Loads the weights of a checkpoint (no optimizer state) into a (sharded) model; collective.
+
+    The checkpoint is resharded to the model's plan, whatever plan wrote it. Returns its step.
+
+    Args:
+        verify: check the files' sizes and CRC-32 first (False: the caller just did).
+
+    Raises:
+        CheckpointError: a file is damaged or missing, or the checkpoint was written with another
+            model config (the differing keys are named).
+    """
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
+    saved = read_train_state(path)
+    check_model_config(path, saved["config"], cfg)
+    state = {"model": model.state_dict()}
+    load_checkpoint(path, state)
+    model.load_state_dict(state["model"])
+    logger.info("loaded the weights of %s (step %d)", path, saved["step"])
+    return int(saved["step"])
 
 
 def read_train_state(path: str | Path) -> dict[str, Any]:

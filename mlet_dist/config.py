@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -518,3 +519,13 @@ def w1_learning_rate(cfg: Config) -> float:
     if o.w1_lr_scaling in ("sqrt_d_over_k", "auto") and uniform:
         return o.embedding_lr * (m.embedding_dim / m.inner_dim) ** 0.5
     return o.embedding_lr
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The config a training run was trained with (``RUN/config.json``)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} is not a run directory (no config.json); pass --run RUN_DIR of a training run"
+        )
+    return config_from_dict(json.loads(path.read_text()), origin=str(path))

@@ -51,6 +51,7 @@ from mlet_dist.checkpoint import (
     CheckpointError,
     dcp_load,
     latest_checkpoint,
+    load_weights,
     read_train_state,
     verify_checkpoint,
 )
@@ -450,8 +451,8 @@ def collapse_run(
         RunLockedError: a training process holds the run.
         NoSpaceError: the file system of ``out_dir`` is full.
     """
+    from mlet_dist.config import load_run_config
     from mlet_dist.distributed.parallelize import init_distributed
-    from mlet_dist.train import load_run_config
 
     cfg = load_run_config(run_dir)
     env = init_distributed(cfg.dist)
@@ -521,8 +522,8 @@ def _collapse_run(
         CheckpointError: the run has no complete checkpoint.
         AOTIError: ``aoti`` and AOTInductor could not compile the predictor.
     """
-    from mlet_dist.distributed.parallelize import init_distributed
-    from mlet_dist.train import Trainer, load_run_config
+    from mlet_dist.config import load_run_config
+    from mlet_dist.distributed.parallelize import build_sharded_model, init_distributed
 
     check_dtype(quantize)
     if chunk_rows <= 0:
@@ -568,9 +569,9 @@ def _collapse_run(
     _barrier()
 
     t0 = time.perf_counter()
-    trainer = Trainer(_collapse_config(cfg, env.world_size), env)
-    trainer.load(ckpt, optimizer=False, verify=False)
-    state = trainer.model.state_dict()
+    model = build_sharded_model(_collapse_config(cfg, env.world_size), env)
+    load_weights(model, ckpt, cfg, verify=False)
+    state = model.state_dict()
     t_load = time.perf_counter() - t0
 
     # -- one pass over this rank's W1 shards ------------------------------------------------
@@ -617,7 +618,7 @@ def _collapse_run(
     t_save = time.perf_counter() - t0
     # Free the sharded model before rank 0 assembles the predictor's tables.
     dense_state = {k: v.detach().cpu().clone() for k, v in dense_state.items()}
-    del served_state, serving_state, collapsed, state, local, trainer
+    del served_state, serving_state, collapsed, state, local, model
     gc.collect()
 
     rank_stats = {
@@ -793,7 +794,7 @@ def _finish(
 
 def load_served(out_dir: str | Path) -> tuple[DLRMTrain, Config]:
     """Loads a collapsed model written by :func:`collapse_run` (plain EBC, CPU, one process)."""
-    from mlet_dist.train import load_run_config
+    from mlet_dist.config import load_run_config
 
     cfg = load_run_config(out_dir)
     tables = build_tables(cfg.model, cfg.data.num_embeddings_per_feature)

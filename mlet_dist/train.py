@@ -6,12 +6,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,39 +18,31 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mlet_dist.checkpoint import (
-    CheckpointError,
+    check_model_config,
     check_optimizer_resharding,
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
+    load_weights,
     read_train_state,
     resume_checkpoint,
     save_checkpoint,
     saved_plan,
     verify_checkpoint,
 )
-from mlet_dist.config import (
-    Config,
-    ConfigError,
-    DataConfig,
-    check_feature_count,
-    config_from_dict,
-    w1_learning_rate,
-)
-from mlet_dist.data import CriteoArrays, make_batches, split_arrays
-from mlet_dist.data.criteo import require_rows
+from mlet_dist.config import Config, ConfigError, check_feature_count
+from mlet_dist.data import CriteoArrays, load_splits, make_batches
 from mlet_dist.data.loader import build_batch_source
-from mlet_dist.data.sources import FILE_KINDS, read_source_file
+from mlet_dist.data.sources import data_inputs
 from mlet_dist.distributed.elastic import TrainingGuard, _flag_group, check_agent_store
 from mlet_dist.distributed.parallelize import (
     DistEnv,
     build_optimizer,
+    build_sharded_model,
     init_distributed,
-    parallelize,
 )
 from mlet_dist.errors import MletError
 from mlet_dist.metrics import binary_metrics
-from mlet_dist.models import build_dlrm
 from mlet_dist.quality import bucket_metrics, id_counts, rarest_id_count
 from mlet_dist.utils.files import (
     atomic_write_json,
@@ -68,129 +57,9 @@ from mlet_dist.utils.files import (
 
 logger = logging.getLogger(__name__)
 
-# Config sections/keys that define the model's parameters: a checkpoint written under other values
-# cannot be loaded. Everything else (steps, learning rates, data files, logging) may change.
-MODEL_KEYS = {
-    "model": None,  # every key
-    "data": {"num_embeddings_per_feature"},
-}
-
 
 class TrainingDiverged(MletError, RuntimeError):
     """The training loss became NaN or infinite; training stopped without saving those weights."""
-
-
-@dataclass
-class Splits:
-    """The rows of each split in memory (None: streamed from Parquet)."""
-
-    train: CriteoArrays | None
-    eval: CriteoArrays | None
-    test: CriteoArrays | None
-
-    def has(self, cfg: DataConfig, split: str) -> bool:
-        arrays = getattr(self, split)
-        if arrays is not None:
-            return len(arrays) > 0
-        return cfg.source == "parquet" and any(Path(cfg.parquet_dir, split).glob("*.parquet"))
-
-
-def data_files(data_cfg: DataConfig) -> list[Path]:
-    """The raw files of the training data, in order (chronological for day files)."""
-    if data_cfg.source == "synthetic":
-        root = Path(data_cfg.dir)
-        files = sorted(
-            (
-                p
-                for p in root.glob("day_*")
-                if p.name.split(".")[0][4:].isdigit() and ".tmp" not in p.name
-            ),
-            key=lambda p: int(p.name.split(".")[0][4:]),
-        )
-        if not files:
-            raise ConfigError(
-                f"no synthetic day files in {root} (data.dir); run `mlet-dist generate --config "
-                f"<same config>` first, or point data.dir at generated data"
-            )
-        return files
-    if not data_cfg.train_files:
-        kind = FILE_KINDS.get(data_cfg.source, "Criteo TSV")
-        raise ConfigError(f"data.source = {data_cfg.source!r} needs data.train_files ({kind})")
-    return [Path(f) for f in data_cfg.train_files]
-
-
-def read_data_file(data_cfg: DataConfig, path: str | Path) -> CriteoArrays:
-    """Reads one raw file of the configured source: an Avazu CSV (``data.source = 'avazu'``),
-    MovieLens ratings (``'movielens'``, sorted by time), both mapped onto the Criteo layout, or a
-    Criteo-format TSV (every other source); :func:`mlet_dist.data.sources.read_source_file`.
-
-    Raises:
-        CriteoFormatError: the file is malformed, or holds no rows (named).
-    """
-    sizes = data_cfg.num_embeddings_per_feature
-    arrays = read_source_file(data_cfg.source, path, sizes, max_rows=data_cfg.max_rows)
-    return require_rows(arrays, path)
-
-
-def load_splits(data_cfg: DataConfig) -> Splits:
-    """Reads the configured files and splits them (train / eval / test).
-
-    Criteo TSV files (synthetic day files, ``source = 'criteo'``), Avazu CSV files
-    (``source = 'avazu'``, :func:`mlet_dist.data.avazu.read_avazu_csv`) or MovieLens ratings
-    (``source = 'movielens'``, :func:`mlet_dist.data.movielens.read_movielens`), concatenated in
-    order.
-
-    With ``data.source = 'parquet'`` nothing is read here: every split is None and is streamed
-    from ``data.parquet_dir`` by the loader.
-    """
-    if data_cfg.source == "parquet":
-        return Splits(None, None, None)
-
-    def read(paths: list[Path]) -> CriteoArrays:
-        return CriteoArrays.concat([read_data_file(data_cfg, p) for p in paths])
-
-    rows = read(data_files(data_cfg))
-    if data_cfg.eval_files:
-        train, _, test = split_arrays(rows, 0.0, data_cfg.test_fraction)
-        return Splits(train, read([Path(p) for p in data_cfg.eval_files]), test)
-    return Splits(*split_arrays(rows, data_cfg.eval_fraction, data_cfg.test_fraction))
-
-
-def data_inputs(data_cfg: DataConfig) -> list[str]:
-    """The paths training reads (files and data directories), for the output checks."""
-    if data_cfg.source == "synthetic":
-        paths = [data_cfg.dir]
-    elif data_cfg.source == "parquet":
-        paths = [data_cfg.parquet_dir]
-    else:
-        paths = [*data_cfg.train_files, *data_cfg.eval_files]
-    return [p for p in paths if p]
-
-
-def model_config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys defining the model's parameters that differ between two config dicts."""
-    diffs = []
-    for section, keys in MODEL_KEYS.items():
-        a, b = saved.get(section, {}), current.get(section, {})
-        for key in sorted(set(a) | set(b)) if keys is None else sorted(keys):
-            if a.get(key) != b.get(key):
-                diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} != config {b.get(key)!r}")
-    return diffs
-
-
-def check_model_config(path: Path, saved: dict[str, Any], cfg: Config) -> None:
-    """Refuses a checkpoint (``saved``: its config dict) written with another model config.
-
-    Raises:
-        CheckpointError: the differing keys are named.
-    """
-    diffs = model_config_diff(saved, cfg.to_dict())
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {path} was written with a different model config; differing keys: "
-            + "; ".join(diffs)
-            + ". Use a new train.run_dir, or restore these values."
-        )
 
 
 class Trainer:
@@ -200,23 +69,7 @@ class Trainer:
         """``plan``: a TorchRec ``ShardingPlan`` to shard with (a resumed run's saved one)."""
         self.cfg = cfg
         self.env = env
-        if cfg.data.batch_size % env.world_size:
-            raise ConfigError(
-                f"data.batch_size = {cfg.data.batch_size} is not divisible by the world size "
-                f"{env.world_size}; use a multiple of {env.world_size}"
-            )
-        torch.manual_seed(cfg.train.seed)
-        model = build_dlrm(
-            cfg.model,
-            cfg.data.num_embeddings_per_feature,
-            embedding_device=torch.device("meta"),
-            dense_device=env.device,
-        )
-        # W1's effective rate (optim.w1_lr_scaling) is given to fbgemm as the fused base LR.
-        optim_cfg = dataclasses.replace(cfg.optim, embedding_lr=w1_learning_rate(cfg))
-        self.model = parallelize(
-            model, env, cfg.dist, optim_cfg, cfg.data.batch_size // env.world_size, plan=plan
-        )
+        self.model = build_sharded_model(cfg, env, plan=plan)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim)
         self._sync_fused_lr()
         self.step = 0
@@ -280,16 +133,13 @@ class Trainer:
                 ``optimizer``) a column-based table's fused optimizer state would have to be
                 resharded to another world size or column split, which TorchRec cannot do.
         """
+        if not optimizer:
+            load_weights(self.model, path, self.cfg, verify=verify)
+            return
         if verify:
             verify_checkpoint(path)
         saved = read_train_state(path)
         check_model_config(path, saved["config"], self.cfg)
-        if not optimizer:
-            state = {"model": self.model.state_dict()}
-            load_checkpoint(path, state)
-            self.model.load_state_dict(state["model"])
-            logger.info("loaded the weights of %s (step %d)", path, saved["step"])
-            return
         check_optimizer_resharding(path, saved, self.sharding_layout(), self.env.world_size)
         self.optimizer.init_state()  # lazy optimizer state must exist before DCP loads into it
         state = self.state()
@@ -448,7 +298,6 @@ class Trainer:
             f"resume from the last checkpoint or start a new train.run_dir"
         )
 
-    @torch.no_grad()
     def predict(self, arrays: CriteoArrays) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and labels of all rows (gathered from every rank, in row order)."""
         return predict(self.model, arrays, self.cfg.data.eval_batch_size, self.env)
@@ -459,48 +308,63 @@ class Trainer:
         split: str = "eval",
         id_counts: list[np.ndarray] | None = None,
     ) -> dict[str, Any]:
-        """Metrics of rows in memory, or of the streamed Parquet ``split`` when ``arrays`` is None.
+        """:func:`evaluate` of this trainer's model."""
+        return evaluate(self.model, self.cfg, self.env, arrays, split, id_counts)
 
-        With ``id_counts`` (training-split id occurrences, :func:`mlet_dist.quality.id_counts`)
-        the metrics are also reported per id-frequency bucket (``"buckets"``, see
-        :mod:`mlet_dist.quality`); rows must be in memory for that.
-        """
-        if arrays is None:
-            logits, labels = self._predict_stream(split)
-        else:
-            logits, labels = self.predict(arrays)
-        metrics: dict[str, Any] = binary_metrics(logits, labels)
-        if id_counts is not None and arrays is not None:
-            rarest = rarest_id_count(arrays.sparse, id_counts)
-            metrics["buckets"] = bucket_metrics(logits, labels, rarest)
-        return metrics
 
-    @torch.no_grad()
-    def _predict_stream(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and labels of a Parquet split, every rank's share gathered (order is irrelevant
-        for the metrics; fewer than world_size rows may be left out, see the loader)."""
-        env = self.env
-        source = build_batch_source(
-            self.cfg.data, split, rank=env.rank, world_size=env.world_size,
-            seed=self.cfg.train.seed, training=False, device=env.device,
-        )  # fmt: skip
-        was_training = self.model.training
-        self.model.eval()
-        outs, labels = [torch.zeros(0)], [torch.zeros(0)]
-        try:
-            for batch in source.batches(0):
-                _, (_, logits, lab) = self.model(batch.to(env.device, non_blocking=True))
-                outs.append(logits.float().cpu())
-                labels.append(lab.float().cpu())
-        finally:
-            self.model.train(was_training)
-        local = torch.stack([torch.cat(outs), torch.cat(labels)])
-        if env.world_size == 1:
-            return local[0], local[1]
-        gathered: list[Any] = [None] * env.world_size
-        dist.all_gather_object(gathered, local)
-        merged = torch.cat(gathered, dim=1)
-        return merged[0], merged[1]
+def evaluate(
+    model: torch.nn.Module,
+    cfg: Config,
+    env: DistEnv,
+    arrays: CriteoArrays | None,
+    split: str = "eval",
+    id_counts: list[np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Metrics of a (sharded) model on rows in memory, or on the streamed Parquet ``split`` when
+    ``arrays`` is None. Collective.
+
+    With ``id_counts`` (training-split id occurrences, :func:`mlet_dist.quality.id_counts`)
+    the metrics are also reported per id-frequency bucket (``"buckets"``, see
+    :mod:`mlet_dist.quality`); rows must be in memory for that.
+    """
+    if arrays is None:
+        logits, labels = _predict_stream(model, cfg, env, split)
+    else:
+        logits, labels = predict(model, arrays, cfg.data.eval_batch_size, env)
+    metrics: dict[str, Any] = binary_metrics(logits, labels)
+    if id_counts is not None and arrays is not None:
+        rarest = rarest_id_count(arrays.sparse, id_counts)
+        metrics["buckets"] = bucket_metrics(logits, labels, rarest)
+    return metrics
+
+
+@torch.no_grad()
+def _predict_stream(
+    model: torch.nn.Module, cfg: Config, env: DistEnv, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a Parquet split, every rank's share gathered (order is irrelevant
+    for the metrics; fewer than world_size rows may be left out, see the loader)."""
+    source = build_batch_source(
+        cfg.data, split, rank=env.rank, world_size=env.world_size,
+        seed=cfg.train.seed, training=False, device=env.device,
+    )  # fmt: skip
+    was_training = model.training
+    model.eval()
+    outs, labels = [torch.zeros(0)], [torch.zeros(0)]
+    try:
+        for batch in source.batches(0):
+            _, (_, logits, lab) = model(batch.to(env.device, non_blocking=True))
+            outs.append(logits.float().cpu())
+            labels.append(lab.float().cpu())
+    finally:
+        model.train(was_training)
+    local = torch.stack([torch.cat(outs), torch.cat(labels)])
+    if env.world_size == 1:
+        return local[0], local[1]
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, local)
+    merged = torch.cat(gathered, dim=1)
+    return merged[0], merged[1]
 
 
 @torch.no_grad()
@@ -690,12 +554,3 @@ def _train(
                 e["rows"],
             )
     return metrics
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"{run_dir} is not a run directory (no config.json); pass --run RUN_DIR of a training run"
-        )
-    return config_from_dict(json.loads(path.read_text()), origin=str(path))

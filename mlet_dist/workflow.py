@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mlet_dist.checkpoint import CheckpointError, latest_checkpoint
+from mlet_dist.checkpoint import CheckpointError, latest_checkpoint, load_weights
 from mlet_dist.config import Config, ConfigError, apply_overrides, check_feature_count
 from mlet_dist.data import CriteoArrays
 from mlet_dist.data.criteo import require_rows
@@ -31,7 +31,7 @@ def evaluate_run(
     checks the output ``RUN/eval_<name>.json`` first and writes it atomically. See
     :func:`_evaluate_run`.
     """
-    from mlet_dist.train import load_run_config
+    from mlet_dist.config import load_run_config
 
     cfg = apply_overrides(load_run_config(run_dir), overrides or [])
     env = init_distributed(cfg.dist)
@@ -67,9 +67,12 @@ def _evaluate_run(
     Runs on one process or every rank of a launched job (the model is sharded as in training).
     Rank 0 writes ``RUN/eval_<name>.json``.
     """
+    from mlet_dist.config import load_run_config
+    from mlet_dist.data import load_splits
     from mlet_dist.data.sources import read_source_file
+    from mlet_dist.distributed.parallelize import build_sharded_model
     from mlet_dist.quality import id_counts
-    from mlet_dist.train import Trainer, load_run_config, load_splits
+    from mlet_dist.train import evaluate
 
     cfg = apply_overrides(load_run_config(run_dir), overrides or [])
     check_feature_count(cfg.data)
@@ -101,9 +104,9 @@ def _evaluate_run(
     # Per id-frequency bucket, with the ids counted in the training split (as training reports).
     counts = None if train_rows is None else id_counts(train_rows.sparse, sizes)
     env = init_distributed(cfg.dist)
-    trainer = Trainer(cfg, env)
-    trainer.load(ckpt)
-    metrics = trainer.evaluate(arrays, name, counts)
+    model = build_sharded_model(cfg, env)
+    load_weights(model, ckpt, cfg)
+    metrics = evaluate(model, cfg, env, arrays, name, counts)
     metrics["checkpoint"] = str(ckpt)
     if files:
         metrics["files"] = list(files)
@@ -120,9 +123,9 @@ def check_collapsed(
     Both are evaluated unsharded on CPU in float32; the check passes when logits agree to 1e-4
     (absolute, relative to their scale) and the AUCs agree to 1e-6.
     """
+    from mlet_dist.config import load_run_config
     from mlet_dist.data import make_batches
     from mlet_dist.export import load_served, load_unsharded
-    from mlet_dist.train import load_run_config
 
     cfg = load_run_config(run_dir)
     trained = load_unsharded(cfg, latest_checkpoint(run_dir)).eval()
@@ -158,10 +161,10 @@ def check_serving(
     passes when every probability agrees to 1e-5; with fp16/int8 tables when the AUCs agree to
     1e-3.
     """
+    from mlet_dist.config import load_run_config
     from mlet_dist.data import make_batches
     from mlet_dist.export import load_unsharded
     from mlet_dist.serving.predict import load_predictor, predict_arrays
-    from mlet_dist.train import load_run_config
 
     cfg = load_run_config(run_dir)
     trained = load_unsharded(cfg, latest_checkpoint(run_dir)).eval()
@@ -193,9 +196,9 @@ def check_serving(
 
 def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
     """The main job: data (generated if absent), training, evaluation, collapse and its check."""
-    from mlet_dist.data import ensure_synthetic
+    from mlet_dist.data import ensure_synthetic, load_splits
     from mlet_dist.export import collapse_run
-    from mlet_dist.train import load_splits, train
+    from mlet_dist.train import train
 
     check_feature_count(cfg.data)
     env = init_distributed(cfg.dist)

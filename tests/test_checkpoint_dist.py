@@ -60,7 +60,7 @@ def rows() -> CriteoArrays:
 
 
 def splits(_data_cfg=None):
-    from mlet_dist.train import Splits
+    from mlet_dist.data import Splits
 
     r = rows()
     n = TRAIN_ROWS + EVAL_ROWS

@@ -210,8 +210,8 @@ def _sharded_served_load(run_cfg, out_dir: Path, env) -> dict[str, list]:
 
 
 def _rank_main(run_dir: str, out_dir: str) -> dict[str, Any]:
+    from mlet_dist.config import load_run_config
     from mlet_dist.export import collapse_run
-    from mlet_dist.train import load_run_config
 
     env = init_distributed(DistConfig(device="cpu"))
     result: dict[str, Any] = {}
@@ -256,7 +256,8 @@ def assemble(per_rank: list[list[tuple[int, torch.Tensor]]], rows: int, what: st
 
 
 def train_run(tmp: Path) -> Any:
-    from mlet_dist.train import Splits, train
+    from mlet_dist.data import Splits
+    from mlet_dist.train import train
 
     rng = np.random.default_rng(3)
     n = 320

@@ -156,8 +156,8 @@ def test_truncated_gzip_and_wrong_table_count(tmp_path):
 
 
 def test_source_needs_train_files_and_preprocess_refuses(tmp_path):
+    from mlet_dist.data import load_splits
     from mlet_dist.data.preprocess import preprocess_from_config
-    from mlet_dist.train import load_splits
 
     cfg = load_config(None, ["--data.source=movielens"])
     with pytest.raises(ConfigError, match="needs data.train_files .MovieLens ratings"):
@@ -250,7 +250,7 @@ def test_whole_file_counts_and_spot_rows():
 
 @needs_data
 def test_configs_split_by_time():
-    from mlet_dist.train import load_splits
+    from mlet_dist.data import load_splits
 
     for name in ("movielens_mlet", "movielens_baseline"):
         cfg = load_config(REPO / "configs" / f"{name}.toml")
@@ -277,12 +277,12 @@ def test_train_collapse_predict_end_to_end(tmp_path):
     """A short MLET run on 20,000 ratings: the collapsed model predicts what the trained one does,
     and `predict` reads MovieLens ratings (in file order) with the served predictor."""
     from mlet_dist.checkpoint import latest_checkpoint
-    from mlet_dist.data import make_batches
+    from mlet_dist.data import load_splits, make_batches
     from mlet_dist.distributed.parallelize import init_distributed
     from mlet_dist.export import collapse_run, load_unsharded
     from mlet_dist.metrics import binary_metrics
     from mlet_dist.serving.predict import predict_file
-    from mlet_dist.train import load_splits, train
+    from mlet_dist.train import train
     from mlet_dist.workflow import check_collapsed, evaluate_run
 
     sizes = [*SIZES[:7], 4096, *SIZES[8:]]  # a smaller genre-set table keeps the test fast

@@ -200,9 +200,8 @@ def test_quick_sweep_writes_one_row_per_point(tmp_path):
 
 @pytest.mark.skipif(not AVAZU.exists(), reason=f"{AVAZU} absent (fresh clone without ../shared)")
 def test_avazu_source_reads_both_parts_in_order():
-    from mlet_dist.data import CriteoArrays
+    from mlet_dist.data import CriteoArrays, load_splits
     from mlet_dist.data.avazu import read_avazu_csv
-    from mlet_dist.train import load_splits
 
     for name in ("avazu_sample_mlet", "avazu_sample_baseline"):
         cfg = load_config(REPO / "configs" / f"{name}.toml")
@@ -223,7 +222,7 @@ def test_avazu_source_reads_both_parts_in_order():
 
 
 def test_avazu_source_needs_train_files():
-    from mlet_dist.train import load_splits
+    from mlet_dist.data import load_splits
 
     cfg = load_config(None, ["--data.source=avazu"])
     with pytest.raises(ConfigError, match="Avazu CSV"):

@@ -36,11 +36,11 @@ from mlet_dist.checkpoint import (
     verify_checkpoint,
 )
 from mlet_dist.config import ConfigError, DistConfig, load_config
-from mlet_dist.data import CriteoArrays, CriteoFormatError, read_criteo_tsv
+from mlet_dist.data import CriteoArrays, CriteoFormatError, Splits, read_criteo_tsv
 from mlet_dist.data.preprocess import PreprocessSettings, preprocess, preprocess_from_config
 from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.export import load_served, load_unsharded
-from mlet_dist.train import Splits, TrainingDiverged, train
+from mlet_dist.train import TrainingDiverged, train
 from mlet_dist.workflow import evaluate_run
 
 SIZES = [50] * 26

@@ -507,7 +507,8 @@ def test_int8_rows_split_over_threads_equal_whole_table_quantization() -> None:
     not CRITEO_SAMPLE.exists(), reason=f"{CRITEO_SAMPLE} absent (fresh clone without ../shared)"
 )
 def test_int8_serving_auc_within_0_001_of_fp32_on_criteo_sample(tmp_path) -> None:
-    from mlet_dist.train import load_splits, train
+    from mlet_dist.data import load_splits
+    from mlet_dist.train import train
 
     cfg = load_config(
         REPO / "configs/criteo_sample_mlet.toml",

@@ -168,8 +168,8 @@ def test_interrupted_run_is_redone(swept):
 
 
 def test_recommended_run_collapses_exactly(swept, tmp_path):
+    from mlet_dist.data import load_splits
     from mlet_dist.export import collapse_run
-    from mlet_dist.train import load_splits
     from mlet_dist.workflow import check_collapsed
 
     cfg, work, report, _ = swept

@@ -80,8 +80,7 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 
 def test_torchrun_two_ranks_train_then_collapse(tmp_path):
-    from mlet_dist.data import generate_synthetic
-    from mlet_dist.train import load_splits
+    from mlet_dist.data import generate_synthetic, load_splits
     from mlet_dist.workflow import check_collapsed
 
     run_dir, data_dir = tmp_path / "run", tmp_path / "data"

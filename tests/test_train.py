@@ -102,7 +102,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 
 def _splits(rows):
-    from mlet_dist.train import Splits
+    from mlet_dist.data import Splits
 
     return Splits(rows.slice(0, 448), rows.slice(448, 512), rows.slice(512, 512))
 
@@ -167,7 +167,7 @@ def test_end_to_end_on_real_criteo_sample(tmp_path):
     assert (
         report["served_embedding_params"] * 4 == report["training_embedding_params"] - 26 * 64 * 16
     )
-    from mlet_dist.train import load_splits
+    from mlet_dist.data import load_splits
 
     check = check_collapsed(cfg.train.run_dir, served, load_splits(cfg.data).test)
     assert check["passed"], check

@@ -1034,7 +1034,7 @@ def preprocess_from_config(
     check_feature_count(data_cfg)
     if inputs is None:
         if data_cfg.source == "synthetic":
-            from mlet_dist.train import data_files  # the synthetic day-file discovery
+            from mlet_dist.data.sources import data_files  # the synthetic day-file discovery
 
             inputs = data_files(data_cfg)
         else:

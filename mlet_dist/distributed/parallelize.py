@@ -8,6 +8,7 @@ replicated with DDP by DMP.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -26,7 +27,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from mlet_dist.config import ConfigError, DistConfig, OptimConfig
+from mlet_dist.config import Config, ConfigError, DistConfig, OptimConfig, w1_learning_rate
+from mlet_dist.models import build_dlrm
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +276,52 @@ def parallelize(
         sharders=[sharder],
     )
     return dmp
+
+
+def check_batch_divisible(batch_size: int, world_size: int, key: str = "data.batch_size") -> None:
+    """Every rank takes an equal slice of each global batch.
+
+    Raises:
+        ConfigError: ``batch_size`` is not a multiple of ``world_size``.
+    """
+    if batch_size % world_size:
+        raise ConfigError(
+            f"{key} = {batch_size} is not divisible by the world size {world_size}; use a "
+            f"multiple of {world_size}"
+        )
+
+
+def build_sharded_model(
+    cfg: Config, env: DistEnv, plan: ShardingPlan | None = None
+) -> DistributedModelParallel:
+    """The one road from a config to a sharded model: build on meta, plan (or take ``plan``), shard.
+
+    Used by training, evaluation, collapse and the benchmarks. W1 lives in fbgemm's TBEs with its
+    fused optimizer (rate: :func:`mlet_dist.config.w1_learning_rate`); the dense optimizer and the
+    LR schedule are built separately, only by training (:func:`build_optimizer`). Seeds torch with
+    ``train.seed`` first, so every rank initializes the replicated parameters identically.
+
+    Args:
+        cfg: the run's config.
+        env: from :func:`init_distributed`.
+        plan: shard with this TorchRec plan (a resumed run's saved one) instead of planning.
+
+    Raises:
+        ConfigError: ``data.batch_size`` is not divisible by the world size, or no plan fits.
+    """
+    check_batch_divisible(cfg.data.batch_size, env.world_size)
+    torch.manual_seed(cfg.train.seed)
+    model = build_dlrm(
+        cfg.model,
+        cfg.data.num_embeddings_per_feature,
+        embedding_device=torch.device("meta"),
+        dense_device=env.device,
+    )
+    # W1's effective rate (optim.w1_lr_scaling) is given to fbgemm as the fused base LR.
+    optim_cfg = dataclasses.replace(cfg.optim, embedding_lr=w1_learning_rate(cfg))
+    return parallelize(
+        model, env, cfg.dist, optim_cfg, cfg.data.batch_size // env.world_size, plan=plan
+    )
 
 
 def build_optimizer(
