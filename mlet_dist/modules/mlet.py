@@ -305,19 +305,7 @@ class MLETEmbeddingBagCollection(nn.Module):
         if self._uniform is None:
             kt = self.forward(features)
             return kt.values().view(kt.values().shape[0], len(self._feature_names), -1)
-        factorized, width = self._uniform
-        kt = self.w1(features)
-        values = kt.values()
-        x = values.view(values.shape[0], len(self._feature_names), width)  # (B, F, k), W1 order
-        perm = self._permutation(kt.keys(), x.device)
-        if not factorized:
-            return x if perm is None else _Permute.apply(x, 1, perm.order, perm.inverse)
-        tables = self._feature_tables if perm is None else perm.tables
-        w2 = torch.stack([self.projection.weights[t] for t in tables])  # (F, k, d)
-        y = _Project.apply(x, w2)  # (F, B, d)
-        if perm is not None:
-            y = _Permute.apply(y, 0, perm.order, perm.inverse)
-        return y.transpose(0, 1)  # (B, F, d)
+        return _pooled_after_w1(self, self.w1(features))
 
     def _permutation(self, keys: list[str], device: torch.device) -> _FeaturePermutation | None:
         """How W1's output features (in ``keys`` order) map to declared order; None if equal."""
@@ -393,3 +381,22 @@ class _Project(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w2 = torch.bmm(x.to(dtype).permute(1, 2, 0), grad).to(w2.dtype)
         return grad_x, grad_w2
+
+
+# An opaque call for torch.fx: TorchRec's train pipeline traces the model to find the sharded W1
+# and its input, and this function's Python control flow (on W1's output keys) cannot be traced.
+@torch.fx.wrap
+def _pooled_after_w1(module: MLETEmbeddingBagCollection, kt: KeyedTensor) -> torch.Tensor:
+    """W1's pooled output (``kt``) -> the (B, F, d) projection of ``forward_pooled``'s fast path."""
+    factorized, width = module._uniform
+    values = kt.values()
+    x = values.view(values.shape[0], len(module._feature_names), width)  # (B, F, k), W1 order
+    perm = module._permutation(kt.keys(), x.device)
+    if not factorized:
+        return x if perm is None else _Permute.apply(x, 1, perm.order, perm.inverse)
+    tables = module._feature_tables if perm is None else perm.tables
+    w2 = torch.stack([module.projection.weights[t] for t in tables])  # (F, k, d)
+    y = _Project.apply(x, w2)  # (F, B, d)
+    if perm is not None:
+        y = _Permute.apply(y, 0, perm.order, perm.inverse)
+    return y.transpose(0, 1)  # (B, F, d)
