@@ -42,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mlet_dist.config import SyntheticConfig
-from mlet_dist.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
+from mlet_dist.data.arrays import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
 from mlet_dist.utils.files import atomic_write, check_output
 
 logger = logging.getLogger(__name__)
