@@ -3,7 +3,8 @@ format and the synthetic Criteo-format generator.
 
 Modules: ``sources`` (the one place that reads ``data.source``), ``arrays`` (the in-memory rows),
 ``batching`` (``Batch``/KJT building, :class:`BatchSource`), ``parquet`` (shard schema and
-streaming), ``criteo`` / ``avazu`` / ``movielens`` (raw-file parsers), ``synthetic`` (generator),
+streaming), ``criteo`` / ``avazu`` / ``movielens`` (raw-file parsers), ``synthetic`` (generator) and
+``synthetic_teacher`` (its labelling model),
 ``preprocess`` (``mlet-dist preprocess``: raw TSV into Parquet shards, imported from its package).
 """
 
@@ -51,16 +52,13 @@ from mlet_dist.data.sources import (
 )
 from mlet_dist.data.synthetic import (
     META_FILE_NAME,
-    SyntheticRows,
-    Teacher,
-    build_teacher,
     day_file_name,
     ensure_synthetic,
     format_rows,
     generate_synthetic,
     sample_day,
-    teacher_logits,
 )
+from mlet_dist.data.synthetic_teacher import SyntheticRows, Teacher, build_teacher, teacher_logits
 
 __all__ = [
     "CAT_FEATURE_COUNT",

@@ -144,7 +144,7 @@ def load_splits(data_cfg: DataConfig) -> Splits:
     order.
 
     With ``data.source = 'parquet'`` nothing is read here: every split is None and is streamed
-    from ``data.parquet_dir`` by the loader.
+    from ``data.parquet_dir`` (:func:`build_batch_source`).
     """
     if is_streamed(data_cfg):
         return Splits(None, None, None)
