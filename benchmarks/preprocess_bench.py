@@ -132,7 +132,7 @@ def bench_preprocess(files: list[str], out: Path, workers: int, threshold: int) 
 
 
 def bench_loader(train_dir: Path, cases: list[tuple[int, int]], max_batches: int) -> list[dict]:
-    from mlet_dist.data.loader import ParquetBatchSource
+    from mlet_dist.data import ParquetBatchSource
 
     results = []
     for world_size, batch_size in cases:

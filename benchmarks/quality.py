@@ -314,10 +314,11 @@ def grid(study: StudyConfig) -> list[Variant]:
 
 
 def ensure_synthetic(cfg: Any) -> None:
-    """Generates the synthetic day files into ``data.dir`` unless they are there for this config."""
-    from mlet_dist.data import ensure_synthetic as ensure
+    """Generates the synthetic day files into ``data.dir`` unless they are there for this config
+    (nothing for the other sources)."""
+    from mlet_dist.data import ensure_source_data
 
-    ensure(cfg.data.dir, cfg.synthetic, progress=False)
+    ensure_source_data(cfg.data, cfg.synthetic, progress=False)
 
 
 def run_one(cfg: Any, held_out: Any, keep: bool = False) -> dict[str, Any]:
@@ -422,8 +423,7 @@ def run_dataset(
     """
     from mlet_dist.data import load_splits
 
-    if cfg.data.source == "synthetic":
-        ensure_synthetic(cfg)
+    ensure_synthetic(cfg)
     splits = load_splits(cfg.data)
     held_out = splits.test if len(splits.test) else splits.eval
     data = {

@@ -32,8 +32,7 @@ from mlet_dist.checkpoint import (
 )
 from mlet_dist.config import Config, ConfigError, check_feature_count
 from mlet_dist.data import CriteoArrays, load_splits, make_batches
-from mlet_dist.data.loader import build_batch_source
-from mlet_dist.data.sources import data_inputs
+from mlet_dist.data.sources import build_batch_source, data_inputs
 from mlet_dist.distributed.elastic import TrainingGuard, _flag_group, check_agent_store
 from mlet_dist.distributed.parallelize import (
     DistEnv,

@@ -10,8 +10,7 @@ import torch
 
 from mlet_dist.checkpoint import CheckpointError, latest_checkpoint, load_weights
 from mlet_dist.config import Config, ConfigError, apply_overrides, check_feature_count
-from mlet_dist.data import CriteoArrays
-from mlet_dist.data.criteo import require_rows
+from mlet_dist.data import CriteoArrays, require_rows
 from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.utils.files import atomic_write_json, check_output, hold_run
@@ -196,14 +195,14 @@ def check_serving(
 
 def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
     """The main job: data (generated if absent), training, evaluation, collapse and its check."""
-    from mlet_dist.data import ensure_synthetic, load_splits
+    from mlet_dist.data import ensure_source_data, load_splits
     from mlet_dist.export import collapse_run
     from mlet_dist.train import train
 
     check_feature_count(cfg.data)
     env = init_distributed(cfg.dist)
-    if cfg.data.source == "synthetic" and env.is_rank0:
-        ensure_synthetic(cfg.data.dir, cfg.synthetic, progress=cfg.train.progress)
+    if env.is_rank0:
+        ensure_source_data(cfg.data, cfg.synthetic, progress=cfg.train.progress)
     if env.world_size > 1:
         torch.distributed.barrier()
     metrics = train(cfg, resume=resume)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from mlet_dist.data import CriteoFormatError
 from mlet_dist.data.avazu import DEFAULT_AVAZU_TABLE_SIZES, read_avazu_csv
-from mlet_dist.data.criteo import CriteoFormatError
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/avazu_sample"
 PART1 = SAMPLE / "avazu_train_part1_8999rows_header.csv.gz"

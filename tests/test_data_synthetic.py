@@ -19,14 +19,12 @@ import pytest
 
 import mlet_dist.data.synthetic as synthetic_module
 from mlet_dist.config import SyntheticConfig
-from mlet_dist.data import read_criteo_tsv
+from mlet_dist.data import build_teacher, read_criteo_tsv, teacher_logits
 from mlet_dist.data.synthetic import (
     META_FILE_NAME,
-    build_teacher,
     format_rows,
     generate_synthetic,
     sample_day,
-    teacher_logits,
 )
 
 RAW = [2**32] * 26  # hash sizes that keep the 32-bit hex values unchanged
@@ -211,7 +209,7 @@ def test_invalid_config(tmp_path):
 
 def test_teacher_spectrum_decay():
 
-    from mlet_dist.data.synthetic import build_teacher, teacher_spectrum
+    from mlet_dist.data.synthetic_teacher import build_teacher, teacher_spectrum
 
     np.testing.assert_allclose(teacher_spectrum(4, 0.0), np.ones(4))
     v = teacher_spectrum(4, 1.0) ** 2

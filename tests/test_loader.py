@@ -1,4 +1,4 @@
-"""Oracle tests of the batch sources (mlet_dist.data.loader).
+"""Oracle tests of the batch sources (mlet_dist.data.batching, mlet_dist.data.parquet).
 
 Parquet shards are written here with numbered rows (``cat_0`` = the row's global id, the other
 columns functions of it), so every batch can be checked against the rows it claims to hold, and
@@ -19,18 +19,17 @@ import torch
 from mlet_dist.config import ConfigError, DataConfig
 from mlet_dist.data import (
     DEFAULT_CAT_NAMES,
-    CriteoArrays,
-    make_batches,
-    num_batches,
-    read_criteo_tsv,
-)
-from mlet_dist.data.loader import (
     ArrayBatchSource,
     BatchSource,
+    CriteoArrays,
     ParquetBatchSource,
     build_batch_source,
+    make_batches,
+    num_batches,
+    parquet_schema,
+    read_criteo_tsv,
 )
-from mlet_dist.data.preprocess import PreprocessSettings, parquet_schema, preprocess
+from mlet_dist.data.preprocess import PreprocessSettings, preprocess
 
 SIZES = [2**31] + [1000] * 25
 FILE_ROWS = [1000, 537, 1, 250]  # uneven files; row groups of 100 leave uneven last groups

@@ -19,8 +19,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlet_dist.data import CriteoFormatError, iter_line_blocks, parse_lines, read_criteo_tsv
 from mlet_dist.data.avazu import AVAZU_COLUMNS, HEX_COLUMNS, read_avazu_csv
-from mlet_dist.data.criteo import CriteoFormatError, iter_line_blocks, parse_lines, read_criteo_tsv
 
 # Example counts keep the file at ~10 s of test time on a quiet 2-core machine.
 

@@ -19,16 +19,20 @@ import pyarrow.parquet as pq
 import pytest
 
 import mlet_dist.data.criteo as criteo_module
-import mlet_dist.data.preprocess as preprocess_module
+import mlet_dist.data.preprocess.parts as preprocess_parts
 from mlet_dist.cli import main as cli_main
 from mlet_dist.config import ConfigError, SyntheticConfig
-from mlet_dist.data import CriteoFormatError, generate_synthetic, read_criteo_tsv
+from mlet_dist.data import (
+    CriteoFormatError,
+    generate_synthetic,
+    read_criteo_tsv,
+    read_shard_metadata,
+)
 from mlet_dist.data.preprocess import (
     PreprocessSettings,
     is_mlperf_days,
     plan_parts,
     preprocess,
-    read_shard_metadata,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data"
@@ -281,7 +285,7 @@ def test_resume_after_interruption_skips_finished_parts(tmp_path, monkeypatch):
     monkeypatch.setattr(criteo_module, "_CHUNK_BYTES", 100_000)
     chunks_per_file = len(list(criteo_module.iter_line_blocks(inputs[1])))
     assert chunks_per_file >= 5
-    real_parse = preprocess_module.parse_lines
+    real_parse = preprocess_parts.parse_lines
     calls = []
 
     def failing_parse(path, *args, **kwargs):
@@ -292,7 +296,7 @@ def test_resume_after_interruption_skips_finished_parts(tmp_path, monkeypatch):
         return real_parse(path, *args, **kwargs)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(preprocess_module, "parse_lines", failing_parse)
+    monkeypatch.setattr(preprocess_parts, "parse_lines", failing_parse)
     with pytest.raises(KeyboardInterrupt):
         preprocess(inputs, out, settings, workers=1, progress=False)
     assert (out / "train/part0.parquet").is_file()
@@ -303,7 +307,7 @@ def test_resume_after_interruption_skips_finished_parts(tmp_path, monkeypatch):
     (out / "train/.part1.parquet.abc.tmp").write_bytes(b"partial")
     assert not (out / "_state/parts/train/part1.json").exists()
 
-    monkeypatch.setattr(preprocess_module, "parse_lines", real_parse)
+    monkeypatch.setattr(preprocess_parts, "parse_lines", real_parse)
     resumed = preprocess(inputs, out, settings, workers=1, progress=False)
     assert resumed["run"]["parts_skipped"] == 1 and resumed["run"]["parts_written"] == 2
     assert (out / "train/part0.parquet").stat().st_mtime_ns == finished_at

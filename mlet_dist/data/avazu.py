@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mlet_dist.data.criteo import (
+from mlet_dist.data.arrays import (
     CAT_FEATURE_COUNT,
     INT_FEATURE_COUNT,
     CriteoArrays,
     CriteoFormatError,
-    _check_table_sizes,
+    check_table_sizes,
 )
 
 AVAZU_COLUMNS = (
@@ -98,7 +98,7 @@ def read_avazu_csv(
         )
     if not path.is_file():
         raise CriteoFormatError(f"{path} does not exist", path=path)
-    sizes = [int(v) for v in _check_table_sizes(num_embeddings_per_feature)]
+    sizes = [int(v) for v in check_table_sizes(num_embeddings_per_feature)]
     with path.open("rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"
     opener = gzip.open if gz else open

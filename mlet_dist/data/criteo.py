@@ -1,4 +1,4 @@
-"""Reader of the Criteo click-log TSV format and batching into TorchRec ``Batch`` objects.
+"""Reader of the Criteo click-log TSV format into :class:`~mlet_dist.data.arrays.CriteoArrays`.
 
 One row per line, 40 tab-separated fields: label (0/1), 13 integer features I1..I13, 26 categorical
 features C1..C26 (hex hashes). An empty field is a missing value. Files may be plain text or gzip
@@ -15,9 +15,7 @@ value of more than 16 hex digits (64 bits).
 Example::
 
     arrays = read_criteo_tsv("day_0.gz", num_embeddings_per_feature=[100_000] * 26)
-    train, val, _ = split_arrays(arrays, eval_fraction=0.1, test_fraction=0.0)
-    for batch in make_batches(train, 256, shuffle=True, seed=0, rank=0, world_size=2):
-        ...  # batch.dense_features: (128, 13), batch.sparse_features: KJT with 26 keys
+    arrays.sparse[0, 6]  # int(C7 of line 1, 16) % 100_000
 """
 
 from __future__ import annotations
@@ -32,38 +30,26 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import torch
-from torchrec.datasets.criteo import (
+
+from mlet_dist.data.arrays import (
     CAT_FEATURE_COUNT,
     DEFAULT_CAT_NAMES,
     DEFAULT_INT_NAMES,
     INT_FEATURE_COUNT,
+    CriteoArrays,
+    CriteoFormatError,
+    check_table_sizes,
 )
-from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from mlet_dist.errors import MletError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CAT_FEATURE_COUNT",
-    "DEFAULT_CAT_NAMES",
-    "DEFAULT_INT_NAMES",
     "FIELD_COUNT",
-    "INT_FEATURE_COUNT",
     "ON_BAD_ROW",
     "BadRow",
-    "CriteoArrays",
-    "CriteoFormatError",
     "iter_line_blocks",
-    "make_batches",
-    "num_batches",
     "parse_lines",
     "read_criteo_tsv",
-    "require_rows",
-    "split_arrays",
-    "to_batch",
 ]
 
 FIELD_COUNT = 1 + INT_FEATURE_COUNT + CAT_FEATURE_COUNT
@@ -96,82 +82,6 @@ del _c
 
 _INT_RE = re.compile(rb"-?[0-9]+")
 _HEX_RE = re.compile(rb"[0-9a-fA-F]+")
-
-
-class CriteoFormatError(MletError, ValueError):
-    """A Criteo TSV file is missing, unreadable or malformed.
-
-    The message names the file, the 1-based line number (when there is one), what is wrong and how
-    to fix it. ``path`` and ``line`` hold the same information for programs.
-    """
-
-    def __init__(self, message: str, *, path: str | Path | None = None, line: int | None = None):
-        super().__init__(message)
-        self.path = None if path is None else str(path)
-        self.line = line
-
-
-@dataclass
-class CriteoArrays:
-    """Parsed, transformed Criteo rows held as numpy arrays (row i of each array is one sample).
-
-    Attributes:
-        labels: float32, shape (N,), 0.0 or 1.0.
-        dense: float32, shape (N, 13), ``log(max(x, 0) + 1)`` of the integer features (missing = 0).
-        sparse: int64, shape (N, 26), categorical ids already reduced modulo the table sizes.
-    """
-
-    labels: np.ndarray
-    dense: np.ndarray
-    sparse: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def slice(self, start: int, stop: int) -> CriteoArrays:
-        """Returns rows ``start:stop`` (numpy views, no copy)."""
-        return CriteoArrays(
-            self.labels[start:stop], self.dense[start:stop], self.sparse[start:stop]
-        )
-
-    @classmethod
-    def concat(cls, parts: Sequence[CriteoArrays]) -> CriteoArrays:
-        """Concatenates row-wise; an empty sequence gives zero rows."""
-        if not parts:
-            return cls.empty()
-        return cls(
-            np.concatenate([p.labels for p in parts]),
-            np.concatenate([p.dense for p in parts]),
-            np.concatenate([p.sparse for p in parts]),
-        )
-
-    @classmethod
-    def empty(cls) -> CriteoArrays:
-        """Zero rows with the right dtypes and trailing shapes."""
-        return cls(
-            np.zeros(0, np.float32),
-            np.zeros((0, INT_FEATURE_COUNT), np.float32),
-            np.zeros((0, CAT_FEATURE_COUNT), np.int64),
-        )
-
-
-def _check_table_sizes(num_embeddings_per_feature: Sequence[int]) -> np.ndarray:
-    sizes = list(num_embeddings_per_feature)
-    if len(sizes) != CAT_FEATURE_COUNT:
-        raise ValueError(
-            f"num_embeddings_per_feature has {len(sizes)} values but Criteo has "
-            f"{CAT_FEATURE_COUNT} categorical features (C1..C26): give one hash size per feature "
-            f"(data.num_embeddings_per_feature)"
-        )
-    bad = [(j, s) for j, s in enumerate(sizes) if isinstance(s, bool) or int(s) != s or s <= 0]
-    if bad:
-        j, s = bad[0]
-        raise ValueError(
-            f"num_embeddings_per_feature[{j}] (cat_{j}) = {s!r}: hash sizes must be positive integers"
-        )
-    if max(sizes) > 2**63 - 1:
-        raise ValueError("num_embeddings_per_feature values must be < 2**63 (int64 ids)")
-    return np.asarray(sizes, dtype=np.uint64)
 
 
 def _show(value: bytes) -> str:
@@ -484,7 +394,7 @@ def parse_lines(
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     path = Path(path)
-    table_sizes = _check_table_sizes(num_embeddings_per_feature)
+    table_sizes = check_table_sizes(num_embeddings_per_feature)
     try:
         return _parse_chunk(path, data, first_line, table_sizes), []
     except CriteoFormatError:
@@ -534,7 +444,7 @@ def read_criteo_tsv(
         arrays.sparse[0, 6]  # int(C7 of line 1, 16) % 2**20
     """
     path = Path(path)
-    table_sizes = _check_table_sizes(num_embeddings_per_feature)
+    table_sizes = check_table_sizes(num_embeddings_per_feature)
     if max_rows < 0:
         raise ValueError(f"max_rows must be >= 0 (0 = all rows), got {max_rows}")
     parts = [
@@ -544,173 +454,3 @@ def read_criteo_tsv(
     arrays = CriteoArrays.concat(parts)
     logger.debug("read %d rows from %s", len(arrays), path)
     return arrays
-
-
-def require_rows(arrays: CriteoArrays, path: str | Path) -> CriteoArrays:
-    """Returns ``arrays``, or raises a CriteoFormatError naming ``path`` when it has no rows.
-
-    The readers accept an empty file (zero rows, e.g. for preprocessing); training, evaluation
-    and prediction refuse one, since it is almost always a wrong or truncated path.
-    """
-    if len(arrays) == 0:
-        raise CriteoFormatError(
-            f"{path}: the file is empty (no data rows); check the path, or remove it from the "
-            f"list of files",
-            path=path,
-        )
-    return arrays
-
-
-def split_arrays(
-    arrays: CriteoArrays, eval_fraction: float, test_fraction: float
-) -> tuple[CriteoArrays, CriteoArrays, CriteoArrays]:
-    """Splits rows contiguously into (train, eval, test), in that order.
-
-    Criteo data is chronological, so the held-out rows are the latest ones, as in the usual
-    Criteo protocol (train on the past, evaluate on the future).
-
-    Args:
-        arrays: all rows.
-        eval_fraction: fraction of rows (rounded) in the eval split, in [0, 1).
-        test_fraction: fraction of rows (rounded) in the test split, after eval, in [0, 1).
-
-    Returns:
-        (train, eval, test) views; sizes add up to ``len(arrays)``.
-
-    Raises:
-        ValueError: a fraction outside [0, 1) or fractions summing to 1 or more.
-    """
-    for name, frac in (("eval_fraction", eval_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= frac < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {frac}")
-    if eval_fraction + test_fraction >= 1.0:
-        raise ValueError(
-            f"eval_fraction + test_fraction = {eval_fraction + test_fraction} leaves no training "
-            f"rows; make their sum < 1"
-        )
-    n = len(arrays)
-    n_eval = round(n * eval_fraction)
-    n_test = round(n * test_fraction)
-    n_train = n - n_eval - n_test
-    return (
-        arrays.slice(0, n_train),
-        arrays.slice(n_train, n_train + n_eval),
-        arrays.slice(n_train + n_eval, n),
-    )
-
-
-def to_batch(arrays: CriteoArrays) -> Batch:
-    """One TorchRec ``Batch`` of all rows of ``arrays``, in the layout of :func:`make_batches`.
-
-    Args:
-        arrays: the rows (labels float32, dense float32 (B, 13), sparse int64 (B, 26)).
-
-    Returns:
-        ``Batch(dense_features (B, 13) float32, sparse_features KJT, labels (B,) float32)``; the
-        KJT has keys ``cat_0..cat_25`` and one id per sample and key (all lengths 1).
-    """
-    batch_size = len(arrays)
-    # KJT layout is key-major: all of cat_0's ids for the batch, then cat_1's, ...
-    values = torch.from_numpy(np.ascontiguousarray(arrays.sparse.T, dtype=np.int64).reshape(-1))
-    lengths = torch.ones(CAT_FEATURE_COUNT * batch_size, dtype=torch.int32)
-    kjt = KeyedJaggedTensor(
-        keys=list(DEFAULT_CAT_NAMES), values=values, lengths=lengths, stride=batch_size
-    )
-    return Batch(
-        dense_features=torch.from_numpy(np.ascontiguousarray(arrays.dense, dtype=np.float32)),
-        sparse_features=kjt,
-        labels=torch.from_numpy(np.ascontiguousarray(arrays.labels, dtype=np.float32)),
-    )
-
-
-def _to_batch(arrays: CriteoArrays, rows: np.ndarray) -> Batch:
-    return to_batch(CriteoArrays(arrays.labels[rows], arrays.dense[rows], arrays.sparse[rows]))
-
-
-def num_batches(n_rows: int, batch_size: int, *, drop_last: bool, world_size: int = 1) -> int:
-    """Number of batches each rank gets from :func:`make_batches` (same arguments)."""
-    full, tail = divmod(n_rows, batch_size)
-    return full + int(not drop_last and tail // world_size > 0)
-
-
-def make_batches(
-    arrays: CriteoArrays,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int,
-    drop_last: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-    start_batch: int = 0,
-) -> Iterator[Batch]:
-    """Yields this rank's TorchRec batches over one epoch of ``arrays``.
-
-    ``batch_size`` is the global batch size: global batch b covers rows ``b*batch_size`` ..
-    of the (optionally shuffled) row order, and rank r gets its contiguous r-th
-    ``batch_size // world_size`` slice of it. Every rank yields the same number of batches.
-    The last, incomplete global batch (``drop_last=False``) is split evenly too: each rank gets
-    ``tail // world_size`` rows and the ``tail % world_size`` leftover rows (fewer than
-    ``world_size``) are skipped this epoch; with a single rank nothing is skipped.
-
-    Args:
-        arrays: the rows.
-        batch_size: global batch size; must be divisible by ``world_size``.
-        shuffle: visit the rows in a seeded random order (the same permutation on every rank).
-        seed: seed of the permutation; pass a different one per epoch for a new order.
-        drop_last: drop the last incomplete global batch.
-        rank: this process' rank, in [0, world_size).
-        world_size: number of data-parallel ranks.
-        start_batch: skip the first ``start_batch`` batches without building them (resume
-            mid-epoch with the same seed: the remaining batches are exactly those of a full run).
-
-    Returns:
-        An iterator of ``Batch(dense_features (B, 13) float32, sparse_features KJT, labels (B,) float32)``; the
-        KJT has keys ``cat_0..cat_25`` and one id per sample and key (all lengths 1).
-
-    Raises:
-        ValueError: non-positive sizes, rank out of range, or batch_size not divisible by
-            world_size.
-
-    Example::
-
-        for batch in make_batches(train, 1024, shuffle=True, seed=epoch, rank=rank, world_size=4):
-            batch.sparse_features["cat_3"].values()  # 256 ids of feature C4 on this rank
-    """
-    if batch_size <= 0 or world_size <= 0:
-        raise ValueError(
-            f"batch_size ({batch_size}) and world_size ({world_size}) must be positive"
-        )
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-    if start_batch < 0:
-        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-    if batch_size % world_size:
-        raise ValueError(
-            f"global batch size {batch_size} is not divisible by world_size {world_size}: use a "
-            f"multiple of {world_size} (data.batch_size), e.g. {batch_size // world_size * world_size or world_size}"
-        )
-    n = len(arrays)
-    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    count = num_batches(n, batch_size, drop_last=drop_last, world_size=world_size)
-    # A nested generator, so that bad arguments raise at the call rather than at the first next().
-    return _iter_batches(arrays, order, batch_size, start_batch, count, rank, world_size)
-
-
-def _iter_batches(
-    arrays: CriteoArrays,
-    order: np.ndarray,
-    batch_size: int,
-    start_batch: int,
-    count: int,
-    rank: int,
-    world_size: int,
-) -> Iterator[Batch]:
-    n = order.shape[0]
-    local = batch_size // world_size
-    for b in range(start_batch, count):
-        start = b * batch_size
-        # Full batches: `local` rows per rank; the tail: an equal share per rank.
-        share = min(local, (n - start) // world_size)
-        begin = start + rank * share
-        yield _to_batch(arrays, order[begin : begin + share])

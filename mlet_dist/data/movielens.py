@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlet_dist.data.criteo import (
+from mlet_dist.data.arrays import (
     CAT_FEATURE_COUNT,
     INT_FEATURE_COUNT,
     CriteoArrays,

@@ -1,9 +1,19 @@
-"""The one place that reads ``data.source``: which files a run reads, how a raw file is parsed, and
-the in-memory splits. Every in-memory source gives Criteo-layout arrays.
+"""The one place that reads ``data.source``: which files a run reads, how a raw file is parsed,
+the in-memory splits, which batch source a split gets, and what ``mlet-dist preprocess`` reads.
+Every in-memory source gives Criteo-layout arrays (:class:`~mlet_dist.data.arrays.CriteoArrays`).
 
 'synthetic' and 'criteo' are Criteo TSV files, 'avazu' Avazu CSV (:mod:`mlet_dist.data.avazu`),
 'movielens' MovieLens ratings with their users/movies files (:mod:`mlet_dist.data.movielens`).
-'parquet' is streamed by :mod:`mlet_dist.data.loader` and has no raw reader here.
+'parquet' is streamed (:class:`~mlet_dist.data.parquet.ParquetBatchSource`) and has no raw
+reader here.
+
+Example::
+
+    splits = load_splits(cfg.data)
+    source = build_batch_source(cfg.data, "train", rank=rank, world_size=world, seed=cfg.train.seed,
+                                arrays=splits.train, device=device)
+    for i, batch in enumerate(source.batches(epoch, start_batch), start=start_batch):
+        loss, _ = model(batch.to(device, non_blocking=True))
 """
 
 from __future__ import annotations
@@ -11,8 +21,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlet_dist.config import ConfigError, DataConfig
-from mlet_dist.data.criteo import CriteoArrays, read_criteo_tsv, require_rows, split_arrays
+import torch
+
+from mlet_dist.config import ConfigError, DataConfig, SyntheticConfig
+from mlet_dist.data.arrays import CriteoArrays, require_rows, split_arrays
+from mlet_dist.data.avazu import read_avazu_csv
+from mlet_dist.data.batching import ArrayBatchSource, BatchSource
+from mlet_dist.data.criteo import read_criteo_tsv
+from mlet_dist.data.movielens import read_movielens
+from mlet_dist.data.parquet import ParquetBatchSource
+from mlet_dist.data.synthetic import ensure_synthetic
+
+__all__ = [
+    "FILE_KINDS",
+    "Splits",
+    "build_batch_source",
+    "check_preprocessable",
+    "data_files",
+    "data_inputs",
+    "ensure_source_data",
+    "is_streamed",
+    "load_splits",
+    "preprocess_inputs",
+    "read_data_file",
+    "read_source_file",
+]
 
 FILE_KINDS = {
     "synthetic": "Criteo TSV",
@@ -21,6 +54,12 @@ FILE_KINDS = {
     "movielens": "MovieLens ratings.dat(.gz), with users.dat and movies.dat beside it",
 }
 """What a raw file of each source is, for messages."""
+
+
+def is_streamed(data_cfg: DataConfig) -> bool:
+    """Whether the source is streamed from preprocessed Parquet shards (``data.source =
+    'parquet'``) rather than read into memory."""
+    return data_cfg.source == "parquet"
 
 
 def read_source_file(
@@ -38,12 +77,8 @@ def read_source_file(
     """
     sizes = num_embeddings_per_feature
     if source == "avazu":
-        from mlet_dist.data.avazu import read_avazu_csv
-
         return read_avazu_csv(path, sizes, max_rows=max_rows)
     if source == "movielens":
-        from mlet_dist.data.movielens import read_movielens
-
         return read_movielens(path, sizes, max_rows=max_rows, in_file_order=in_file_order)
     return read_criteo_tsv(path, sizes, max_rows=max_rows)
 
@@ -60,7 +95,7 @@ class Splits:
         arrays = getattr(self, split)
         if arrays is not None:
             return len(arrays) > 0
-        return cfg.source == "parquet" and any(Path(cfg.parquet_dir, split).glob("*.parquet"))
+        return is_streamed(cfg) and any(Path(cfg.parquet_dir, split).glob("*.parquet"))
 
 
 def data_files(data_cfg: DataConfig) -> list[Path]:
@@ -109,9 +144,9 @@ def load_splits(data_cfg: DataConfig) -> Splits:
     order.
 
     With ``data.source = 'parquet'`` nothing is read here: every split is None and is streamed
-    from ``data.parquet_dir`` by the loader.
+    from ``data.parquet_dir`` (:func:`build_batch_source`).
     """
-    if data_cfg.source == "parquet":
+    if is_streamed(data_cfg):
         return Splits(None, None, None)
 
     def read(paths: list[Path]) -> CriteoArrays:
@@ -128,8 +163,111 @@ def data_inputs(data_cfg: DataConfig) -> list[str]:
     """The paths training reads (files and data directories), for the output checks."""
     if data_cfg.source == "synthetic":
         paths = [data_cfg.dir]
-    elif data_cfg.source == "parquet":
+    elif is_streamed(data_cfg):
         paths = [data_cfg.parquet_dir]
     else:
         paths = [*data_cfg.train_files, *data_cfg.eval_files]
     return [p for p in paths if p]
+
+
+def check_preprocessable(data_cfg: DataConfig) -> None:
+    """Raises ConfigError unless ``mlet-dist preprocess`` can read the source (Criteo TSV)."""
+    if data_cfg.source in ("avazu", "movielens"):
+        raise ConfigError(
+            f"mlet-dist preprocess reads Criteo TSV only, not data.source = {data_cfg.source!r}: "
+            f"train, run and evaluate read that source into memory (no preprocessing needed); "
+            f"for Criteo TSV inputs set --data.source=criteo"
+        )
+
+
+def preprocess_inputs(data_cfg: DataConfig) -> list[str | Path]:
+    """The raw files ``mlet-dist preprocess`` reads by default: the synthetic day files in
+    ``data.dir`` (source = 'synthetic', :func:`data_files`) or ``data.train_files``."""
+    if data_cfg.source == "synthetic":
+        return list(data_files(data_cfg))
+    return list(data_cfg.train_files)
+
+
+def ensure_source_data(
+    data_cfg: DataConfig, synthetic_cfg: SyntheticConfig, progress: bool = True
+) -> bool:
+    """Makes the configured data exist where it can be made: generates the synthetic day files
+    into ``data.dir`` unless they are there for this config (``data.source = 'synthetic'``,
+    :func:`~mlet_dist.data.synthetic.ensure_synthetic`); nothing for the other sources. Returns
+    True when it generated."""
+    if data_cfg.source != "synthetic":
+        return False
+    return ensure_synthetic(data_cfg.dir, synthetic_cfg, progress=progress)
+
+
+def build_batch_source(
+    data_cfg: DataConfig,
+    split: str,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    arrays: CriteoArrays | None = None,
+    training: bool | None = None,
+    device: torch.device | str | None = None,
+) -> BatchSource:
+    """The batch source a config asks for: Parquet streaming or in-memory rows.
+
+    Args:
+        data_cfg: the [data] section; ``source = 'parquet'`` streams ``parquet_dir/<split>``,
+            any other source batches ``arrays``.
+        split: 'train', 'eval' or 'test'.
+        rank: this process' rank.
+        world_size: number of data-parallel ranks.
+        seed: base seed of the data order (train.seed).
+        arrays: the split's rows, for the in-memory sources (e.g. ``load_splits(cfg).train``).
+        training: training order (shuffled per ``data.shuffle``, ``batch_size``, incomplete last
+            batch dropped) or evaluation order (file order, ``eval_batch_size`` rounded down to a
+            multiple of the world size, all batches). Default: ``split == 'train'``.
+        device: the training device; batches are pinned when it is cuda.
+
+    Returns:
+        A :class:`BatchSource`.
+
+    Raises:
+        ConfigError: parquet without ``data.parquet_dir`` or without shards; an in-memory source
+            without ``arrays``.
+    """
+    if split not in ("train", "eval", "test"):
+        raise ValueError(f"split must be 'train', 'eval' or 'test', got {split!r}")
+    training = split == "train" if training is None else training
+    if training:
+        batch_size = data_cfg.batch_size
+    else:
+        batch_size = max(
+            world_size, data_cfg.eval_batch_size - data_cfg.eval_batch_size % world_size
+        )
+    pin = device is not None and torch.device(device).type == "cuda"
+    common = {
+        "rank": rank,
+        "world_size": world_size,
+        "seed": seed,
+        "shuffle": training and data_cfg.shuffle,
+        "drop_last": training,
+        "pin_memory": pin,
+    }
+    if is_streamed(data_cfg):
+        if not data_cfg.parquet_dir:
+            raise ConfigError(
+                "data.source = 'parquet' needs data.parquet_dir (the output directory of "
+                "`mlet-dist preprocess`)"
+            )
+        return ParquetBatchSource(
+            Path(data_cfg.parquet_dir) / split,
+            batch_size,
+            shuffle_buffer_rows=data_cfg.shuffle_buffer_rows,
+            prefetch_batches=data_cfg.prefetch_batches,
+            num_embeddings_per_feature=data_cfg.num_embeddings_per_feature,
+            **common,
+        )
+    if arrays is None:
+        raise ConfigError(
+            f"data.source = {data_cfg.source!r} reads its rows into memory: pass the {split} "
+            f"split's arrays (or set data.source = 'parquet' to stream preprocessed shards)"
+        )
+    return ArrayBatchSource(arrays, batch_size, **common)

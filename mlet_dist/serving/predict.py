@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from mlet_dist.config import ConfigError
-from mlet_dist.data import CriteoArrays
-from mlet_dist.data.criteo import require_rows
+from mlet_dist.data import CriteoArrays, require_rows
 from mlet_dist.data.movielens import MOVIES_FILE, USERS_FILE
 from mlet_dist.data.sources import read_source_file
 from mlet_dist.serving.manifest import ServingError, artifacts, read_manifest, verify_manifest

@@ -181,10 +181,9 @@ def _check_work_dir(work: Path, cfg: Config) -> None:
 
 def ensure_data(cfg: Config) -> None:
     """Generates synthetic day files once, before runs start in parallel (each would otherwise)."""
-    if cfg.data.source == "synthetic":
-        from mlet_dist.data import ensure_synthetic
+    from mlet_dist.data import ensure_source_data
 
-        ensure_synthetic(cfg.data.dir, cfg.synthetic, progress=cfg.train.progress)
+    ensure_source_data(cfg.data, cfg.synthetic, progress=cfg.train.progress)
 
 
 def sweep(
