@@ -57,6 +57,7 @@ def profile_variant(cfg, variant: str, steps: int, warmup: int, rows: int) -> di
         "top": [{name, self_cpu_ms, pct}], ...}``: wall and process CPU time of unprofiled
         steps, then the wall time of the profiled steps (profiler overhead included).
     """
+    # In the rank processes only: the parent that spawns them never imports torch (start-up).
     import torch
     from torch.profiler import ProfilerActivity, profile
 

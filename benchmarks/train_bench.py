@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 def resolve_device(cfg) -> str:
     """'cuda' or 'cpu' for ``dist.device`` ('auto': cuda when visible)."""
-    import torch
+    import torch  # the orchestrating process imports torch only where it must (start-up time)
 
     if cfg.dist.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,7 +61,7 @@ def resolve_device(cfg) -> str:
 def world_sizes(bench: BenchConfig, device: str) -> list[int]:
     """CPU: ``bench.world_sizes``; GPU: 1 and all visible GPUs."""
     if device == "cuda":
-        import torch
+        import torch  # only on GPU (start-up time of the orchestrating process)
 
         return sorted({1, torch.cuda.device_count()})
     return sorted(set(bench.world_sizes))
@@ -116,7 +116,7 @@ def launch(
 def worker(spec_path: str, result_path: str) -> None:
     """One rank of a measurement: build, warm up, time windows, count memory, write JSON."""
     rss_start = current_rss_bytes()
-    import torch
+    import torch  # after rss_start (and in the rank processes only): the RSS baseline excludes it
 
     from mlet_dist.config import config_from_dict
     from mlet_dist.distributed.parallelize import init_distributed
@@ -392,7 +392,7 @@ def _peak(row: dict[str, Any]) -> int:
 
 def _planner_rows(cfg, rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
     """The dry-run memory estimates (ours and TorchRec's planner's) next to the measured memory."""
-    from mlet_dist.distributed.planning import dry_run
+    from mlet_dist.distributed.planning import dry_run  # torchrec: only when reporting
 
     out = []
     for row in rows:

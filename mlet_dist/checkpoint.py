@@ -51,6 +51,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from mlet_dist.config import Config
+from mlet_dist.distributed.sharding import COLUMN_BASED  # resharding refused (see there)
 from mlet_dist.errors import MletError
 
 logger = logging.getLogger(__name__)
@@ -63,12 +64,6 @@ PLAN_FORMAT = "mlet_dist.sharding_plan/1"
 INTEGRITY_FILE = "integrity.json"
 INTEGRITY_FORMAT = "mlet_dist.checkpoint_integrity/1"
 DAMAGED_SUFFIX = ".damaged"
-
-# Sharding types that split a table's columns. fbgemm's row-wise optimizer state of such a table
-# has one value per row *of each column shard* (its size is rows x shards), which TorchRec cannot
-# map onto another column split: resuming under another world size or plan fails in DCP with
-# "Size mismatch ... momentum1" (or would be wrong), so it is refused up front.
-COLUMN_BASED = ("column_wise", "table_column_wise", "grid_shard")
 
 
 class CheckpointError(MletError, RuntimeError):

@@ -9,10 +9,25 @@ from typing import Any
 import torch
 
 from mlet_dist.checkpoint import CheckpointError, latest_checkpoint, load_weights
-from mlet_dist.config import Config, ConfigError, apply_overrides, check_feature_count
-from mlet_dist.data import CriteoArrays, require_rows
-from mlet_dist.distributed.parallelize import init_distributed
+from mlet_dist.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    check_feature_count,
+    load_run_config,
+)
+from mlet_dist.data import (
+    CriteoArrays,
+    ensure_source_data,
+    load_splits,
+    read_source_file,
+    require_rows,
+)
+from mlet_dist.distributed.parallelize import build_sharded_model, init_distributed
+from mlet_dist.export import collapse_run
 from mlet_dist.metrics import binary_metrics
+from mlet_dist.quality import id_counts
+from mlet_dist.train import evaluate, train
 from mlet_dist.utils.files import atomic_write_json, check_output, hold_run
 
 logger = logging.getLogger(__name__)
@@ -30,8 +45,6 @@ def evaluate_run(
     checks the output ``RUN/eval_<name>.json`` first and writes it atomically. See
     :func:`_evaluate_run`.
     """
-    from mlet_dist.config import load_run_config
-
     cfg = apply_overrides(load_run_config(run_dir), overrides or [])
     env = init_distributed(cfg.dist)
     out = Path(run_dir) / f"eval_{'files' if files else split}.json"
@@ -66,13 +79,6 @@ def _evaluate_run(
     Runs on one process or every rank of a launched job (the model is sharded as in training).
     Rank 0 writes ``RUN/eval_<name>.json``.
     """
-    from mlet_dist.config import load_run_config
-    from mlet_dist.data import load_splits
-    from mlet_dist.data.sources import read_source_file
-    from mlet_dist.distributed.parallelize import build_sharded_model
-    from mlet_dist.quality import id_counts
-    from mlet_dist.train import evaluate
-
     cfg = apply_overrides(load_run_config(run_dir), overrides or [])
     check_feature_count(cfg.data)
     ckpt = latest_checkpoint(run_dir)
@@ -195,10 +201,6 @@ def check_serving(
 
 def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
     """The main job: data (generated if absent), training, evaluation, collapse and its check."""
-    from mlet_dist.data import ensure_source_data, load_splits
-    from mlet_dist.export import collapse_run
-    from mlet_dist.train import train
-
     check_feature_count(cfg.data)
     env = init_distributed(cfg.dist)
     if env.is_rank0:

@@ -156,7 +156,7 @@ def curve(metrics: dict[str, Any]) -> dict[int, float]:
 
 
 def _two_rank_job(root: str) -> dict[str, Any]:
-    import mlet_dist.train as T
+    import mlet_dist.train.run as T
 
     T.load_splits = splits  # the rows of this test instead of files
     root_p = Path(root)
@@ -212,7 +212,7 @@ def runs(tmp_path_factory):
 
     one_rank = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("mlet_dist.train.load_splits", splits)
+        mp.setattr("mlet_dist.train.run.load_splits", splits)
         for sharding in RESHARDABLE:
             d = root / sharding
             m = train(
@@ -272,7 +272,7 @@ def assert_same_state(loaded: dict[str, torch.Tensor], saved: dict[str, torch.Te
 def test_reshard_two_ranks_to_one(runs, sharding, tmp_path, monkeypatch):
     from mlet_dist.train import Trainer
 
-    monkeypatch.setattr("mlet_dist.train.load_splits", splits)
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", splits)
     run_dir = runs["root"] / sharding / "w2_to_w1"
     ckpt = latest_checkpoint(run_dir)
     assert read_train_state(ckpt)["world_size"] == 2
@@ -314,7 +314,7 @@ def test_column_wise_checkpoint_really_splits_columns(runs):
 def test_column_wise_resume_on_other_world_size_is_refused(runs, monkeypatch, tmp_path):
     from mlet_dist.train import Trainer
 
-    monkeypatch.setattr("mlet_dist.train.load_splits", splits)
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", splits)
     run_dir = runs["root"] / "column_wise" / "w2_to_w1"
     cfg = config(run_dir, *COLUMN)
     trainer = Trainer(cfg, init_distributed(cfg.dist))
@@ -379,28 +379,23 @@ def test_predict_pads_the_leftover_rows(monkeypatch):
     model = RowModel()
 
     def fake_gather(out, local):
-        # rank r's slices of the same batches: recompute them as the real rank would
+        # rank r's share of the same batches: recompute it as the real rank would
         for r in range(world):
-            parts = [
-                torch.stack([b.dense_features[:, 0], b.labels])
-                for b in make_batches(
-                    current["arrays"], current["bs"], shuffle=False, seed=0, rank=r,
-                    world_size=world,
-                )
-            ]  # fmt: skip
-            out[r] = torch.cat(parts, dim=1) if parts else torch.zeros(2, 0)
+            env_r = DistEnv(r, world, r, world, torch.device("cpu"), "gloo")
+            batches = real_batches(current["arrays"], current["bs"], env_r)
+            out[r] = E.local_predictions(model, batches, env_r)
 
     current: dict[str, Any] = {}
-    import mlet_dist.train as T
+    import mlet_dist.train.evaluation as E
 
-    real_split = T._predict_split
+    real_batches = E.array_batches
 
-    def spy(model, arrays, batch_size, env):
+    def spy(arrays, batch_size, env):
         current.update(arrays=arrays, bs=batch_size)
-        return real_split(model, arrays, batch_size, env)
+        return real_batches(arrays, batch_size, env)
 
-    monkeypatch.setattr(T, "_predict_split", spy)
-    monkeypatch.setattr(T.dist, "all_gather_object", fake_gather)
+    monkeypatch.setattr(E, "array_batches", spy)
+    monkeypatch.setattr(E.dist, "all_gather_object", fake_gather)
     env = DistEnv(0, world, 0, world, torch.device("cpu"), "gloo")
     logits, labels = predict(model, data, 9, env)
     assert torch.equal(logits, torch.from_numpy(data.dense[:, 0]))

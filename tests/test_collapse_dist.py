@@ -174,7 +174,7 @@ def _sharded_served_load(run_cfg, out_dir: Path, env) -> dict[str, list]:
     from torchrec.distributed.types import ShardingEnv
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-    from mlet_dist.distributed.parallelize import MLETEmbeddingBagCollectionSharder
+    from mlet_dist.distributed.sharding import MLETEmbeddingBagCollectionSharder
     from mlet_dist.models import build_tables
     from mlet_dist.modules.mlet import served_tables
 
@@ -283,7 +283,7 @@ def train_run(tmp: Path) -> Any:
             f"--train.run_dir={tmp / 'run'}",
         ],
     )
-    import mlet_dist.train as train_module
+    import mlet_dist.train.run as train_module
 
     saved = train_module.load_splits
     train_module.load_splits = lambda _: Splits(

@@ -365,7 +365,7 @@ def test_training_stops_at_the_first_non_finite_loss(tmp_path, monkeypatch, caps
         rng.integers(0, 2, n).astype(np.float32), dense, rng.integers(0, 50, (n, 26))
     )
     none = rows.slice(0, 0)
-    monkeypatch.setattr("mlet_dist.train.load_splits", lambda _: Splits(rows, none, none))
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda _: Splits(rows, none, none))
     run = tmp_path / "run"
     args = overrides(run, tmp_path / "unused.tsv", "--train.max_steps=6", "--data.shuffle=false")
     assert cli.main(["train", *args, "--train.checkpoint_every=1"]) == 2
@@ -475,7 +475,7 @@ def test_wrong_number_of_table_sizes_is_refused_before_reading(tmp_path, monkeyp
     def no_reading(*_):
         raise AssertionError("data was read before the config was checked")
 
-    monkeypatch.setattr("mlet_dist.train.load_splits", no_reading)
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", no_reading)
     run = tmp_path / "run"
     data = write_tsv(tmp_path / "d.tsv", 64)
     args = overrides(run, data, "--data.num_embeddings_per_feature=[50, 50, 50]")

@@ -37,16 +37,15 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mlet_dist.config import ConfigError, DistConfig, ModelConfig, OptimConfig
-from mlet_dist.distributed.parallelize import (
+from mlet_dist.distributed.parallelize import init_distributed, parallelize
+from mlet_dist.distributed.sharding import (
     MLETEmbeddingBagCollectionSharder,
     build_constraints,
-    build_optimizer,
     check_plan,
-    init_distributed,
-    parallelize,
 )
 from mlet_dist.models import build_dlrm
 from mlet_dist.modules import MLETEmbeddingBagCollection, MLETEmbeddingBagConfig
+from mlet_dist.train.optim import build_optimizer
 
 WORLD_SIZE = 2
 D = 8

@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -168,7 +169,7 @@ class TrainingGuard:
                 self._previous[s] = signal.signal(s, self._on_signal)
         else:
             logger.debug("not in the main thread: %s handler not installed", signals)
-        self._group = _flag_group(env)
+        self._group = flag_group(env)
         text = os.environ.get(FAULT_ENV, "").strip()
         spec = FaultSpec.parse(text) if text else None
         self.fault = spec if spec is not None and spec.rank == env.rank else None
@@ -296,8 +297,6 @@ def check_agent_store(timeout_s: float = 60.0) -> None:
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
         return
-    import datetime
-
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
@@ -318,7 +317,7 @@ def check_agent_store(timeout_s: float = 60.0) -> None:
 _GLOO_GROUPS: dict[int, Any] = {}
 
 
-def _flag_group(env: DistEnv) -> Any:
+def flag_group(env: DistEnv) -> Any:
     """The group of the stop-flag all-reduce: the default one under gloo; under another backend
     (nccl) a gloo group over the same ranks, made once per process group (collectively), so that
     the per-step check is a CPU message and never waits for the GPU stream."""

@@ -1,7 +1,8 @@
-"""Training and evaluation of (MLET) DLRM models: one code path for 1 or N ranks.
+"""The training loop of (MLET) DLRM models: one code path for 1 or N ranks.
 
-``train(cfg)`` runs in a plain process (a one-rank group is created) or under torchrun/TorchX
-(every rank runs it). Rank 0 logs, shows progress and writes the run directory.
+:class:`Trainer` owns the sharded model (:func:`mlet_dist.distributed.parallelize.
+build_sharded_model`), the optimizer and LR schedule (:mod:`mlet_dist.train.optim`); it trains
+from a batch source, saves and loads checkpoints and stops every rank when the loss diverges.
 """
 
 from __future__ import annotations
@@ -25,34 +26,17 @@ from mlet_dist.checkpoint import (
     load_checkpoint,
     load_weights,
     read_train_state,
-    resume_checkpoint,
     save_checkpoint,
-    saved_plan,
     verify_checkpoint,
 )
-from mlet_dist.config import Config, ConfigError, check_feature_count
-from mlet_dist.data import CriteoArrays, load_splits, make_batches
-from mlet_dist.data.sources import build_batch_source, data_inputs
-from mlet_dist.distributed.elastic import TrainingGuard, _flag_group, check_agent_store
-from mlet_dist.distributed.parallelize import (
-    DistEnv,
-    build_optimizer,
-    build_sharded_model,
-    init_distributed,
-)
+from mlet_dist.config import Config, ConfigError
+from mlet_dist.data import CriteoArrays, build_batch_source
+from mlet_dist.distributed.elastic import TrainingGuard, flag_group
+from mlet_dist.distributed.parallelize import DistEnv, build_sharded_model
 from mlet_dist.errors import MletError
-from mlet_dist.metrics import binary_metrics
-from mlet_dist.quality import bucket_metrics, id_counts, rarest_id_count
-from mlet_dist.utils.files import (
-    atomic_write_json,
-    check_output,
-    hold_run,
-    is_no_space,
-    is_run_dir,
-    is_serving_dir,
-    no_space_error,
-    remove_path,
-)
+from mlet_dist.train.evaluation import evaluate, predict
+from mlet_dist.train.optim import build_optimizer
+from mlet_dist.utils.files import is_no_space, no_space_error, remove_path
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +265,7 @@ class Trainer:
         value = float(loss.detach().float().cpu())
         bad = torch.tensor([0 if np.isfinite(value) else self.env.rank + 1], dtype=torch.int32)
         if self.env.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=_flag_group(self.env))
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=flag_group(self.env))
         if not bad.item():
             return
         rank = int(bad.item()) - 1
@@ -311,188 +295,6 @@ class Trainer:
         return evaluate(self.model, self.cfg, self.env, arrays, split, id_counts)
 
 
-def evaluate(
-    model: torch.nn.Module,
-    cfg: Config,
-    env: DistEnv,
-    arrays: CriteoArrays | None,
-    split: str = "eval",
-    id_counts: list[np.ndarray] | None = None,
-) -> dict[str, Any]:
-    """Metrics of a (sharded) model on rows in memory, or on the streamed Parquet ``split`` when
-    ``arrays`` is None. Collective.
-
-    With ``id_counts`` (training-split id occurrences, :func:`mlet_dist.quality.id_counts`)
-    the metrics are also reported per id-frequency bucket (``"buckets"``, see
-    :mod:`mlet_dist.quality`); rows must be in memory for that.
-    """
-    if arrays is None:
-        logits, labels = _predict_stream(model, cfg, env, split)
-    else:
-        logits, labels = predict(model, arrays, cfg.data.eval_batch_size, env)
-    metrics: dict[str, Any] = binary_metrics(logits, labels)
-    if id_counts is not None and arrays is not None:
-        rarest = rarest_id_count(arrays.sparse, id_counts)
-        metrics["buckets"] = bucket_metrics(logits, labels, rarest)
-    return metrics
-
-
-@torch.no_grad()
-def _predict_stream(
-    model: torch.nn.Module, cfg: Config, env: DistEnv, split: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a Parquet split, every rank's share gathered (order is irrelevant
-    for the metrics; fewer than world_size rows may be left out, see the loader)."""
-    source = build_batch_source(
-        cfg.data, split, rank=env.rank, world_size=env.world_size,
-        seed=cfg.train.seed, training=False, device=env.device,
-    )  # fmt: skip
-    was_training = model.training
-    model.eval()
-    outs, labels = [torch.zeros(0)], [torch.zeros(0)]
-    try:
-        for batch in source.batches(0):
-            _, (_, logits, lab) = model(batch.to(env.device, non_blocking=True))
-            outs.append(logits.float().cpu())
-            labels.append(lab.float().cpu())
-    finally:
-        model.train(was_training)
-    local = torch.stack([torch.cat(outs), torch.cat(labels)])
-    if env.world_size == 1:
-        return local[0], local[1]
-    gathered: list[Any] = [None] * env.world_size
-    dist.all_gather_object(gathered, local)
-    merged = torch.cat(gathered, dim=1)
-    return merged[0], merged[1]
-
-
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module, arrays: CriteoArrays, batch_size: int, env: DistEnv
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs a (sharded) DLRMTrain over every row; returns all logits and labels, in row order.
-
-    Collective: every rank passes the same rows and gets the same result. Each global batch is
-    split across the ranks and the pieces are gathered back. ``make_batches`` leaves out the last
-    ``len(arrays) % world_size`` rows (fewer than world_size) of the final, partial batch; those
-    are evaluated in one extra batch padded with copies of the last row to one row per rank, and
-    the padded predictions are dropped.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        batch_size = max(env.world_size, batch_size - batch_size % env.world_size)
-        logits, labels = _predict_split(model, arrays, batch_size, env)
-        n, left = len(arrays), len(arrays) % env.world_size
-        if left:
-            pad = np.concatenate([np.arange(n - left, n), np.full(env.world_size - left, n - 1)])
-            rest = CriteoArrays(arrays.labels[pad], arrays.dense[pad], arrays.sparse[pad])
-            more_logits, more_labels = _predict_split(model, rest, env.world_size, env)
-            logits = torch.cat([logits, more_logits[:left]])
-            labels = torch.cat([labels, more_labels[:left]])
-    finally:
-        model.train(was_training)
-    return logits, labels
-
-
-def _predict_split(
-    model: torch.nn.Module, arrays: CriteoArrays, batch_size: int, env: DistEnv
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of the rows ``make_batches`` gives out (all but the leftover ones)."""
-    outs, labels = [], []
-    for batch in make_batches(
-        arrays, batch_size, shuffle=False, seed=0, rank=env.rank, world_size=env.world_size
-    ):
-        _, (_, logits, lab) = model(batch.to(env.device))
-        outs.append(logits.float().cpu())
-        labels.append(lab.float().cpu())
-    local = torch.stack([torch.cat(outs), torch.cat(labels)]) if outs else torch.zeros(2, 0)
-    sizes = _local_sizes(len(arrays), batch_size, env.world_size)
-    if env.world_size == 1 or not sizes:
-        return local[0], local[1]
-    # Each rank holds a slice of every global batch: gather, then interleave back to row order.
-    gathered: list[Any] = [None] * env.world_size
-    dist.all_gather_object(gathered, local)
-    chunks = [g.split(sizes, dim=1) for g in gathered]
-    merged = torch.cat(
-        [chunks[r][b] for b in range(len(sizes)) for r in range(env.world_size)], dim=1
-    )
-    return merged[0], merged[1]
-
-
-def _local_sizes(n: int, batch_size: int, world_size: int) -> list[int]:
-    """Rows per rank of each batch ``make_batches`` yields (drop_last=False)."""
-    local = batch_size // world_size
-    full, tail = divmod(n, batch_size)
-    sizes = [local] * full
-    if tail // world_size:
-        sizes.append(tail // world_size)
-    return sizes
-
-
-def train(cfg: Config, resume: bool = True, fallback: bool = True) -> dict[str, Any]:
-    """Trains a model as configured; returns (and on rank 0 writes) the run's metrics.
-
-    Writes ``RUN/config.json``, ``RUN/metrics.json`` and checkpoints under ``RUN/checkpoints``.
-    With ``resume`` the newest intact checkpoint of the run directory is continued: a damaged
-    newer one is moved aside with a warning, or, with ``fallback=False``, refused
-    (:func:`mlet_dist.checkpoint.resume_checkpoint`).
-
-    Safety: rank 0 checks ``train.run_dir`` (not an input, a checkpoint, a serving directory or
-    inside another run; an existing one must be a run) and holds the run's exclusive lock
-    (``RUN/.lock``) for the whole training; every rank learns of a refusal at once. Nothing is
-    written into the run directory before the data, the config and a resumed checkpoint are
-    checked, and what is written is written atomically.
-
-    Raises:
-        OutputPathError: ``train.run_dir`` is refused.
-        RunLockedError: another process holds the run (its pid and host are named).
-        CheckpointError: the checkpoint to resume was written with another model config, or
-            (with ``fallback=False``) the newest one is damaged.
-        TrainingDiverged: the loss became NaN/inf (nothing is saved after that step).
-        NoSpaceError: a checkpoint could not be written (the half-written one is removed).
-    """
-    check_feature_count(cfg.data)
-    check_agent_store()  # fail fast where torchrun's restart would hang (elastic.py)
-    env = init_distributed(cfg.dist)
-    run_dir = Path(cfg.train.run_dir)
-
-    def check() -> None:
-        check_output(
-            run_dir,
-            what="the training run",
-            inputs=data_inputs(cfg.data),
-            previous=_previous_run,
-            run_output=True,
-            hint="set train.run_dir to a new directory",
-        )
-
-    with hold_run(run_dir, env, command="train", shared=False, check=check):
-        return _train(cfg, env, run_dir, resume, fallback)
-
-
-# What training writes into its run directory (besides RUN/.lock and eval_*.json).
-RUN_FILES = ("config.json", "metrics.json", "loss_curve.jsonl", "summary.json", "checkpoints")
-
-
-def _previous_run(path: Path) -> str | None:
-    """None when training may write into an existing ``path``: a run directory, or a directory
-    holding none of the files training writes (it only adds to it, e.g. a sweep's run spec)."""
-    if not path.is_dir():
-        return f"{path} exists and is not a directory"
-    if is_serving_dir(path):
-        return f"{path} is a serving directory (output of `mlet-dist collapse`), not a run"
-    if is_run_dir(path):
-        return None
-    clash = [name for name in RUN_FILES if (path / name).exists()]
-    if clash:
-        return (
-            f"{path} exists and is not a run directory, but holds {', '.join(clash)}, which "
-            f"training would overwrite"
-        )
-    return None
-
-
 def remove_stale_checkpoints(run_dir: str | Path) -> None:
     """Removes unfinished checkpoints (``checkpoints/*.tmp``) of crashed or failed writes.
 
@@ -502,54 +304,3 @@ def remove_stale_checkpoints(run_dir: str | Path) -> None:
     for stale in root.glob("*.tmp") if root.is_dir() else []:
         remove_path(stale)
         logger.info("removed the unfinished checkpoint %s", stale)
-
-
-def _train(
-    cfg: Config, env: DistEnv, run_dir: Path, resume: bool, fallback: bool = True
-) -> dict[str, Any]:
-    splits = load_splits(cfg.data)
-    if splits.train is None:
-        logger.info(
-            "data: streaming Parquet from %s; world size %d on %s",
-            cfg.data.parquet_dir, env.world_size, env.device,
-        )  # fmt: skip
-    else:
-        logger.info(
-            "data: %d train / %d eval / %d test rows; world size %d on %s",
-            len(splits.train), len(splits.eval), len(splits.test), env.world_size, env.device,
-        )  # fmt: skip
-    last = resume_checkpoint(run_dir, fallback) if resume else None  # verified
-    plan = None  # the saved plan when it fits: TorchRec's planning is not reproducible
-    if last is not None:
-        check_model_config(last, read_train_state(last)["config"], cfg)  # before any write
-        plan = saved_plan(last, cfg.to_dict()["dist"], env.world_size, env.device.type)
-    trainer = Trainer(cfg, env, plan=plan)
-    if last is not None:
-        trainer.load(last, verify=False)
-
-    def start() -> None:  # every check passed: from here on the run directory is written
-        if env.is_rank0:
-            remove_stale_checkpoints(run_dir)
-            atomic_write_json(run_dir / "config.json", cfg.to_dict())
-
-    train_stats = trainer.fit(splits.train, on_start=start)
-    trainer.save()
-    metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
-    counts = None
-    if splits.train is not None:
-        counts = id_counts(splits.train.sparse, cfg.data.num_embeddings_per_feature)
-    for split in ("eval", "test"):
-        if splits.has(cfg.data, split):
-            metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)
-    if env.is_rank0:
-        atomic_write_json(run_dir / "metrics.json", metrics)
-        if "eval" in metrics:
-            e = metrics["eval"]
-            logger.info(
-                "eval: AUC %.4f  log loss %.4f  NE %.4f  (%d rows)",
-                e["auc"],
-                e["log_loss"],
-                e["ne"],
-                e["rows"],
-            )
-    return metrics

@@ -1,0 +1,148 @@
+"""``train(cfg)``: a training run, from the checks of its run directory to its metrics.
+
+``train(cfg)`` runs in a plain process (a one-rank group is created) or under torchrun/TorchX
+(every rank runs it). Rank 0 logs, shows progress and writes the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mlet_dist.checkpoint import (
+    check_model_config,
+    read_train_state,
+    resume_checkpoint,
+    saved_plan,
+)
+from mlet_dist.config import Config, check_feature_count
+from mlet_dist.data import load_splits
+from mlet_dist.data.sources import data_inputs
+from mlet_dist.distributed.elastic import check_agent_store
+from mlet_dist.distributed.parallelize import DistEnv, init_distributed
+from mlet_dist.quality import id_counts
+from mlet_dist.train.loop import Trainer, remove_stale_checkpoints
+from mlet_dist.utils.files import (
+    atomic_write_json,
+    check_output,
+    hold_run,
+    is_run_dir,
+    is_serving_dir,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def train(cfg: Config, resume: bool = True, fallback: bool = True) -> dict[str, Any]:
+    """Trains a model as configured; returns (and on rank 0 writes) the run's metrics.
+
+    Writes ``RUN/config.json``, ``RUN/metrics.json`` and checkpoints under ``RUN/checkpoints``.
+    With ``resume`` the newest intact checkpoint of the run directory is continued: a damaged
+    newer one is moved aside with a warning, or, with ``fallback=False``, refused
+    (:func:`mlet_dist.checkpoint.resume_checkpoint`).
+
+    Safety: rank 0 checks ``train.run_dir`` (not an input, a checkpoint, a serving directory or
+    inside another run; an existing one must be a run) and holds the run's exclusive lock
+    (``RUN/.lock``) for the whole training; every rank learns of a refusal at once. Nothing is
+    written into the run directory before the data, the config and a resumed checkpoint are
+    checked, and what is written is written atomically.
+
+    Raises:
+        OutputPathError: ``train.run_dir`` is refused.
+        RunLockedError: another process holds the run (its pid and host are named).
+        CheckpointError: the checkpoint to resume was written with another model config, or
+            (with ``fallback=False``) the newest one is damaged.
+        TrainingDiverged: the loss became NaN/inf (nothing is saved after that step).
+        NoSpaceError: a checkpoint could not be written (the half-written one is removed).
+    """
+    check_feature_count(cfg.data)
+    check_agent_store()  # fail fast where torchrun's restart would hang (elastic.py)
+    env = init_distributed(cfg.dist)
+    run_dir = Path(cfg.train.run_dir)
+
+    def check() -> None:
+        check_output(
+            run_dir,
+            what="the training run",
+            inputs=data_inputs(cfg.data),
+            previous=_previous_run,
+            run_output=True,
+            hint="set train.run_dir to a new directory",
+        )
+
+    with hold_run(run_dir, env, command="train", shared=False, check=check):
+        return _train(cfg, env, run_dir, resume, fallback)
+
+
+# What training writes into its run directory (besides RUN/.lock and eval_*.json).
+RUN_FILES = ("config.json", "metrics.json", "loss_curve.jsonl", "summary.json", "checkpoints")
+
+
+def _previous_run(path: Path) -> str | None:
+    """None when training may write into an existing ``path``: a run directory, or a directory
+    holding none of the files training writes (it only adds to it, e.g. a sweep's run spec)."""
+    if not path.is_dir():
+        return f"{path} exists and is not a directory"
+    if is_serving_dir(path):
+        return f"{path} is a serving directory (output of `mlet-dist collapse`), not a run"
+    if is_run_dir(path):
+        return None
+    clash = [name for name in RUN_FILES if (path / name).exists()]
+    if clash:
+        return (
+            f"{path} exists and is not a run directory, but holds {', '.join(clash)}, which "
+            f"training would overwrite"
+        )
+    return None
+
+
+def _train(
+    cfg: Config, env: DistEnv, run_dir: Path, resume: bool, fallback: bool = True
+) -> dict[str, Any]:
+    splits = load_splits(cfg.data)
+    if splits.train is None:
+        logger.info(
+            "data: streaming Parquet from %s; world size %d on %s",
+            cfg.data.parquet_dir, env.world_size, env.device,
+        )  # fmt: skip
+    else:
+        logger.info(
+            "data: %d train / %d eval / %d test rows; world size %d on %s",
+            len(splits.train), len(splits.eval), len(splits.test), env.world_size, env.device,
+        )  # fmt: skip
+    last = resume_checkpoint(run_dir, fallback) if resume else None  # verified
+    plan = None  # the saved plan when it fits: TorchRec's planning is not reproducible
+    if last is not None:
+        check_model_config(last, read_train_state(last)["config"], cfg)  # before any write
+        plan = saved_plan(last, cfg.to_dict()["dist"], env.world_size, env.device.type)
+    trainer = Trainer(cfg, env, plan=plan)
+    if last is not None:
+        trainer.load(last, verify=False)
+
+    def start() -> None:  # every check passed: from here on the run directory is written
+        if env.is_rank0:
+            remove_stale_checkpoints(run_dir)
+            atomic_write_json(run_dir / "config.json", cfg.to_dict())
+
+    train_stats = trainer.fit(splits.train, on_start=start)
+    trainer.save()
+    metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
+    counts = None
+    if splits.train is not None:
+        counts = id_counts(splits.train.sparse, cfg.data.num_embeddings_per_feature)
+    for split in ("eval", "test"):
+        if splits.has(cfg.data, split):
+            metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)
+    if env.is_rank0:
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        if "eval" in metrics:
+            e = metrics["eval"]
+            logger.info(
+                "eval: AUC %.4f  log loss %.4f  NE %.4f  (%d rows)",
+                e["auc"],
+                e["log_loss"],
+                e["ne"],
+                e["rows"],
+            )
+    return metrics
