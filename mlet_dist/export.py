@@ -77,7 +77,7 @@ from mlet_dist.serving.manifest import (
     ServingError,
     write_manifest,
 )
-from mlet_dist.serving.quantize import check_dtype, serving_layout
+from mlet_dist.modules.quantize import check_dtype, serving_layout
 from mlet_dist.utils.files import (
     check_output,
     hold_run,

@@ -35,7 +35,7 @@ from mlet_dist.serving import ServingError, verify_manifest
 from mlet_dist.serving.manifest import MANIFEST, file_entries
 from mlet_dist.serving.predict import load_predictor, predict_arrays, predict_file, serving_inputs
 from mlet_dist.serving.predictor import AOTIError, quant_embedding_bag_collection
-from mlet_dist.serving.quantize import dequantize_rows, quantize_rows
+from mlet_dist.modules.quantize import dequantize_rows, quantize_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CRITEO_SAMPLE = REPO.parent / "shared/data/criteo_kaggle_sample/criteo_kaggle_train_first10k.tsv.gz"

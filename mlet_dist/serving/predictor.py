@@ -44,7 +44,7 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mlet_dist.serving.manifest import ServingError
-from mlet_dist.serving.quantize import check_dtype, tbe_weights
+from mlet_dist.modules.quantize import check_dtype, tbe_weights
 
 DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
 DENSE_FEATURES = 13
@@ -92,7 +92,7 @@ def quant_embedding_bag_collection(
 
     Args:
         tables: the served (d-dim) table configs.
-        rows: table -> its rows in the serving format (:mod:`mlet_dist.serving.quantize`).
+        rows: table -> its rows in the serving format (:mod:`mlet_dist.modules.quantize`).
         dtype: 'fp32', 'fp16' or 'int8'.
         is_weighted: the features carry per-id weights.
     """
