@@ -126,6 +126,7 @@ def build_artifacts(
     """
     import torch
 
+    from mlet_dist.modules.quantize import quantize_rows
     from mlet_dist.serving.predictor import (
         AOTIError,
         aoti_package,
@@ -133,7 +134,6 @@ def build_artifacts(
         script,
         serving_model,
     )
-    from mlet_dist.modules.quantize import quantize_rows
 
     served, tables, rows, dense = _served_model_inputs(cfg, bench.seed)
     sizes = served.data.num_embeddings_per_feature

@@ -35,13 +35,13 @@ from mlet_dist.data import CriteoArrays, load_splits, make_batches
 from mlet_dist.data.loader import build_batch_source
 from mlet_dist.data.sources import data_inputs
 from mlet_dist.distributed.elastic import TrainingGuard, _flag_group, check_agent_store
-from mlet_dist.distributed.shards import plan_layout
 from mlet_dist.distributed.parallelize import (
     DistEnv,
     build_optimizer,
     build_sharded_model,
     init_distributed,
 )
+from mlet_dist.distributed.shards import plan_layout
 from mlet_dist.errors import MletError
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.quality import bucket_metrics, id_counts, rarest_id_count

@@ -9,11 +9,19 @@ from typing import Any
 import torch
 
 from mlet_dist.checkpoint import CheckpointError, latest_checkpoint, load_weights
-from mlet_dist.config import Config, ConfigError, apply_overrides, check_feature_count
-from mlet_dist.data import CriteoArrays
+from mlet_dist.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    check_feature_count,
+    load_run_config,
+)
+from mlet_dist.data import CriteoArrays, make_batches
 from mlet_dist.data.criteo import require_rows
 from mlet_dist.distributed.parallelize import init_distributed
+from mlet_dist.export import load_served, load_unsharded
 from mlet_dist.metrics import binary_metrics
+from mlet_dist.serving.predict import load_predictor, predict_arrays
 from mlet_dist.utils.files import atomic_write_json, check_output, hold_run
 
 logger = logging.getLogger(__name__)
@@ -123,10 +131,6 @@ def check_collapsed(
     Both are evaluated unsharded on CPU in float32; the check passes when logits agree to 1e-4
     (absolute, relative to their scale) and the AUCs agree to 1e-6.
     """
-    from mlet_dist.config import load_run_config
-    from mlet_dist.data import make_batches
-    from mlet_dist.export import load_served, load_unsharded
-
     cfg = load_run_config(run_dir)
     trained = load_unsharded(cfg, latest_checkpoint(run_dir)).eval()
     served, _ = load_served(served_dir)
@@ -161,11 +165,6 @@ def check_serving(
     passes when every probability agrees to 1e-5; with fp16/int8 tables when the AUCs agree to
     1e-3.
     """
-    from mlet_dist.config import load_run_config
-    from mlet_dist.data import make_batches
-    from mlet_dist.export import load_unsharded
-    from mlet_dist.serving.predict import load_predictor, predict_arrays
-
     cfg = load_run_config(run_dir)
     trained = load_unsharded(cfg, latest_checkpoint(run_dir)).eval()
     predictor, manifest = load_predictor(served_dir)

@@ -55,8 +55,8 @@ from mlet_dist.distributed.parallelize import init_distributed, parallelize
 from mlet_dist.export import SERVED_TABLE_KEY, load_served, load_unsharded
 from mlet_dist.models import build_dlrm
 from mlet_dist.modules import MLETEmbeddingBagCollection, MLETEmbeddingBagConfig
-from mlet_dist.serving.manifest import verify_manifest
 from mlet_dist.modules.quantize import dequantize_rows
+from mlet_dist.serving.manifest import verify_manifest
 
 pytestmark = pytest.mark.slow
 

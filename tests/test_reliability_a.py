@@ -488,7 +488,7 @@ def test_disk_full_while_checkpointing(trained, tmp_path, capsys, monkeypatch, m
 
 
 def test_disk_full_while_collapsing(trained, tmp_path, capsys, monkeypatch):
-    import mlet_dist.export as export_module
+    import mlet_dist.export.run as export_module
 
     out = tmp_path / "served"
     run = str(trained["run"])

@@ -407,7 +407,7 @@ def _fake_serving(monkeypatch, nan_row: int) -> None:
         "predictor_used": "export",
     }
     monkeypatch.setattr(
-        "mlet_dist.serving.predict.load_predictor",
+        "mlet_dist.predict_job.load_predictor",
         lambda *a, **k: (_FakePredictor(nan_row), manifest),
     )
 

@@ -100,7 +100,7 @@ def metadata_from_json(s: dict[str, Any]) -> ShardMetadata:
 
 def row_block_tensor(
     blocks: Sequence[tuple[int, int, int]],
-    local: Sequence[tuple[int, torch.Tensor]],
+    local: Sequence[tuple[tuple[int, int, int], torch.Tensor]],
     rows: int,
     cols: int,
     dtype: torch.dtype,
@@ -110,9 +110,9 @@ def row_block_tensor(
     Built from the layout every rank knows (no collective).
 
     Args:
-        blocks: every block as (first row, rows, owner rank), on every rank.
-        local: this rank's blocks as (first row, tensor (rows, cols)).
-        rows: the table's rows.
+        blocks: every block as (first row, rows, owner rank), in row order, on every rank.
+        local: this rank's blocks as ((first row, rows, owner rank), tensor (rows, cols)).
+        rows: the tensor's rows.
         cols: its columns.
         dtype: its dtype.
     """
@@ -120,10 +120,7 @@ def row_block_tensor(
     def meta(start: int, n: int, owner: int) -> ShardMetadata:
         return ShardMetadata([start, 0], [n, cols], f"rank:{owner}/cpu")
 
-    owners = {start: owner for start, _, owner in blocks}
-    shards = [
-        Shard(t.cpu().contiguous(), meta(start, t.shape[0], owners[start])) for start, t in local
-    ]
+    shards = [Shard(t.cpu().contiguous(), meta(*b)) for b, t in local]
     metadata = ShardedTensorMetadata(
         shards_metadata=[meta(*b) for b in blocks],
         size=torch.Size([rows, cols]),

@@ -4,8 +4,8 @@ TorchScript), the manifest, scoring.
 See README "Serving contract" for what a serving directory holds.
 """
 
-from mlet_dist.serving.manifest import ServingError, read_manifest, verify_manifest
 from mlet_dist.modules.quantize import SERVING_DTYPES, dequantize_rows, quantize_rows
+from mlet_dist.serving.manifest import ServingError, read_manifest, verify_manifest
 
 __all__ = [
     "SERVING_DTYPES",
