@@ -1,5 +1,6 @@
-"""The serving handoff: served table formats, the predictors (torch.export, AOTInductor,
-TorchScript), the manifest, scoring.
+"""The serving handoff: the predictors (torch.export, AOTInductor, TorchScript), the manifest,
+scoring arrays of rows. The served table formats are :mod:`mlet_dist.modules.quantize` (its public
+names are re-exported here).
 
 See README "Serving contract" for what a serving directory holds.
 """
