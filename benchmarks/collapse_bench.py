@@ -45,14 +45,14 @@ from typing import Any
 import torch
 
 from mlet_dist.distributed.collapse import (
-    DEFAULT_CHUNK_ROWS,
     MemoryTracker,
-    ShardSpec,
     allocate_block,
     collapse_table,
     fill_block,
     table_layout,
 )
+from mlet_dist.distributed.shards import ShardSpec
+from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS
 from mlet_dist.serving.manifest import library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -7,7 +7,7 @@
 The served model is the one the train suite's MLET(k, d) collapses to: the ``plain_d`` variant of
 the benchmark config (26 tables x 100k rows, d = 16; ``--quick``: 5k rows), DLRM with the config's
 MLPs, random weights (latency does not depend on the values). Its tables are quantized to each
-format with :func:`mlet_dist.serving.quantize.quantize_rows` and served by TorchRec's quantized EBC
+format with :func:`mlet_dist.modules.quantize.quantize_rows` and served by TorchRec's quantized EBC
 (fbgemm's inference TBE), exactly as ``mlet-dist collapse`` builds its predictors
 (:func:`mlet_dist.serving.predictor.serving_model`). Compared, for fp32 and int8 tables:
 
@@ -126,6 +126,7 @@ def build_artifacts(
     """
     import torch
 
+    from mlet_dist.modules.quantize import quantize_rows
     from mlet_dist.serving.predictor import (
         AOTIError,
         aoti_package,
@@ -133,7 +134,6 @@ def build_artifacts(
         script,
         serving_model,
     )
-    from mlet_dist.serving.quantize import quantize_rows
 
     served, tables, rows, dense = _served_model_inputs(cfg, bench.seed)
     sizes = served.data.num_embeddings_per_feature

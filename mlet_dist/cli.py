@@ -323,7 +323,7 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         )
         return 0
     if args.command == "predict":
-        from mlet_dist.serving.predict import predict_file
+        from mlet_dist.predict_job import predict_file
 
         if overrides:
             raise ConfigError(f"predict takes no config overrides (got {overrides})")

@@ -20,13 +20,15 @@ from mlet_dist.data import (
     CriteoArrays,
     ensure_source_data,
     load_splits,
+    make_batches,
     read_source_file,
     require_rows,
 )
 from mlet_dist.distributed.parallelize import build_sharded_model, init_distributed
-from mlet_dist.export import collapse_run
+from mlet_dist.export import collapse_run, load_served, load_unsharded
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.quality import id_counts
+from mlet_dist.serving.predict import load_predictor, predict_arrays
 from mlet_dist.train import evaluate, train
 from mlet_dist.utils.files import atomic_write_json, check_output, hold_run
 
@@ -128,10 +130,6 @@ def check_collapsed(
     Both are evaluated unsharded on CPU in float32; the check passes when logits agree to 1e-4
     (absolute, relative to their scale) and the AUCs agree to 1e-6.
     """
-    from mlet_dist.config import load_run_config
-    from mlet_dist.data import make_batches
-    from mlet_dist.export import load_served, load_unsharded
-
     cfg = load_run_config(run_dir)
     trained = load_unsharded(cfg, latest_checkpoint(run_dir)).eval()
     served, _ = load_served(served_dir)
@@ -166,11 +164,6 @@ def check_serving(
     passes when every probability agrees to 1e-5; with fp16/int8 tables when the AUCs agree to
     1e-3.
     """
-    from mlet_dist.config import load_run_config
-    from mlet_dist.data import make_batches
-    from mlet_dist.export import load_unsharded
-    from mlet_dist.serving.predict import load_predictor, predict_arrays
-
     cfg = load_run_config(run_dir)
     trained = load_unsharded(cfg, latest_checkpoint(run_dir)).eval()
     predictor, manifest = load_predictor(served_dir)

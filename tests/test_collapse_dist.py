@@ -55,8 +55,8 @@ from mlet_dist.distributed.parallelize import init_distributed, parallelize
 from mlet_dist.export import SERVED_TABLE_KEY, load_served, load_unsharded
 from mlet_dist.models import build_dlrm
 from mlet_dist.modules import MLETEmbeddingBagCollection, MLETEmbeddingBagConfig
+from mlet_dist.modules.quantize import dequantize_rows
 from mlet_dist.serving.manifest import verify_manifest
-from mlet_dist.serving.quantize import dequantize_rows
 
 pytestmark = pytest.mark.slow
 
@@ -467,7 +467,8 @@ def _hand_factors(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _hand_rank_main() -> dict[str, Any]:
-    from mlet_dist.distributed.collapse import ShardSpec, table_layout
+    from mlet_dist.distributed.collapse import table_layout
+    from mlet_dist.distributed.shards import ShardSpec
 
     env = init_distributed(DistConfig(device="cpu"))
     layouts = {

@@ -281,7 +281,7 @@ def test_train_collapse_predict_end_to_end(tmp_path):
     from mlet_dist.distributed.parallelize import init_distributed
     from mlet_dist.export import collapse_run, load_unsharded
     from mlet_dist.metrics import binary_metrics
-    from mlet_dist.serving.predict import predict_file
+    from mlet_dist.predict_job import predict_file
     from mlet_dist.train import train
     from mlet_dist.workflow import check_collapsed, evaluate_run
 

@@ -470,7 +470,7 @@ def _dcp_error() -> Exception:  # what dcp.save raises when a rank hits ENOSPC
 def test_disk_full_while_checkpointing(trained, tmp_path, capsys, monkeypatch, make_error):
     """The checkpoint write fails half-way as on a full disk: one line naming the checkpoint
     directory, no step_N.tmp left behind, the previous checkpoint intact."""
-    import mlet_dist.checkpoint as checkpoint_module
+    import mlet_dist.checkpoint.store as checkpoint_module
 
     run = copy_run(trained, tmp_path / "run")
     before = snapshot(run / "checkpoints")
@@ -488,7 +488,7 @@ def test_disk_full_while_checkpointing(trained, tmp_path, capsys, monkeypatch, m
 
 
 def test_disk_full_while_collapsing(trained, tmp_path, capsys, monkeypatch):
-    import mlet_dist.export as export_module
+    import mlet_dist.export.run as export_module
 
     out = tmp_path / "served"
     run = str(trained["run"])

@@ -28,13 +28,13 @@ from mlet_dist import cli
 from mlet_dist.checkpoint import (
     INTEGRITY_FILE,
     CheckpointError,
-    _load_old_plan,
     dcp_load,
     list_checkpoints,
     plan_from_json,
     plan_to_json,
     verify_checkpoint,
 )
+from mlet_dist.checkpoint.plan_json import _load_old_plan
 from mlet_dist.config import ConfigError, DistConfig, load_config
 from mlet_dist.data import CriteoArrays, CriteoFormatError, Splits, read_criteo_tsv
 from mlet_dist.data.preprocess import PreprocessSettings, preprocess, preprocess_from_config
@@ -407,7 +407,7 @@ def _fake_serving(monkeypatch, nan_row: int) -> None:
         "predictor_used": "export",
     }
     monkeypatch.setattr(
-        "mlet_dist.serving.predict.load_predictor",
+        "mlet_dist.predict_job.load_predictor",
         lambda *a, **k: (_FakePredictor(nan_row), manifest),
     )
 

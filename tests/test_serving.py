@@ -31,11 +31,12 @@ from mlet_dist.data import CriteoArrays, make_batches, read_criteo_tsv
 from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.export import CollapseError, collapse_run, load_served, load_unsharded
 from mlet_dist.metrics import binary_metrics
+from mlet_dist.modules.quantize import dequantize_rows, quantize_rows
+from mlet_dist.predict_job import predict_file
 from mlet_dist.serving import ServingError, verify_manifest
 from mlet_dist.serving.manifest import MANIFEST, file_entries
-from mlet_dist.serving.predict import load_predictor, predict_arrays, predict_file, serving_inputs
+from mlet_dist.serving.predict import load_predictor, predict_arrays, serving_inputs
 from mlet_dist.serving.predictor import AOTIError, quant_embedding_bag_collection
-from mlet_dist.serving.quantize import dequantize_rows, quantize_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CRITEO_SAMPLE = REPO.parent / "shared/data/criteo_kaggle_sample/criteo_kaggle_train_first10k.tsv.gz"
@@ -425,7 +426,7 @@ def test_collapsing_twice_never_corrupts_the_first_result(run, monkeypatch) -> N
     def fail(*args, **kwargs):
         raise RuntimeError("injected failure while building the predictor")
 
-    monkeypatch.setattr("mlet_dist.export.build_predictor", fail)
+    monkeypatch.setattr("mlet_dist.export.finish.build_predictor", fail)
     with pytest.raises(RuntimeError, match="injected failure"):
         collapse_run(cfg.train.run_dir, out, chunk_rows=16, quantize="int8")
     assert verify_manifest(out) == first  # untouched, and still matches its checksums

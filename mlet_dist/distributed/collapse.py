@@ -34,21 +34,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from mlet_dist.serving.quantize import quantize_rows_into, serving_layout
-
-DEFAULT_CHUNK_ROWS = 16384  # fastest on CPU in benchmarks/collapse_bench.py
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """One shard of a W1 table: rows ``row0:row0+rows``, columns ``col0:col0+cols``, on ``rank``."""
-
-    row0: int
-    col0: int
-    rows: int
-    cols: int
-    rank: int
+from mlet_dist.distributed.shards import ShardSpec, sharded_tensor_shards
+from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS
+from mlet_dist.modules.quantize import quantize_rows_into, serving_layout
 
 
 @dataclass(frozen=True)
@@ -179,7 +169,7 @@ class CollapsedBlock:
     """Rows ``block.start:block.stop`` of a collapsed table, owned by this rank.
 
     ``values`` is float32 (rows, d); ``served`` the same rows in the fp16 or int8 serving format
-    (see :mod:`mlet_dist.serving.quantize`), None for fp32 (``values`` serve as they are).
+    (see :mod:`mlet_dist.modules.quantize`), None for fp32 (``values`` serve as they are).
     """
 
     table: str
@@ -366,8 +356,6 @@ def layouts_from_state_dict(
     Returns:
         (table -> layout, table -> [(spec, local tensor)]), tables in name order.
     """
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
     rank = dist.get_rank()
     layouts, local = {}, {}
     for key in sorted(k for k in state if k.startswith(prefix) and k.endswith(".weight")):
@@ -375,14 +363,7 @@ def layouts_from_state_dict(
         value = state[key]
         if isinstance(value, ShardedTensor):
             rows, cols = value.size()
-            shards = [
-                ShardSpec(*m.shard_offsets, *m.shard_sizes, m.placement.rank())
-                for m in value.metadata().shards_metadata
-            ]
-            mine = [
-                (ShardSpec(*s.metadata.shard_offsets, *s.metadata.shard_sizes, rank), s.tensor)
-                for s in value.local_shards()
-            ]
+            shards, mine = sharded_tensor_shards(value, rank)
         elif type(value) in (torch.Tensor, torch.nn.Parameter):
             rows, cols = value.shape
             shards = [ShardSpec(0, 0, rows, cols, 0)]
@@ -403,12 +384,10 @@ def collapse_bytes(layout: TableLayout) -> int:
 
 
 __all__ = [
-    "DEFAULT_CHUNK_ROWS",
     "ChunkSink",
     "CollapsedBlock",
     "MemoryTracker",
     "RowBlock",
-    "ShardSpec",
     "TableLayout",
     "allocate_block",
     "collapse_bytes",

@@ -1,3 +1,17 @@
-from mlet_dist.models.dlrm import build_dlrm, build_tables
+from mlet_dist.models.dlrm import (
+    SERVED_TABLE_KEY,
+    SPARSE_PREFIX,
+    W1_PREFIX,
+    W2_PREFIX,
+    build_dlrm,
+    build_tables,
+)
 
-__all__ = ["build_dlrm", "build_tables"]
+__all__ = [
+    "SERVED_TABLE_KEY",
+    "SPARSE_PREFIX",
+    "W1_PREFIX",
+    "W2_PREFIX",
+    "build_dlrm",
+    "build_tables",
+]

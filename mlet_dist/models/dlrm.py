@@ -18,6 +18,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mlet_dist.config import ConfigError, ModelConfig
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, MLETEmbeddingBagConfig
 
+# State-dict keys of DLRMTrain: the sparse part; the W1 tables and W2 projections of the MLET
+# module (training); a table of the plain d-dim EBC (the served model, ``.format(table)``).
+SPARSE_PREFIX = "model.sparse_arch."
+W1_PREFIX = "model.sparse_arch.embedding_bag_collection.w1.embedding_bags."
+W2_PREFIX = "model.sparse_arch.embedding_bag_collection.projection.weights."
+SERVED_TABLE_KEY = "model.sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
+
 
 def table_name(feature: str) -> str:
     return f"t_{feature}"

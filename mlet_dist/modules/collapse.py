@@ -11,7 +11,9 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, inner_dim_of
 
-DEFAULT_CHUNK_ROWS = 65536
+# Rows per chunked matmul, here and in the sharded collapse (mlet_dist.distributed.collapse) and so
+# the default of `mlet-dist collapse --chunk-rows`: fastest on CPU in benchmarks/collapse_bench.py.
+DEFAULT_CHUNK_ROWS = 16384
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from mlet_dist import __version__
 from mlet_dist.errors import MletError
 
 MANIFEST = "manifest.json"
@@ -77,9 +78,7 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     if "mlet_dist" not in out:
-        import mlet_dist
-
-        out["mlet_dist"] = mlet_dist.__version__
+        out["mlet_dist"] = __version__
     return out
 
 

@@ -37,14 +37,25 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import sympy
 import torch
+import torchrec.fx
 from torch import nn
+from torch._library.fake_class_registry import has_fake_class
+from torch.utils._sympy.numbers import int_oo
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.pt2.utils import register_fake_classes
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mlet_dist.models import SPARSE_PREFIX, build_dlrm
+from mlet_dist.modules.quantize import check_dtype, tbe_weights
 from mlet_dist.serving.manifest import ServingError
-from mlet_dist.serving.quantize import check_dtype, tbe_weights
+
+try:  # Inductor's C++ compiler lookup (check_aoti_available); a private module of torch
+    from torch._inductor.cpp_builder import get_cpp_compiler
+except ImportError:  # another torch: the compile itself reports what is missing
+    get_cpp_compiler = None
 
 DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
 DENSE_FEATURES = 13
@@ -92,7 +103,7 @@ def quant_embedding_bag_collection(
 
     Args:
         tables: the served (d-dim) table configs.
-        rows: table -> its rows in the serving format (:mod:`mlet_dist.serving.quantize`).
+        rows: table -> its rows in the serving format (:mod:`mlet_dist.modules.quantize`).
         dtype: 'fp32', 'fp16' or 'int8'.
         is_weighted: the features carry per-id weights.
     """
@@ -132,12 +143,10 @@ def serving_model(
         dense_state: ``DLRMTrain`` state-dict entries of the dense network (``model.*``).
         dtype: 'fp32', 'fp16' or 'int8'.
     """
-    from mlet_dist.models import build_dlrm
-
     qebc = quant_embedding_bag_collection(tables, rows, dtype)
     model = build_dlrm(model_cfg, num_embeddings_per_feature, embedding_module=qebc)
     missing, unexpected = model.load_state_dict(dict(dense_state), strict=False)
-    if unexpected or any(not k.startswith("model.sparse_arch.") for k in missing):
+    if unexpected or any(not k.startswith(SPARSE_PREFIX) for k in missing):
         raise RuntimeError(f"dense state mismatch: missing {missing}, unexpected {unexpected}")
     features = [f for t in tables for f in t.feature_names]
     return ServingModel(model.model, features).eval().requires_grad_(False)
@@ -157,9 +166,6 @@ def _register_fbgemm_fake_classes() -> None:
 
     TorchRec's own (``torchrec.pt2.utils.register_fake_classes``), registered once per process.
     """
-    from torch._library.fake_class_registry import has_fake_class
-    from torchrec.pt2.utils import register_fake_classes
-
     if not has_fake_class("__torch__.torch.classes.fbgemm.AtomicCounter"):
         register_fake_classes()
 
@@ -224,9 +230,6 @@ def input_signature(ep: torch.export.ExportedProgram) -> dict[str, Any]:
         "dynamic_dims": {name: {"min", "max"}}} (max None = unbounded); shapes hold ints and
         expressions of the dynamic sizes, e.g. ``["26*batch"]``.
     """
-    import sympy
-    from torch.utils._sympy.numbers import int_oo
-
     user = {
         n.name: n.meta["val"]
         for n in ep.graph.nodes
@@ -266,9 +269,7 @@ def check_aoti_available() -> None:
     Raises:
         AOTIError: Inductor finds no C++ compiler (its ``cpp.cxx`` setting / ``$CXX``).
     """
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # another torch: the compile itself reports what is missing
+    if get_cpp_compiler is None:  # another torch: the compile itself reports what is missing
         return
     try:
         get_cpp_compiler()
@@ -310,8 +311,6 @@ def script(model: nn.Module) -> torch.jit.ScriptModule:
     """``torchrec.fx.symbolic_trace`` then ``torch.jit.script`` (scripting the quantized EBC
     directly fails; tracing first resolves its Python-only parts). TorchScript is deprecated in
     torch 2.13: this is the ``--torchscript`` path only."""
-    import torchrec.fx
-
     model.eval().requires_grad_(False)  # inference: outputs carry no autograd graph
     with warnings.catch_warnings():
         # TorchScript's notes on TorchRec's annotations (harmless, printed for every table group)

@@ -33,6 +33,7 @@ from mlet_dist.config import Config, ConfigError
 from mlet_dist.data import CriteoArrays, build_batch_source
 from mlet_dist.distributed.elastic import TrainingGuard, flag_group
 from mlet_dist.distributed.parallelize import DistEnv, build_sharded_model
+from mlet_dist.distributed.shards import plan_layout
 from mlet_dist.errors import MletError
 from mlet_dist.train.evaluation import evaluate, predict
 from mlet_dist.train.optim import build_optimizer
@@ -65,16 +66,7 @@ class Trainer:
 
     def sharding_layout(self) -> dict[str, dict[str, Any]]:
         """Each sharded table's type and shards ``[row0, col0, rows, cols, rank]``, from the plan."""
-        layout: dict[str, dict[str, Any]] = {}
-        for module_plan in self.model.plan.plan.values():
-            for name, ps in module_plan.items():  # type: ignore[union-attr]
-                spec = ps.sharding_spec
-                shards = [
-                    [*m.shard_offsets, *m.shard_sizes, m.placement.rank()]
-                    for m in (spec.shards if spec is not None else [])
-                ]
-                layout[name] = {"sharding_type": ps.sharding_type, "shards": shards}
-        return layout
+        return plan_layout(self.model.plan)
 
     def save(self) -> Path:
         train_state = {
