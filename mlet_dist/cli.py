@@ -27,9 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mlet_dist
 from mlet_dist.config import ConfigError, load_config
 from mlet_dist.errors import MletError
-from mlet_dist.utils.files import check_output
+from mlet_dist.utils.files import check_output, is_no_space
+
+# The commands' own modules are imported inside _dispatch, each where it is used: they pull in
+# torch, TorchRec and pyarrow (several seconds), which `--help`, `--version` and a refused config
+# must not wait for. Everything else is imported here.
 
 logger = logging.getLogger("mlet_dist")
 
@@ -88,8 +93,6 @@ positive_float = _number(float, 0.0, True, "a positive number")
 
 def version_text() -> str:
     """``mlet-dist --version``: this package and the libraries it runs on (no heavy imports)."""
-    import mlet_dist
-
     parts = [f"python {platform.python_version()}"]
     for dist in ("torch", "torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu", "pyarrow", "numpy"):
         try:
@@ -271,8 +274,6 @@ _PATH_ERRORS = (
 def user_error(e: BaseException) -> str | None:
     """The one-line message of a user error (:class:`MletError`, a full disk, a path that cannot
     be read or written), or None for anything else (a bug: shown with its traceback)."""
-    from mlet_dist.utils.files import is_no_space
-
     if isinstance(e, MletError):
         message = str(e)
     elif is_no_space(e):

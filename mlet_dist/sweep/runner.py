@@ -58,7 +58,7 @@ def execute(run: RunSpec, keep: bool = False) -> dict[str, Any]:
 
     Returns (and writes ``result.json``) the per-epoch metrics and the epoch chosen by eval AUC.
     """
-    from mlet_dist.train import train
+    from mlet_dist.train import train  # lazy: the orchestrating process never trains (torch, 4 s)
 
     run_dir = run.run_dir
     if run_dir.exists():
@@ -181,7 +181,7 @@ def _check_work_dir(work: Path, cfg: Config) -> None:
 
 def ensure_data(cfg: Config) -> None:
     """Generates synthetic day files once, before runs start in parallel (each would otherwise)."""
-    from mlet_dist.data import ensure_source_data
+    from mlet_dist.data import ensure_source_data  # lazy: as execute's import of train
 
     ensure_source_data(cfg.data, cfg.synthetic, progress=cfg.train.progress)
 
