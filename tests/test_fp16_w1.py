@@ -17,7 +17,7 @@ from torchrec.modules.embedding_configs import DataType
 from mlet_dist.checkpoint import CheckpointError, latest_checkpoint, model_config_diff
 from mlet_dist.config import Config, ConfigError, load_config
 from mlet_dist.distributed.parallelize import init_distributed
-from mlet_dist.distributed.planning import make_plan, plan_report
+from mlet_dist.distributed.planning import PlannerStats, format_report, make_plan, plan_report
 from mlet_dist.export import SERVED_TABLE_KEY, collapse_run, load_served, load_unsharded
 from mlet_dist.export.load import served_config
 from mlet_dist.models import W1_PREFIX, W2_PREFIX, build_dlrm, build_tables
@@ -79,8 +79,9 @@ def test_plan_bytes_are_half_and_match_the_sharded_model(tmp_path, optimizer):
     reports = {}
     for dtype in ("fp32", "fp16"):
         cfg = tiny_config(tmp_path / dtype, f"--model.w1_dtype={dtype}", *opts)
-        plan = make_plan(cfg, 1, "cpu")
-        reports[dtype] = plan_report(cfg, plan, 1, "cpu")
+        stats = PlannerStats()
+        plan = make_plan(cfg, 1, "cpu", stats=stats)
+        reports[dtype] = plan_report(cfg, plan, 1, "cpu", stats=stats)
     sizes = tiny_config(tmp_path).data.num_embeddings_per_feature
     widths = [0 if i == 1 else 32 for i in range(26)]
     elements = sum(v * (w or 8) for v, w in zip(sizes, widths))
@@ -91,6 +92,9 @@ def test_plan_bytes_are_half_and_match_the_sharded_model(tmp_path, optimizer):
     expected_opt = sum(sizes) * 4 if state_per is None else state_per * elements
     assert half["w1_optimizer_bytes"] == expected_opt
     assert reports["fp16"]["model"]["w1_dtype"] == "fp16"
+    assert "W1 fp16" in format_report(reports["fp16"])
+    # TorchRec's own estimate (its formula, with IO buffers) reads the tables' data_type too.
+    assert half["planner_max_rank_bytes"] < full["planner_max_rank_bytes"]
 
     # The sharded model (one CPU rank, the same config) holds exactly these bytes.
     cfg = tiny_config(tmp_path / "fp16", "--model.w1_dtype=fp16", *opts)
