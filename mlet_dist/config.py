@@ -185,6 +185,8 @@ class ModelConfig:
     """Cross layers of the DCN interaction."""
     dcn_low_rank_dim: int = 32
     """Low-rank dimension of the DCN cross layers."""
+    w1_dtype: str = "fp32"
+    """Storage of the trained tables: W1 of every factorized table and the table itself when k = 0 (a single-layer table is the W1 of its model): 'fp32' or 'fp16' (TorchRec `data_type`, half the W1 bytes; the fused optimizer state stays fp32, W2, the MLPs and the collapsed (served) tables stay fp32; quality: README "fp16 W1"). A checkpoint resumes only under the w1_dtype it was written with."""
 
 
 @dataclass
@@ -272,6 +274,7 @@ _ALLOWED = {
     ("model", "pooling"): ("sum", "mean"),
     ("model", "projection_init"): ("normal", "xavier", "orthogonal"),
     ("model", "interaction"): ("dot", "dcn"),
+    ("model", "w1_dtype"): ("fp32", "fp16"),
     ("optim", "embedding_optimizer"): ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     ("optim", "dense_optimizer"): ("adagrad", "adam", "sgd"),
     ("optim", "w1_lr_scaling"): ("none", "sqrt_d_over_k", "auto"),

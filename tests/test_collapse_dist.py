@@ -1,8 +1,9 @@
 """Oracle tests of the fused sharded collapse at world size 2 (gloo on CPU).
 
 Kernel, per sharding type (table_wise, row_wise, column_wise with min_partition below k,
-table_row_wise): a DLRM over four tables (k=32, k=16 shared by two features, an ordinary d-dim
-table, a MEAN-pooled k=32 table) is sharded by ``parallelize``; the unsharded model's weights are
+table_row_wise; row_wise and column_wise again with fp16 W1 shards, model.w1_dtype): a DLRM over
+four tables (k=32, k=16 shared by two features, an ordinary d-dim table, a MEAN-pooled k=32
+table) is sharded by ``parallelize``; the unsharded model's weights are
 copied into the shards, and every rank collapses its own shards with tiny chunks (7 rows, so the
 chunk loop, its tail and many reductions run). Checked against independent computations:
 
@@ -40,7 +41,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_ranks
-from torchrec.modules.embedding_configs import PoolingType
+from torchrec.modules.embedding_configs import DataType, PoolingType
 
 from mlet_dist.checkpoint import latest_checkpoint
 from mlet_dist.config import DistConfig, ModelConfig, OptimConfig, load_config
@@ -67,8 +68,8 @@ W1_PREFIX = "model.sparse_arch.embedding_bag_collection.w1.embedding_bags."
 W2_PREFIX = "model.sparse_arch.embedding_bag_collection.projection.weights."
 
 
-def make_tables() -> list[MLETEmbeddingBagConfig]:
-    return [
+def make_tables(data_type: DataType = DataType.FP32) -> list[MLETEmbeddingBagConfig]:
+    tables = [
         MLETEmbeddingBagConfig(
             name="t_wide", num_embeddings=200, embedding_dim=D, inner_dim=32,
             feature_names=["f_wide"],
@@ -86,13 +87,20 @@ def make_tables() -> list[MLETEmbeddingBagConfig]:
             feature_names=["f_mean"], pooling=PoolingType.MEAN,
         ),
     ]  # fmt: skip
+    for t in tables:
+        t.data_type = data_type  # W1's storage (model.w1_dtype)
+    return tables
 
 
-def build_model(w1_device: torch.device, dense_device: torch.device | None = None):
+def build_model(
+    w1_device: torch.device,
+    dense_device: torch.device | None = None,
+    data_type: DataType = DataType.FP32,
+):
     dense_device = dense_device or torch.device("cpu")
     torch.manual_seed(0)
     mlet = MLETEmbeddingBagCollection(
-        make_tables(), device=w1_device, projection_device=dense_device
+        make_tables(data_type), device=w1_device, projection_device=dense_device
     )
     model_cfg = ModelConfig(
         embedding_dim=D, dense_arch_layer_sizes=[16, D], over_arch_layer_sizes=[16, 1]
@@ -104,6 +112,12 @@ def build_model(w1_device: torch.device, dense_device: torch.device | None = Non
 class Case:
     name: str
     min_partition: int = 0
+    sharding: str = ""  # default: name
+    data_type: DataType = DataType.FP32  # W1's storage
+
+    @property
+    def sharding_type(self) -> str:
+        return self.sharding or self.name
 
 
 CASES = [
@@ -111,6 +125,9 @@ CASES = [
     Case("row_wise"),
     Case("column_wise", min_partition=8),
     Case("table_row_wise"),
+    # fp16 W1 (model.w1_dtype): shards read exactly, the product computed in fp32
+    Case("row_wise_fp16", sharding="row_wise", data_type=DataType.FP16),
+    Case("column_wise_fp16", min_partition=8, sharding="column_wise", data_type=DataType.FP16),
 ]
 
 
@@ -124,12 +141,14 @@ def _no_all_reduce(*args, **kwargs):
 def _kernel_case(case: Case, env) -> dict[str, Any]:
     """Shards the model on ``env.device``, copies the unsharded weights in, collapses this rank's
     shards; the blocks come back on CPU."""
-    state = build_model(torch.device("cpu")).state_dict()
+    state = build_model(torch.device("cpu"), data_type=case.data_type).state_dict()
     dmp = parallelize(
-        build_model(torch.device("meta"), env.device),
+        build_model(torch.device("meta"), env.device, case.data_type),
         env,
         DistConfig(
-            device=env.device.type, sharding_types=[case.name], min_partition=case.min_partition
+            device=env.device.type,
+            sharding_types=[case.sharding_type],
+            min_partition=case.min_partition,
         ),
         OptimConfig(),
         batch_size_per_rank=16,
@@ -145,7 +164,8 @@ def _kernel_case(case: Case, env) -> dict[str, Any]:
                 target.copy_(state[key])
     layouts, local = layouts_from_state_dict(sharded, W1_PREFIX, {t.name: D for t in make_tables()})
     groups = make_groups(list(layouts.values()))
-    out: dict[str, Any] = {"layouts": layouts, "tables": {}}
+    w1_dtypes = sorted({str(t.dtype) for shards in local.values() for _, t in shards})
+    out: dict[str, Any] = {"layouts": layouts, "tables": {}, "w1_dtypes": w1_dtypes}
     real_all_reduce, dist.all_reduce = dist.all_reduce, _no_all_reduce
     try:
         for name, layout in layouts.items():
@@ -230,8 +250,9 @@ def _rank_main(run_dir: str, out_dir: str) -> dict[str, Any]:
 # -- the oracle ---------------------------------------------------------------------------------
 
 
-def float64_tables() -> dict[str, torch.Tensor]:
-    state = build_model(torch.device("cpu")).state_dict()
+def float64_tables(data_type: DataType = DataType.FP32) -> dict[str, torch.Tensor]:
+    """W1 @ W2 in float64 from the unsharded factors (an fp16 W1 widened exactly)."""
+    state = build_model(torch.device("cpu"), data_type=data_type).state_dict()
     out = {}
     for t in make_tables():
         w1 = state[W1_PREFIX + t.name + ".weight"].double()
@@ -312,8 +333,10 @@ def test_collapsed_tables_equal_float64_product(case: Case, spawned) -> None:
     check_collapsed_tables(case, ranks)
     layouts = ranks[0]["layouts"]
     kinds = {len({s.col0 for s in layout.shards}) for layout in layouts.values()}
-    if case.name == "column_wise":
+    if case.sharding_type == "column_wise":
         assert max(kinds) > 1, "min_partition below k must split the columns"
+    want = "torch.float16" if case.data_type == DataType.FP16 else "torch.float32"
+    assert all(r["w1_dtypes"] == [want] for r in ranks), "the shards must hold W1 as configured"
 
 
 def check_collapsed_tables(case: Case, ranks: list[dict], quant_device: str = "cpu") -> None:
@@ -323,7 +346,7 @@ def check_collapsed_tables(case: Case, ranks: list[dict], quant_device: str = "c
     for rank, r in enumerate(ranks):
         if "error" in r:
             pytest.fail(f"rank {rank} failed on {case.name}:\n{r['error']}")
-    expected = float64_tables()
+    expected = float64_tables(case.data_type)
     for t in make_tables():
         got = assemble(
             [[(s, v) for s, v, _ in r["tables"][t.name]["blocks"]] for r in ranks],
@@ -376,7 +399,7 @@ def test_no_rank_allocates_a_table_it_does_not_own_whole(case: Case, spawned) ->
             for rank in range(WORLD_SIZE):
                 owned = sum(b.rows for b in layout.owned(rank))
                 assert 0 < owned < t.num_embeddings, (case.name, t.name, rank, owned)
-        if case.name == "column_wise" and len({s.col0 for s in layout.shards}) > 1:
+        if case.sharding_type == "column_wise" and len({s.col0 for s in layout.shards}) > 1:
             assert all(b.ranks == (0, 1) for b in layout.blocks), layout.blocks
 
 

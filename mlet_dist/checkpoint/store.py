@@ -42,10 +42,16 @@ MODEL_KEYS = {
 
 
 def model_config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys defining the model's parameters that differ between two config dicts."""
+    """Keys defining the model's parameters that differ between two config dicts.
+
+    A key missing from ``saved`` (a checkpoint written before the key existed, e.g.
+    ``model.w1_dtype``) counts as its default, the behaviour the checkpoint was written under.
+    """
+    defaults = Config().to_dict()
     diffs = []
     for section, keys in MODEL_KEYS.items():
-        a, b = saved.get(section, {}), current.get(section, {})
+        a = {**defaults.get(section, {}), **saved.get(section, {})}
+        b = current.get(section, {})
         for key in sorted(set(a) | set(b)) if keys is None else sorted(keys):
             if a.get(key) != b.get(key):
                 diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} != config {b.get(key)!r}")

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from mlet_dist.distributed.shards import ShardSpec, sharded_tensor_shards
-from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS
+from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS, compute_dtype
 from mlet_dist.modules.quantize import quantize_rows_into, serving_layout
 
 
@@ -208,6 +208,7 @@ def _partial_rows(
         rows = t[start - s.row0 : stop - s.row0]
         if w2 is not None:
             w = w2[s.col0 : s.col0 + s.cols]
+            rows = rows.to(w.dtype)  # an fp16 W1 chunk widened (exact); a no-op for fp32
             if first:
                 torch.mm(rows, w, out=dst)
             else:
@@ -256,7 +257,8 @@ def fill_block(
         table: table name (for the sink).
         block: the rows; this rank is one of ``block.ranks``.
         mine: this rank's shards covering the block's rows (their columns, summed, are its part).
-        w2: (k, d) projection on the shards' device and dtype, or None (identity).
+        w2: (k, d) projection on the shards' device, in the compute dtype (fp32 for an fp16
+            W1: see :func:`collapse_table`), or None (identity).
         groups: from :func:`make_groups`.
         chunk_rows: rows per step.
         serving_dtype: format of ``target.served``.
@@ -319,7 +321,8 @@ def collapse_table(
         return []
     device = local[0][1].device
     if w2 is not None:
-        w2 = w2.detach().to(device=device, dtype=local[0][1].dtype).contiguous()
+        dtype = compute_dtype(local[0][1].dtype, w2.dtype)  # fp16 W1: fp32, not W2 narrowed
+        w2 = w2.detach().to(device=device, dtype=dtype).contiguous()
     helper = [b for b in layout.blocks if rank in b.ranks and b.owner != rank]
     scratch = None
     if helper:  # this rank adds partial sums to rows another rank owns
@@ -378,9 +381,10 @@ def layouts_from_state_dict(
     return layouts, local
 
 
-def collapse_bytes(layout: TableLayout) -> int:
-    """Bytes of W1 read plus bytes of the float32 collapsed table written."""
-    return layout.rows * (layout.cols + layout.dim) * 4
+def collapse_bytes(layout: TableLayout, w1_element_size: int = 4) -> int:
+    """Bytes of W1 read (``w1_element_size`` per element: 2 for an fp16 W1) plus bytes of the
+    float32 collapsed table written."""
+    return layout.rows * (layout.cols * w1_element_size + layout.dim * 4)
 
 
 __all__ = [

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
 
 from mlet_dist.checkpoint import read_train_state
 from mlet_dist.config import Config
 from mlet_dist.distributed.collapse import TableLayout, collapse_bytes
 from mlet_dist.export.load import served_config
 from mlet_dist.export.sinks import SERVING_TABLE_KEY, load_served_rows
-from mlet_dist.models import SERVED_TABLE_KEY, build_tables
+from mlet_dist.models import SERVED_TABLE_KEY, W1_DATA_TYPES, build_tables
 from mlet_dist.modules.mlet import inner_dim_of, served_tables
 from mlet_dist.serving.manifest import ARTIFACT_FILES, write_manifest
 from mlet_dist.serving.predictor import (
@@ -154,7 +154,8 @@ def finish_collapse(
         )
     t_predictor = time.perf_counter() - t0
     table_info = _table_report(cfg)
-    total_bytes = sum(collapse_bytes(layout) for layout in layouts.values())
+    w1_size = DATA_TYPE_NUM_BITS[W1_DATA_TYPES[cfg.model.w1_dtype]] // 8
+    total_bytes = sum(collapse_bytes(layout, w1_size) for layout in layouts.values())
     slowest = max(s["seconds"]["collapse"] for s in all_stats)
     report = {
         "source_run": str(Path(run_dir).resolve()),

@@ -18,10 +18,11 @@ from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, served_tables
 
 
 def served_config(cfg: Config) -> Config:
-    """The config of the collapsed model: same everything, single-layer d-dim tables."""
+    """The config of the collapsed model: same everything, single-layer d-dim fp32 tables."""
     out = copy.deepcopy(cfg)
     out.model.inner_dim = 0
     out.model.inner_dim_per_table = {}
+    out.model.w1_dtype = "fp32"  # the collapsed rows are fp32 whatever W1's storage was
     return out
 
 

@@ -1,6 +1,7 @@
 from mlet_dist.models.dlrm import (
     SERVED_TABLE_KEY,
     SPARSE_PREFIX,
+    W1_DATA_TYPES,
     W1_PREFIX,
     W2_PREFIX,
     build_dlrm,
@@ -10,6 +11,7 @@ from mlet_dist.models.dlrm import (
 __all__ = [
     "SERVED_TABLE_KEY",
     "SPARSE_PREFIX",
+    "W1_DATA_TYPES",
     "W1_PREFIX",
     "W2_PREFIX",
     "build_dlrm",

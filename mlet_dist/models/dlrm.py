@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain, SparseArch
-from torchrec.modules.embedding_configs import PoolingType
+from torchrec.modules.embedding_configs import DataType, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mlet_dist.config import ConfigError, ModelConfig
@@ -24,6 +24,10 @@ SPARSE_PREFIX = "model.sparse_arch."
 W1_PREFIX = "model.sparse_arch.embedding_bag_collection.w1.embedding_bags."
 W2_PREFIX = "model.sparse_arch.embedding_bag_collection.projection.weights."
 SERVED_TABLE_KEY = "model.sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
+
+
+# model.w1_dtype -> TorchRec data_type of the trained tables.
+W1_DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
 
 def table_name(feature: str) -> str:
@@ -56,6 +60,9 @@ def build_tables(
             f"{', '.join(sorted(known))}"
         )
     pooling = PoolingType.SUM if model_cfg.pooling == "sum" else PoolingType.MEAN
+    # model.w1_dtype: the trained table's storage (TorchRec's data_type: the sharder's TBE and the
+    # planner's estimates follow it); served configs are made fp32 by served_tables.
+    data_type = W1_DATA_TYPES[model_cfg.w1_dtype]
     tables = []
     for feature, rows in zip(names, num_embeddings_per_feature):
         name = table_name(feature)
@@ -68,6 +75,7 @@ def build_tables(
                 feature_names=[feature],
                 pooling=pooling,
                 inner_dim=k or None,
+                data_type=data_type,
             )
         )
     return tables

@@ -33,13 +33,21 @@ def collapse_rows(
     """
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    # An fp16 W1 (model.w1_dtype) is widened chunk by chunk (exact), never W2 narrowed: the
+    # product is computed in the wider dtype (fp32 normally).
+    dtype = compute_dtype(w1.dtype, w2.dtype)
     if out is None:
-        out = torch.empty(w1.shape[0], w2.shape[1], dtype=w2.dtype, device=w1.device)
-    w2 = w2.to(device=w1.device, dtype=w1.dtype)
+        out = torch.empty(w1.shape[0], w2.shape[1], dtype=dtype, device=w1.device)
+    w2 = w2.to(device=w1.device, dtype=dtype)
     for start in range(0, w1.shape[0], chunk_rows):
         stop = min(start + chunk_rows, w1.shape[0])
-        torch.mm(w1[start:stop], w2, out=out[start:stop])
+        torch.mm(w1[start:stop].to(dtype), w2, out=out[start:stop])
     return out
+
+
+def compute_dtype(w1: torch.dtype, w2: torch.dtype) -> torch.dtype:
+    """The dtype W1 @ W2 is computed in: the wider of the two, at least float32."""
+    return torch.promote_types(torch.promote_types(w1, w2), torch.float32)
 
 
 @torch.no_grad()

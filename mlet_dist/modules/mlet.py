@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -61,8 +61,10 @@ def _plain_config(cfg: EmbeddingBagConfig, **changes) -> EmbeddingBagConfig:
 
 
 def served_tables(tables: Iterable[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:
-    """The plain d-dim configs a collapsed (served) EBC of these tables is built from."""
-    return [_plain_config(t) for t in tables]
+    """The plain d-dim configs a collapsed (served) EBC of these tables is built from: fp32
+    whatever the trained tables' ``data_type`` (an fp16 W1 collapses into fp32 rows; serving in
+    fp16/int8 is the export's quantize option)."""
+    return [_plain_config(t, data_type=DataType.FP32) for t in tables]
 
 
 def inner_dim_of(cfg: EmbeddingBagConfig) -> int | None:

@@ -11,7 +11,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from mlet_dist.config import Config
 
 GIB = 1024**3
-# Optimizer state in units of the parameter size (fp32 state, as fbgemm and torch.optim keep it).
+# Optimizer state in fp32 values per parameter (fbgemm and torch.optim keep it in fp32, also for
+# an fp16 W1 (model.w1_dtype): checked against the sharded model in tests/test_fp16_w1.py).
 # Row-wise Adagrad is not a multiple: one float per row of each shard (see fused_state_bytes).
 FUSED_STATE_MULTIPLIER = {"adagrad": 1, "sgd": 0, "adam": 2}
 DENSE_STATE_MULTIPLIER = {"adagrad": 1, "sgd": 0, "adam": 2}

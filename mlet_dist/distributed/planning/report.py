@@ -42,8 +42,9 @@ def plan_report(
 ) -> dict[str, Any]:
     """Tables' placement and per-rank training and serving memory of a plan (JSON-ready).
 
-    Training memory per rank = W1 shards (table dtype, fp32 by default) + their fused optimizer
-    state (rowwise_adagrad: 4 bytes per shard row; adagrad: 1x the shard; sgd: 0; adam: 2x) +
+    Training memory per rank = W1 shards (the tables' data_type: model.w1_dtype, 4 or 2 bytes per
+    element) + their fused optimizer state, fp32 whatever W1's dtype (rowwise_adagrad: 4 bytes
+    per shard row; adagrad: 4 bytes per element; sgd: 0; adam: 8 bytes per element) +
     the replicated W2 and MLPs (parameters + gradients + dense optimizer state). Not counted:
     activations, all-to-all buffers, allocator and CUDA context overhead. Serving memory is the
     collapsed vocab × d fp32 table, per rank as if it were sharded like W1.
@@ -147,6 +148,7 @@ def plan_report(
             "embedding_dim": cfg.model.embedding_dim,
             "inner_dim": cfg.model.inner_dim,
             "inner_dim_per_table": dict(cfg.model.inner_dim_per_table),
+            "w1_dtype": cfg.model.w1_dtype,
             "num_tables": len(tables),
             "embedding_optimizer": optimizer,
             "dense_optimizer": cfg.optim.dense_optimizer,

@@ -49,7 +49,7 @@ def format_report(report: dict[str, Any]) -> str:
     kind = tg["memory_kind"].upper()
     out = [
         f"Sharding plan: {m['num_tables']} tables (d={m['embedding_dim']}, "
-        f"k={m['inner_dim'] or 'none (single-layer)'}) on {tg['world_size']} x {tg['device']} "
+        f"k={m['inner_dim'] or 'none (single-layer)'}, W1 {m.get('w1_dtype', 'fp32')}) on {tg['world_size']} x {tg['device']} "
         f"({tg['local_world_size']} per node), {kind} cap {gib(tot['device_cap_bytes'])} per "
         f"rank, batch {tg['batch_size_per_rank']}/rank, W1 optimizer {m['embedding_optimizer']}",
         "",
@@ -98,7 +98,8 @@ def format_report(report: dict[str, Any]) -> str:
     verdict = "fits" if tot["fits"] else "DOES NOT FIT"
     out += [
         "",
-        f"W1 total {gib(tot['w1_bytes'])} + {m['embedding_optimizer']} state "
+        f"W1 total {gib(tot['w1_bytes'])} ({m.get('w1_dtype', 'fp32')}) + "
+        f"{m['embedding_optimizer']} state (fp32) "
         f"{gib(tot['w1_optimizer_bytes'])}; replicated W2 + MLPs (params, grads, "
         f"{m['dense_optimizer']} state) {gib(tot['replicated_bytes_per_rank'])} per rank",
         f"Serving after collapse (vocab x d x 4 B): {gib(tot['served_bytes'])} in all, "
