@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `benchmarks` is a folder of the checkout, not an installed package
@@ -60,6 +61,7 @@ def test_train_suite_files_and_keys(quick_run: Path) -> None:
     assert record["suite"] == "train" and record["quick"] is True and record["status"] == "ok"
     assert {"python", "torch", "torchrec", "fbgemm_gpu"} <= set(record["versions"])
     assert record["machine"]["cores"] >= 1 and isinstance(record["machine"]["gpus"], list)
+    assert record["machine"]["cpu_model"] and "cpu_id" in record["machine"]
     assert record["command"].startswith("python -m benchmarks.run")
     cfg = record["config"]
     assert {"data", "model", "optim", "dist", "bench"} <= set(cfg)
@@ -89,13 +91,21 @@ def test_train_suite_files_and_keys(quick_run: Path) -> None:
         assert len(r["param_bytes_per_rank"]) == r["world_size"]
         assert r["peak_rss_bytes_max_rank"] > r["training_state_bytes_max_rank"] > 0
         assert sum(r["sharding"].values()) == len(rows)
+        assert (r["batches"], r["batch_pool"]) == ("uniform", cfg["bench"]["distinct_batches"])
+        assert r["batch_pool_bytes_max_rank"] > 0 and r["axis"] is None
     assert {q["ratio"] for q in res["ratios"]} == {"MLET(64,16) / EBC(64)", "MLET(64,16) / EBC(16)"}
     assert len(res["planner"]) == len(res["rows"])
     for p in res["planner"]:
         assert p["estimate_training_bytes_max_rank"] > 0 and p["measured_state_bytes_max_rank"] > 0
 
     md = (quick_run / record["files"]["markdown"]).read_text()
-    for heading in ("## Throughput", "## Memory", "## Planner estimates", "## Ratios"):
+    for heading in (
+        "## Throughput",
+        "## Memory",
+        "## Planner estimates",
+        "## Ratios",
+        "## Batches",
+    ):
         assert heading in md
     for label in ("MLET(64,16)", "EBC(64)", "EBC(16)"):
         assert f"| {label} | 1 |" in md
@@ -472,3 +482,46 @@ def test_machine_record_names_the_cpu() -> None:
     assert m["cpu_model"] in header and f"{m['cores']} cores" in header
     for lib in ("torch", "torchrec", "fbgemm_gpu"):
         assert f"{lib} {record['versions'][lib]}" in header
+
+
+def _losses_base_vs_pipeline(tmp: str) -> dict:
+    """One rank: the bench's step ('base' and 'sparse_dist') on the same fresh Zipf batches,
+    each from a freshly built Trainer (same seed)."""
+    from benchmarks.traffic import load_pool, write_rank_pools
+    from benchmarks.train_bench import make_step
+    from mlet_dist.distributed.parallelize import init_distributed
+    from mlet_dist.train import Trainer
+
+    cfg = _small_cfg(batch=32)
+    env = init_distributed(cfg.dist)
+    (path,) = write_rank_pools(cfg, 1, 6, [2], seed=3, out_dir=Path(tmp))
+    out = {}
+    for kind in ("base", "sparse_dist"):
+        trainer = Trainer(cfg, env)
+        step = make_step(trainer, kind, iter(load_pool(path)))
+        losses = [float(step().detach()) for _ in range(4)]
+        out[kind] = {
+            "losses": losses,
+            "lr": trainer.scheduler.get_last_lr(),
+            "dense": {
+                n: p.detach().clone()
+                for n, p in trainer.model.named_parameters()
+                if ".w1." not in n
+            },  # fmt: skip
+        }
+    return out
+
+
+@pytest.mark.slow
+def test_pipelined_bench_step_trains_like_the_plain_step(tmp_path) -> None:
+    """The pipeline axis's timed step (TrainPipelineSparseDist.progress + schedule + fused LR
+    sync) trains exactly as the plain step (the oracle): same losses, LR and dense weights."""
+    from dist_utils import run_ranks
+
+    (res,) = run_ranks(_losses_base_vs_pipeline, 1, str(tmp_path), timeout=240)
+    base, piped = res["base"], res["sparse_dist"]
+    assert len(set(base["losses"])) == 4  # fresh batches: every loss differs
+    assert piped["losses"] == pytest.approx(base["losses"], rel=1e-6)
+    assert piped["lr"] == base["lr"]
+    for name, w in base["dense"].items():
+        assert torch.allclose(piped["dense"][name], w, atol=1e-6), name
