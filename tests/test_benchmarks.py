@@ -507,7 +507,7 @@ def _losses_base_vs_pipeline(tmp: str) -> dict:
                 n: p.detach().clone()
                 for n, p in trainer.model.named_parameters()
                 if ".w1." not in n
-            },  # fmt: skip
+            },
         }
     return out
 
