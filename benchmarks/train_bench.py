@@ -192,20 +192,25 @@ def worker(spec_path: str, result_path: str) -> None:
     env = init_distributed(cfg.dist)
     cuda = env.device.type == "cuda"
     local_batch = cfg.data.batch_size // env.world_size
-    # The batches first (CPU; the step moves each to the device as training does), so that the
-    # memory they take is counted apart from the model's (rss_batches, batch_bytes).
+    # The batches first, so that the memory they take is counted apart from the model's
+    # (rss_batches, batch_bytes). Fresh batches stay on the host (pinned on GPU) and the step
+    # copies each to the device, as training does; the cycled uniform ones are put on the
+    # device once, as this suite always did.
     rss_before_batches = current_rss_bytes()
     kind = pipeline_kind(cfg)
     if spec.get("pool"):
         pool = load_pool(spec["pool"][env.rank])
+        if cuda:
+            pool = [b.pin_memory() for b in pool]
         needed = batches_needed(bench, kind != "base")
         if len(pool) < needed:
             raise BenchmarkError(f"the batch pool holds {len(pool)} batches, {needed} needed")
         batch_iter: Iterator[Any] = iter(pool)
     else:
-        pool = random_batches(
-            cfg, bench.distinct_batches, local_batch, bench.seed * 1000 + env.rank
-        )
+        seed = bench.seed * 1000 + env.rank
+        pool = [
+            b.to(env.device) for b in random_batches(cfg, bench.distinct_batches, local_batch, seed)
+        ]
         batch_iter = itertools.cycle(pool)
     pool_bytes = batch_bytes(pool)
     rss_before_model = current_rss_bytes()
@@ -350,7 +355,7 @@ def run_train_suite(
                 axis_rows.append(row)
     for row in rows:
         row.update(axis=None, axis_value=None, point="")
-    planner = _planner_rows(cfg, rows, device)
+    planner = _planner_rows(cfg, bench, rows, device)
     for row, plan in zip(rows, planner):
         if "served_table_bytes_max_rank" in plan:  # the served tables sharded like W1
             row["served_bytes_max_rank"] = (
@@ -567,13 +572,16 @@ def _peak(row: dict[str, Any]) -> int:
     return row.get("max_allocated_bytes_max_rank", row["peak_rss_bytes_max_rank"])
 
 
-def _planner_rows(cfg, rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
-    """The dry-run memory estimates (ours and TorchRec's planner's) next to the measured memory."""
+def _planner_rows(
+    cfg, bench: BenchConfig, rows: list[dict[str, Any]], device: str
+) -> list[dict[str, Any]]:
+    """The dry-run memory estimates (ours and TorchRec's planner's) next to the measured memory
+    (of the reference point's rows)."""
     from mlet_dist.distributed.planning import dry_run  # torchrec: only when reporting
 
     out = []
     for row in rows:
-        vcfg = variant_config(cfg, row["variant"])
+        vcfg = point_config(cfg, row["variant"], bench, None)
         try:
             report = dry_run(vcfg, row["world_size"], device)
         except Exception as e:  # a planner failure is a result to report, not a crash
