@@ -65,8 +65,21 @@ class BenchConfig:
     """Timed windows per process; each gives one throughput sample (median taken)."""
     steps_per_window: int = 10
     """Training steps per timed window."""
+    batches: str = "uniform"
+    """'uniform': ``distinct_batches`` random batches per rank (ids uniform over each table),
+    cycled; 'zipf': a fresh batch for every step, never reused, drawn from the synthetic
+    generator (``[synthetic]``: Zipf ids, teacher labels) before timing (benchmarks/traffic.py)."""
     distinct_batches: int = 8
-    """Random batches generated per rank and cycled through (ids uniform over each table)."""
+    """Random batches generated per rank and cycled through (``batches = 'uniform'``)."""
+    ids_per_bag: list[int] = field(default_factory=list)
+    """Multi-hot bags (``batches = 'zipf'``): ids per bag of each of the 26 features, or one
+    value for all; [] = one id per bag. DLRMv2's synthetic multi-hot Criteo:
+    [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]."""
+    axes: dict[str, list[str]] = field(default_factory=dict)
+    """Config keys compared within one run, e.g. {"train.pipeline" = ["base", "sparse_dist"],
+    "model.w1_dtype" = ["fp32", "fp16"]}: the reference point sets every axis to its first
+    value; each other value is measured with only its own axis changed, and reported as a ratio
+    to the reference (value / first value). Values are written as on the command line."""
     threads: int = 0
     """Intra-op threads per rank on CPU; 0 = cores // ranks."""
     seed: int = 0
@@ -122,6 +135,69 @@ def _validate_bench(bench: BenchConfig) -> None:
             raise BenchConfigError(f"bench.{key} must be at least 1, got {getattr(bench, key)}")
     if bench.warmup_steps < 0 or bench.threads < 0:
         raise BenchConfigError("bench.warmup_steps and bench.threads must be >= 0")
+    if bench.batches not in ("uniform", "zipf"):
+        raise BenchConfigError(f"bench.batches = {bench.batches!r}: use 'uniform' or 'zipf'")
+    if bench.ids_per_bag and bench.batches != "zipf":
+        raise BenchConfigError("bench.ids_per_bag (multi-hot) needs bench.batches = 'zipf'")
+    if len(bench.ids_per_bag) not in (0, 1, 26) or any(n < 1 for n in bench.ids_per_bag):
+        raise BenchConfigError(
+            f"bench.ids_per_bag = {bench.ids_per_bag}: give 26 positive counts (one per "
+            "feature), one for all features, or [] for one id per bag"
+        )
+    for key, values in bench.axes.items():
+        if len(values) < 2 or len(set(values)) != len(values):
+            raise BenchConfigError(
+                f"bench.axes['{key}'] = {values}: give two or more distinct values, the "
+                "reference first"
+            )
+
+
+def check_axes(cfg, bench: BenchConfig) -> None:
+    """Refuses an axis whose key this mlet_dist's config lacks, or a value it rejects.
+
+    Raises:
+        BenchConfigError: naming the axis and the fix.
+    """
+    from mlet_dist.config import ConfigError, apply_overrides
+
+    for key, values in bench.axes.items():
+        section, _, name = key.partition(".")
+        part = getattr(cfg, section, None)
+        if section == "bench" or not dataclasses.is_dataclass(part) or not hasattr(part, name):
+            known = ", ".join(f.name for f in dataclasses.fields(part)) if part else "none"
+            raise BenchConfigError(
+                f"bench.axes: '{key}' is not a key of this mlet_dist's config (keys of "
+                f"[{section}]: {known}); the axis needs the change that adds the key (issue 13), "
+                "or remove it from bench.axes"
+            )
+        for value in values:
+            try:
+                apply_overrides(copy.deepcopy(cfg), [f"--{key}={value}"])
+            except ConfigError as e:
+                raise BenchConfigError(f"bench.axes['{key}'] value {value!r}: {e}") from e
+
+
+def axis_points(bench: BenchConfig) -> list[tuple[str, str] | None]:
+    """The measured points: None (the reference: every axis at its first value), then
+    ``(key, value)`` for each further value of each axis."""
+    return [None] + [(k, v) for k, values in bench.axes.items() for v in values[1:]]
+
+
+def point_label(point: tuple[str, str] | None) -> str:
+    """'' for the reference, else 'key=value'."""
+    return "" if point is None else f"{point[0]}={point[1]}"
+
+
+def point_config(cfg, variant: str, bench: BenchConfig, point: tuple[str, str] | None):
+    """The config of one variant at one point: :func:`variant_config`, then every axis at its
+    reference value, then the point's own value."""
+    from mlet_dist.config import apply_overrides
+
+    out = variant_config(cfg, variant)
+    overrides = [f"--{k}={values[0]}" for k, values in bench.axes.items()]
+    if point is not None:
+        overrides.append(f"--{point[0]}={point[1]}")
+    return apply_overrides(out, overrides)
 
 
 def load_bench_config(
@@ -169,6 +245,7 @@ def load_bench_config(
             rest.append(text)
     apply_overrides(cfg, rest)
     _validate_bench(bench)
+    check_axes(cfg, bench)
     return cfg, bench
 
 
@@ -226,7 +303,7 @@ def random_batches(cfg, n: int, batch_size: int, seed: int) -> list[Any]:
 
 def train_step(trainer, batch) -> Any:
     """One training step exactly as ``Trainer.fit`` runs it; returns the (undetached) loss."""
-    loss, _ = trainer.model(batch)
+    loss, _ = trainer.model(batch.to(trainer.env.device, non_blocking=True))
     loss.backward()
     trainer.optimizer.step()
     trainer.scheduler.step()
@@ -371,13 +448,18 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     cpu_model = platform.processor()
+    cpu: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "vendor_id", "cpu family", "model", "flags"):
+                cpu.setdefault(key, value.strip())
+            elif not line.strip() and cpu:
+                break  # the first processor's block is enough
     except OSError:
         pass
+    cpu_model = cpu.get("model name", cpu_model)
     mem = 0
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -395,6 +477,16 @@ def machine_info() -> dict[str, Any]:
         if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
         "cpu_model": cpu_model,
+        # A virtual machine's model name can be generic ("Intel Xeon Processor"): family, model
+        # and the vector extensions name the microarchitecture the kernels ran on.
+        "cpu_id": {
+            "vendor": cpu.get("vendor_id"),
+            "family": cpu.get("cpu family"),
+            "model": cpu.get("model"),
+            "vector_flags": sorted(
+                f for f in cpu.get("flags", "").split() if f.startswith(("avx", "amx", "fma"))
+            ),
+        },
         "memory_bytes": mem,
         "gpus": gpus,
         "cuda_driver": _nvidia_driver() if gpus else None,

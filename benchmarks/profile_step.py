@@ -8,7 +8,7 @@ with ``torch.profiler`` and prints TorchRec/PyTorch's operator table sorted by s
 
     python -m benchmarks.profile_step [--quick] [--variants mlet plain_k plain_d] [--steps 10]
         [--rows 25] [--threads N] [--world-size N] [--tag before] [--config configs/bench_train.toml]
-        [--out benchmarks/results] [--section.key=value ...]
+        [--point train.pipeline=sparse_dist] [--out benchmarks/results] [--section.key=value ...]
 
 Each variant runs in fresh processes (one per rank; with ``--world-size N``, N gloo ranks on CPU,
 rank 0's table is reported), so that one variant's heap does not change the next one's page faults.
@@ -20,6 +20,7 @@ MALLOC_TRIM_THRESHOLD_=17179869184 python -m benchmarks.profile_step --tag mallo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -36,21 +37,30 @@ from benchmarks.common import (
     DEFAULT_OUT,
     DEFAULT_TRAIN_CONFIG,
     VARIANTS,
+    BenchConfig,
+    BenchConfigError,
     hardware_tag,
     library_versions,
     load_bench_config,
     machine_info,
+    point_config,
     random_batches,
     result_stem,
     spawn_ranks,
-    train_step,
-    variant_config,
     variant_label,
 )
+from benchmarks.traffic import PIPELINE_LOOKAHEAD, load_pool, write_rank_pools
 
 
-def profile_variant(cfg, variant: str, steps: int, warmup: int, rows: int) -> dict[str, Any]:
+def profile_variant(
+    cfg, variant: str, steps: int, warmup: int, rows: int, bench=None, point=None
+) -> dict[str, Any]:
     """Profiles ``steps`` training steps of one variant on this process (one rank).
+
+    The step is the train suite's (:func:`benchmarks.train_bench.make_step`: ``train.pipeline``
+    where the config has it) on its batches: with ``bench.batches = 'zipf'`` a fresh batch every
+    step (drawn before the first step), else 4 random batches cycled. ``point`` (``(key,
+    value)``) picks one of ``bench.axes``' values; the other axes stay at their first value.
 
     Returns:
         ``{"variant", "label", "wall_ms_per_step", "cpu_ms_per_step", "ms_per_step", "table",
@@ -61,37 +71,48 @@ def profile_variant(cfg, variant: str, steps: int, warmup: int, rows: int) -> di
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from benchmarks.train_bench import make_step, pipeline_kind
     from mlet_dist.distributed.parallelize import init_distributed
     from mlet_dist.train import Trainer
 
-    vcfg = variant_config(cfg, variant)
+    bench = bench or BenchConfig()
+    vcfg = point_config(cfg, variant, bench, point)
     env = init_distributed(vcfg.dist)
-    trainer = Trainer(vcfg, env)
     local_batch = vcfg.data.batch_size // env.world_size
-    batches = [b.to(env.device) for b in random_batches(vcfg, 4, local_batch, seed=env.rank)]
+    if bench.batches == "zipf":
+        needed = warmup + 2 * steps + PIPELINE_LOOKAHEAD
+        with tempfile.TemporaryDirectory(prefix="mlet_profile_pool_") as tmp:
+            paths = write_rank_pools(
+                vcfg, env.world_size, needed, bench.ids_per_bag, bench.seed, Path(tmp)
+            )
+            batches = iter(load_pool(paths[env.rank]))
+    else:
+        batches = itertools.cycle(random_batches(vcfg, 4, local_batch, seed=env.rank))
+    trainer = Trainer(vcfg, env)
+    step = make_step(trainer, pipeline_kind(vcfg), batches)
     cuda = env.device.type == "cuda"
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    for i in range(warmup):
-        train_step(trainer, batches[i % len(batches)])
+    for _ in range(warmup):
+        step()
     # Unprofiled steps first: wall time, and process CPU time (user + system, all threads), which
     # other jobs on a shared machine disturb much less than wall time.
     sync()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    for i in range(steps):
-        train_step(trainer, batches[i % len(batches)])
+    for _ in range(steps):
+        step()
     sync()
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
     after = resource.getrusage(resource.RUSAGE_SELF)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        for i in range(steps):
-            train_step(trainer, batches[i % len(batches)])
+        for _ in range(steps):
+            step()
         sync()
     ms = (time.perf_counter() - start) * 1e3 / steps
     averages = prof.key_averages()
@@ -101,7 +122,9 @@ def profile_variant(cfg, variant: str, steps: int, warmup: int, rows: int) -> di
     top = sorted(averages, key=lambda e: -e.self_cpu_time_total)[:rows]
     return {
         "variant": variant,
-        "label": variant_label(cfg, variant),
+        "label": variant_label(cfg, variant) + (f" [{point[0]}={point[1]}]" if point else ""),
+        "pipeline": pipeline_kind(vcfg),
+        "batches": bench.batches,
         "ms_per_step": ms,
         "wall_ms_per_step": wall_ms,
         "cpu_ms_per_step": (after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime)
@@ -164,18 +187,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--world-size", type=int, default=1, help="ranks (CPU: gloo processes); rank 0 is shown"
     )
+    parser.add_argument(
+        "--point",
+        default="",
+        help="profile this value of one of the config's bench.axes, e.g. train.pipeline=sparse_dist"
+        " (default: every axis at its first value)",
+    )
     parser.add_argument("--child-result", help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    cfg, _ = load_bench_config(args.config, overrides, quick=args.quick)
+    cfg, bench = load_bench_config(args.config, overrides, quick=args.quick)
+    point = None
+    if args.point:
+        key, _, value = args.point.partition("=")
+        if value not in bench.axes.get(key, []):
+            raise BenchConfigError(
+                f"--point {args.point}: not a value of bench.axes {bench.axes}; use key=value"
+            )
+        point = (key, value)
     if args.child_result:  # one rank of one variant: profile, rank 0 saves the result
         import torch
 
         (variant,) = args.variants
-        result = profile_variant(cfg, variant, args.steps, args.warmup, args.rows)
+        result = profile_variant(
+            cfg, variant, args.steps, args.warmup, args.rows, bench=bench, point=point
+        )
         result["threads"] = torch.get_num_threads()
         if torch.distributed.get_rank() == 0:
             Path(args.child_result).write_text(json.dumps(result))
@@ -214,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{max(cfg.data.num_embeddings_per_feature):,} rows, k={cfg.model.inner_dim}, "
         f"d={cfg.model.embedding_dim}, W1 optimizer {cfg.optim.embedding_optimizer}, sharding "
         f"{cfg.dist.sharding_types or 'planner'}, {args.steps} profiled steps after "
-        f"{args.warmup} warm-up\n"
+        f"{args.warmup} warm-up; point: {args.point or 'reference'} (bench.axes {bench.axes})"
+        f"; step: train.pipeline {results[0]['pipeline']}, batches "
+        f"{results[0]['batches']}{' (fresh every step)' if bench.batches == 'zipf' else ''}\n"
         "allocator environment: "
         + (" ".join(f"{k}={v}" for k, v in sorted(tuned.items())) if tuned else "stock")
         + f"\ncommand: python -m benchmarks.profile_step {shlex.join(argv)}"

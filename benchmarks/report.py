@@ -34,13 +34,22 @@ def header_lines(record: dict[str, Any], title: str) -> list[str]:
         f"# {title} — {record['hardware_tag']} — {record['date']}"
         + (" (quick mode)" if record["quick"] else ""),
         "",
-        f"Machine: {m['cores']} cores ({m['cpu_model']}), {m['memory_bytes'] / 2**30:.0f} GiB, "
+        f"Machine: {m['cores']} cores ({m['cpu_model']}{_cpu_id(m)}), "
+        f"{m['memory_bytes'] / 2**30:.0f} GiB, "
         f"GPUs: {gpus}. Versions: python {v['python']}, torch {v['torch']}, torchrec "
         f"{v['torchrec']}, fbgemm_gpu {v['fbgemm_gpu']}.",
         "",
         f"Command: `{record['command']}`",
         "",
     ]
+
+
+def _cpu_id(machine: dict[str, Any]) -> str:
+    cpu = machine.get("cpu_id") or {}
+    if not cpu.get("family"):
+        return ""
+    vec = [f for f in cpu.get("vector_flags", []) if f in ("avx2", "avx512f", "amx_tile")]
+    return f"; family {cpu['family']} model {cpu['model']}" + (f", {'/'.join(vec)}" if vec else "")
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -53,7 +62,8 @@ def train_markdown(record: dict[str, Any]) -> str:
     lines = header_lines(record, "Training throughput and memory: MLET vs plain tables")
     lines += [
         f"DLRM ({model['interaction']}), {len(rows_per_table)} tables x "
-        f"{max(rows_per_table):,} rows (pooling 1), W1 {cfg['optim']['embedding_optimizer']}, "
+        f"{max(rows_per_table):,} rows ({_pooling(bench, res)}), W1 "
+        f"{cfg['optim']['embedding_optimizer']}, "
         f"dense {cfg['optim']['dense_optimizer']}, global batch {data['batch_size']}, "
         f"bottom MLP {model['dense_arch_layer_sizes'][:-1]} + [width], top MLP "
         f"{model['over_arch_layer_sizes']}; device {res['device']}. Each number: median over "
@@ -231,7 +241,128 @@ def train_markdown(record: dict[str, Any]) -> str:
         "the machine is shared (compare both: far apart means the run was disturbed).",
         "",
     ]
+    lines += _batches_lines(bench, res)
+    lines += _axes_lines(bench, res, peak_name)
     return "\n".join(lines)
+
+
+def _pooling(bench: dict[str, Any], res: dict[str, Any]) -> str:
+    if bench.get("batches", "uniform") != "zipf":
+        return f"pooling 1, {bench['distinct_batches']} uniform random batches cycled"
+    bags = bench.get("ids_per_bag") or [1]
+    mean = res["rows"][0].get("mean_ids_per_bag") if res["rows"] else None
+    pooling = "pooling 1" if bags == [1] else f"multi-hot, {mean or 0:.2f} ids per bag on average"
+    return f"{pooling}, a fresh Zipf batch every step"
+
+
+def _batches_lines(bench: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    """Where the batches came from and the memory they took (apart from the model's)."""
+    lines = ["## Batches", ""]
+    if bench.get("batches", "uniform") != "zipf":
+        lines += [
+            f"{bench['distinct_batches']} random batches per rank (ids uniform over each table), "
+            "cycled through.",
+            "",
+        ]
+    else:
+        lines += [
+            "Every step trains a batch never trained before, drawn from the synthetic generator "
+            "(Zipf ids through the generator's hash and the table modulo, teacher labels; "
+            "benchmarks/traffic.py) before any measurement started"
+            + (f"; ids per bag {bench['ids_per_bag']}" if bench.get("ids_per_bag") else "")
+            + ".",
+            "",
+        ]
+        lines += _table(
+            ["pool", "global batches", "global batch", "draw s (untimed)", "MiB on disk"],
+            [
+                [
+                    name,
+                    str(p["batches"]),
+                    str(p["global_batch"]),
+                    f"{p['draw_seconds']:.1f}",
+                    _mib(p["file_bytes"]),
+                ]
+                for name, p in res.get("batch_pools", {}).items()
+            ],
+        )
+        lines.append("")
+    rows = res["rows"] + res.get("axis_rows", [])
+    lines += _table(
+        ["variant", "ranks", "batches held", "tensor MiB (busiest rank)", "RSS MiB while loading"],
+        [
+            [
+                r["label"],
+                str(r["world_size"]),
+                str(r.get("batch_pool")),
+                _mib(r.get("batch_pool_bytes_max_rank")),
+                _mib(r.get("rss_batches_bytes_max_rank")),
+            ]
+            for r in rows
+        ],
+    )
+    lines += [
+        "",
+        "The batches are loaded before the model is built: their memory is in peak RSS but not "
+        "in 'peak RSS above RSS before the model'.",
+        "",
+    ]
+    return lines
+
+
+def _axes_lines(bench: dict[str, Any], res: dict[str, Any], peak_name: str) -> list[str]:
+    """The axis comparisons of this run: each value vs the axis's first (reference) value."""
+    if not res.get("axis_rows"):
+        return []
+    ref = ", ".join(f"`{k} = {v}`" for k, v in res.get("reference", {}).items())
+    lines = [
+        "## Axes",
+        "",
+        f"Reference point: {ref}. Each other value changes only its own axis; ratios are value "
+        "/ reference, same variant and ranks, measured in this run (interleaved).",
+        "",
+    ]
+    by = {(r["variant"], r["world_size"]): r for r in res["rows"]}
+    table = []
+    for q, a in zip(res["axis_ratios"], res["axis_rows"]):
+        r = by[(a["variant"], a["world_size"])]
+        table.append(
+            [
+                q["label"],
+                str(q["world_size"]),
+                q["ratio"],
+                f"{a['samples_per_s']:,.0f} vs {r['samples_per_s']:,.0f}",
+                _x(q["samples_per_s"]),
+                _x(q["samples_per_s_best"]),
+                f"{_mib(a['param_bytes']['w1'])} vs {_mib(r['param_bytes']['w1'])}",
+                _x(q["w1_bytes"]),
+                _x(q["training_state_bytes"]),
+                f"{_mib(_peak_of(a))} vs {_mib(_peak_of(r))}",
+                _x(q["peak_memory"]),
+            ]
+        )
+    lines += _table(
+        [
+            "variant",
+            "ranks",
+            "ratio",
+            "samples/s",
+            "samples/s ratio",
+            "best windows",
+            "W1 MiB (all ranks)",
+            "W1 ratio",
+            "training state ratio",
+            f"{peak_name} MiB (busiest rank)",
+            f"{peak_name} ratio",
+        ],
+        table,
+    )
+    lines.append("")
+    return lines
+
+
+def _peak_of(row: dict[str, Any]) -> int:
+    return row.get("max_allocated_bytes_max_rank", row["peak_rss_bytes_max_rank"])
 
 
 def train_plots(record: dict[str, Any], stem: Path) -> list[Path]:

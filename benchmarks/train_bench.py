@@ -22,28 +22,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
+import re
 import resource
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
     BenchConfig,
+    BenchConfigError,
     BenchmarkError,
+    axis_points,
     current_rss_bytes,
     local_tensor_bytes,
     peak_rss_bytes,
+    point_config,
+    point_label,
     random_batches,
     spawn_ranks,
     train_step,
     variant_config,
     variant_label,
+)
+from benchmarks.traffic import (
+    batch_bytes,
+    batches_needed,
+    load_pool,
+    pool_key,
+    write_rank_pools,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,9 +88,19 @@ def threads_per_rank(bench: BenchConfig, world_size: int, cores: int) -> int:
 
 
 def launch(
-    cfg, variant: str, world_size: int, bench: BenchConfig, threads: int, workdir: Path
+    cfg,
+    variant: str,
+    world_size: int,
+    bench: BenchConfig,
+    threads: int,
+    workdir: Path,
+    point: tuple[str, str] | None = None,
+    pool: list[Path] | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs one measurement of ``variant`` on ``world_size`` fresh rank processes.
+    """Runs one measurement of ``variant`` (at axis ``point``) on ``world_size`` fresh ranks.
+
+    Args:
+        pool: per rank, the ``.npz`` of its fresh batches (``bench.batches = 'zipf'``).
 
     Returns:
         The result dict of every rank (see :func:`worker`), by rank.
@@ -85,17 +108,19 @@ def launch(
     Raises:
         BenchmarkError: a rank failed or timed out (its log tail is in the message).
     """
-    spec = workdir / f"spec_{variant}_{world_size}.json"
+    name = f"{variant}_{world_size}_{_slug(point_label(point))}"
+    spec = workdir / f"spec_{name}.json"
     spec.write_text(
         json.dumps(
             {
-                "config": variant_config(cfg, variant).to_dict(),
+                "config": point_config(cfg, variant, bench, point).to_dict(),
                 "variant": variant,
                 "bench": dataclasses.asdict(bench),
+                "pool": [str(p) for p in pool] if pool else None,
             }
         )
     )
-    outs = [workdir / f"result_{variant}_{world_size}_{r}.json" for r in range(world_size)]
+    outs = [workdir / f"result_{name}_{r}.json" for r in range(world_size)]
     for o in outs:
         o.unlink(missing_ok=True)
     spawn_ranks(
@@ -103,14 +128,53 @@ def launch(
         world_size,
         threads,
         bench.timeout_s,
-        workdir / f"log_{variant}_{world_size}",
-        what=f"measuring {variant} on {world_size} rank(s)",
+        workdir / f"log_{name}",
+        what=f"measuring {variant} {point_label(point)} on {world_size} rank(s)".replace("  ", " "),
         extra_env=bench.env,
     )
     missing = [r for r, o in enumerate(outs) if not o.is_file()]
     if missing:
         raise BenchmarkError(f"measuring {variant}: ranks {missing} wrote no result")
     return [json.loads(o.read_text()) for o in outs]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text) or "ref"
+
+
+def pipeline_kind(cfg) -> str:
+    """The step the worker times: ``train.pipeline`` where the config has it, else 'base'."""
+    return getattr(cfg.train, "pipeline", "base")
+
+
+def make_step(trainer, kind: str, batches: Iterator[Any]) -> Callable[[], Any]:
+    """One training step as ``Trainer.fit`` runs it with ``train.pipeline = kind``; the returned
+    function trains the next batch of ``batches`` and returns its (detached or not) loss.
+
+    'base': forward, backward, optimizer step (:func:`benchmarks.common.train_step`).
+    'sparse_dist': TorchRec's ``TrainPipelineSparseDist.progress`` (it zeroes the gradients, runs
+    batch i + 1's input distribution and reads batch i + 2 around batch i's forward, backward and
+    optimizer step); then the LR schedule and the fused optimizer's LR sync, as the trainer does.
+    """
+    if kind == "base":
+        return lambda: train_step(trainer, next(batches))
+    if kind != "sparse_dist":
+        raise BenchConfigError(
+            f"train.pipeline = {kind!r}: the benchmark knows 'base', 'sparse_dist'"
+        )
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    pipeline = TrainPipelineSparseDist(
+        trainer.model, trainer.optimizer, trainer.env.device, execute_all_batches=True
+    )
+
+    def step() -> Any:
+        output = pipeline.progress(batches)
+        trainer.scheduler.step()
+        trainer.model.fused_optimizer.step()  # Trainer._sync_fused_lr
+        return output[0]  # DLRMTrain's output: (loss detached, logits, labels)
+
+    return step
 
 
 def worker(spec_path: str, result_path: str) -> None:
@@ -127,25 +191,39 @@ def worker(spec_path: str, result_path: str) -> None:
     bench = BenchConfig(**spec["bench"])
     env = init_distributed(cfg.dist)
     cuda = env.device.type == "cuda"
+    local_batch = cfg.data.batch_size // env.world_size
+    # The batches first, so that the memory they take is counted apart from the model's
+    # (rss_batches, batch_bytes). Fresh batches stay on the host (pinned on GPU) and the step
+    # copies each to the device, as training does; the cycled uniform ones are put on the
+    # device once, as this suite always did.
+    rss_before_batches = current_rss_bytes()
+    kind = pipeline_kind(cfg)
+    if spec.get("pool"):
+        pool = load_pool(spec["pool"][env.rank])
+        if cuda:
+            pool = [b.pin_memory() for b in pool]
+        needed = batches_needed(bench, kind != "base")
+        if len(pool) < needed:
+            raise BenchmarkError(f"the batch pool holds {len(pool)} batches, {needed} needed")
+        batch_iter: Iterator[Any] = iter(pool)
+    else:
+        seed = bench.seed * 1000 + env.rank
+        pool = [
+            b.to(env.device) for b in random_batches(cfg, bench.distinct_batches, local_batch, seed)
+        ]
+        batch_iter = itertools.cycle(pool)
+    pool_bytes = batch_bytes(pool)
     rss_before_model = current_rss_bytes()
     trainer = Trainer(cfg, env)
     rss_model = current_rss_bytes()
-    local_batch = cfg.data.batch_size // env.world_size
-    batches = [
-        b.to(env.device)
-        for b in random_batches(
-            cfg, bench.distinct_batches, local_batch, bench.seed * 1000 + env.rank
-        )
-    ]
+    step_fn = make_step(trainer, kind, batch_iter)
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize(env.device)
 
-    step = 0
     for _ in range(bench.warmup_steps):
-        train_step(trainer, batches[step % len(batches)])
-        step += 1
+        step_fn()
     sync()
     torch.distributed.barrier()
     window_s = []
@@ -153,8 +231,7 @@ def worker(spec_path: str, result_path: str) -> None:
     for _ in range(bench.windows):
         start = time.perf_counter()
         for _ in range(bench.steps_per_window):
-            loss = train_step(trainer, batches[step % len(batches)])
-            step += 1
+            loss = step_fn()
         sync()
         window_s.append(time.perf_counter() - start)
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -171,6 +248,12 @@ def worker(spec_path: str, result_path: str) -> None:
     result = {
         "rank": env.rank,
         "world_size": env.world_size,
+        "pipeline": kind,
+        "batches": bench.batches,
+        "batch_pool": len(pool),
+        "batch_pool_bytes": pool_bytes,
+        "rss_batches_bytes": rss_before_model - rss_before_batches,
+        "mean_ids_per_bag": float(pool[0].sparse_features.lengths().float().mean()),
         "device": str(env.device),
         "threads": torch.get_num_threads(),
         "local_batch": local_batch,
@@ -224,7 +307,7 @@ def run_train_suite(
     cores: int,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Measures every (world size, variant), ``bench.repeats`` times interleaved.
+    """Measures every (world size, variant, axis point), ``bench.repeats`` times interleaved.
 
     Args:
         cfg: the base config (MLET k -> d); see :func:`benchmarks.common.variant_config`.
@@ -233,32 +316,46 @@ def run_train_suite(
         progress: called with one line per measurement.
 
     Returns:
-        ``{"device", "rows": [one per (variant, world size)], "ratios": [...], "planner": [...]}``
-        (see the keys in :func:`_summarize`).
+        ``{"device", "rows": [one per (variant, world size) at the reference point], "ratios",
+        "planner", "axis_rows": [one per (variant, world size, other axis value)],
+        "axis_ratios": [each axis row / its reference row]}`` (keys: :func:`_summarize`).
     """
     device = resolve_device(cfg)
     sizes = world_sizes(bench, device)
-    runs: dict[tuple[str, int], list[list[dict[str, Any]]]] = {}
+    points = axis_points(bench)
+    runs: dict[tuple[str, int, str], list[list[dict[str, Any]]]] = {}
+    pool_info: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mlet_bench_") as tmp:
+        pools = _draw_pools(cfg, bench, sizes, points, Path(tmp), progress, pool_info)
         for ws in sizes:
             threads = threads_per_rank(bench, ws, cores)
+            cases = [(v, p) for p in points for v in bench.variants]
             for r in range(bench.repeats):
-                order = (
-                    bench.variants[r % len(bench.variants) :]
-                    + bench.variants[: r % len(bench.variants)]
-                )
-                for v in order:
+                order = cases[r % len(cases) :] + cases[: r % len(cases)]
+                for v, p in order:
                     start = time.perf_counter()
-                    ranks = launch(cfg, v, ws, bench, threads, Path(tmp))
-                    runs.setdefault((v, ws), []).append(ranks)
+                    pool = pools.get((ws, point_label(p)))
+                    ranks = launch(cfg, v, ws, bench, threads, Path(tmp), p, pool)
+                    runs.setdefault((v, ws, point_label(p)), []).append(ranks)
                     sps = _run_samples_per_s(ranks, cfg.data.batch_size)
+                    where = f" [{point_label(p)}]" if p else ""
                     progress(
-                        f"train {variant_label(cfg, v):>12s} world {ws} repeat {r + 1}/"
+                        f"train {variant_label(cfg, v):>12s}{where} world {ws} repeat {r + 1}/"
                         f"{bench.repeats}: {statistics.median(sps):,.0f} samples/s "
                         f"({time.perf_counter() - start:.0f} s)"
                     )
-    rows = [_summarize(cfg, v, ws, runs[(v, ws)]) for ws in sizes for v in bench.variants]
-    planner = _planner_rows(cfg, rows, device)
+    rows = [_summarize(cfg, v, ws, runs[(v, ws, "")]) for ws in sizes for v in bench.variants]
+    axis_rows = []
+    for p in points[1:]:
+        for ws in sizes:
+            for v in bench.variants:
+                row = _summarize(cfg, v, ws, runs[(v, ws, point_label(p))])
+                row.update(axis=p[0], axis_value=p[1], point=point_label(p))
+                row["label"] += f" [{point_label(p)}]"
+                axis_rows.append(row)
+    for row in rows:
+        row.update(axis=None, axis_value=None, point="")
+    planner = _planner_rows(cfg, bench, rows, device)
     for row, plan in zip(rows, planner):
         if "served_table_bytes_max_rank" in plan:  # the served tables sharded like W1
             row["served_bytes_max_rank"] = (
@@ -267,10 +364,85 @@ def run_train_suite(
     return {
         "device": device,
         "world_sizes": sizes,
+        "reference": {k: values[0] for k, values in bench.axes.items()},
+        "batch_pools": pool_info,
         "rows": rows,
         "ratios": _ratios(cfg, rows),
         "planner": planner,
+        "axis_rows": axis_rows,
+        "axis_ratios": axis_ratios(bench, rows, axis_rows),
     }
+
+
+def _draw_pools(
+    cfg, bench: BenchConfig, sizes: list[int], points, tmp: Path, progress, info: dict[str, Any]
+) -> dict[tuple[int, str], list[Path]]:
+    """``bench.batches = 'zipf'``: the fresh batches of every (world size, point), drawn before
+    any measurement; points whose data and batch count agree share one pool."""
+    if bench.batches != "zipf":
+        return {}
+    out: dict[tuple[int, str], list[Path]] = {}
+    drawn: dict[str, list[Path]] = {}
+    for ws in sizes:
+        for p in points:
+            pcfg = point_config(cfg, bench.variants[0], bench, p)
+            # With the pipeline's lookahead whatever the point's pipeline: one pool serves all.
+            n = batches_needed(bench, pipelined=True)
+            key = pool_key(pcfg, ws, n, bench.ids_per_bag, bench.seed)
+            if key not in drawn:
+                start = time.perf_counter()
+                folder = tmp / f"pool{len(drawn)}"
+                folder.mkdir()
+                drawn[key] = write_rank_pools(pcfg, ws, n, bench.ids_per_bag, bench.seed, folder)
+                seconds = time.perf_counter() - start
+                info[f"world {ws} {point_label(p) or 'reference'}"] = {
+                    "batches": n,
+                    "global_batch": pcfg.data.batch_size,
+                    "draw_seconds": seconds,
+                    "file_bytes": sum(f.stat().st_size for f in drawn[key]),
+                }
+                progress(
+                    f"batches: drew {n} fresh global batches of {pcfg.data.batch_size} for "
+                    f"world {ws} ({seconds:.0f} s, untimed)"
+                )
+            out[(ws, point_label(p))] = drawn[key]
+    return out
+
+
+def axis_ratios(
+    bench: BenchConfig, rows: list[dict[str, Any]], axis_rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each axis value against the reference (the axis's first value), same variant and world
+    size: throughput, W1 bytes, training state and peak memory of the busiest rank."""
+    ref = {(r["variant"], r["world_size"]): r for r in rows}
+    out = []
+    for a in axis_rows:
+        r = ref[(a["variant"], a["world_size"])]
+        out.append(
+            {
+                "variant": a["variant"],
+                "label": r["label"],
+                "world_size": a["world_size"],
+                "axis": a["axis"],
+                "ratio": f"{a['axis']}: {a['axis_value']} / {bench.axes[a['axis']][0]}",
+                "samples_per_s": a["samples_per_s"] / r["samples_per_s"],
+                "samples_per_s_best": a["samples_per_s_max"] / r["samples_per_s_max"],
+                "w1_bytes": _ratio(a["param_bytes"]["w1"], r["param_bytes"]["w1"]),
+                "training_state_bytes": _ratio(
+                    a["training_state_bytes_max_rank"], r["training_state_bytes_max_rank"]
+                ),
+                "peak_memory": _ratio(_peak(a), _peak(r)),
+                "peak_above_pre_model": _ratio(
+                    a["peak_rss_above_pre_model_bytes_max_rank"],
+                    r["peak_rss_above_pre_model_bytes_max_rank"],
+                ),
+            }
+        )
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
 
 
 def _run_samples_per_s(ranks: list[dict[str, Any]], global_batch: int) -> list[float]:
@@ -321,6 +493,16 @@ def _summarize(cfg, variant: str, ws: int, runs: list[list[dict[str, Any]]]) -> 
         "rss_model_bytes_max_rank": max_rank("rss_model_bytes"),
         "rss_before_model_bytes_max_rank": max_rank("rss_before_model_bytes"),
         "param_bytes_per_rank": sum_bytes(first, "param_bytes"),
+        "w1_bytes_per_rank": [r["param_bytes"]["w1"] for r in first],
+        "peak_rss_bytes_per_rank": [
+            int(statistics.median(rk[r]["peak_rss_bytes"] for rk in runs)) for r in range(ws)
+        ],
+        "pipeline": first[0].get("pipeline", "base"),
+        "batches": first[0].get("batches", "uniform"),
+        "batch_pool": first[0].get("batch_pool"),
+        "batch_pool_bytes_max_rank": max(r.get("batch_pool_bytes", 0) for r in first),
+        "rss_batches_bytes_max_rank": max_rank("rss_batches_bytes"),
+        "mean_ids_per_bag": first[0].get("mean_ids_per_bag"),
         "optimizer_bytes_per_rank": sum_bytes(first, "optimizer_bytes"),
         "param_bytes": {
             k: sum(r["param_bytes"][k] for r in first) for k in first[0]["param_bytes"]
@@ -390,13 +572,16 @@ def _peak(row: dict[str, Any]) -> int:
     return row.get("max_allocated_bytes_max_rank", row["peak_rss_bytes_max_rank"])
 
 
-def _planner_rows(cfg, rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
-    """The dry-run memory estimates (ours and TorchRec's planner's) next to the measured memory."""
+def _planner_rows(
+    cfg, bench: BenchConfig, rows: list[dict[str, Any]], device: str
+) -> list[dict[str, Any]]:
+    """The dry-run memory estimates (ours and TorchRec's planner's) next to the measured memory
+    (of the reference point's rows)."""
     from mlet_dist.distributed.planning import dry_run  # torchrec: only when reporting
 
     out = []
     for row in rows:
-        vcfg = variant_config(cfg, row["variant"])
+        vcfg = point_config(cfg, row["variant"], bench, None)
         try:
             report = dry_run(vcfg, row["world_size"], device)
         except Exception as e:  # a planner failure is a result to report, not a crash

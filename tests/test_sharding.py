@@ -520,3 +520,60 @@ def test_run_ranks_reports_exceptions_and_timeouts() -> None:
         run_ranks(operator.truediv, WORLD_SIZE, 1, 0, timeout=60)
     with pytest.raises(RankError, match="did not finish within 3 s"):
         run_ranks(time.sleep, WORLD_SIZE, 60, timeout=3)
+
+
+def _one_rank_with_and_without_ddp() -> dict:
+    """One rank: the same model sharded twice, once wrapped in DDP (TorchRec's default) and once
+    as ``parallelize`` leaves it at world size 1; two training steps on each."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    env = init_distributed(DistConfig(device="cpu"))
+    case = CASES[0]
+    tables = case.tables()
+    out = {}
+    for name, data_parallel in (("ddp", True), ("auto", None)):
+        dmp = parallelize(
+            build_model(tables, torch.device("meta")),
+            env,
+            case.dist_cfg(),
+            case.optim_cfg(),
+            batch_size_per_rank=GLOBAL_BATCH,
+            data_parallel=data_parallel,
+        )
+        _copy_unsharded_state(dmp, build_model(tables, torch.device("cpu")).state_dict())
+        optimizer, _ = build_optimizer(dmp, case.optim_cfg())
+        dense = _dense_params(dmp.module)
+        steps = []
+        for step in range(STEPS):
+            batch = slice_batch(global_batch(tables, step), 0, GLOBAL_BATCH)
+            loss, _ = dmp(batch)
+            loss.backward()
+            steps.append({n: p.grad.detach().clone() for n, p in dense.items()})
+            optimizer.step()
+            optimizer.zero_grad()
+        out[name] = {
+            "wrapped": isinstance(dmp._dmp_wrapped_module, DistributedDataParallel),
+            "grads": steps,
+            "w1": _w1_local_shards(dmp),
+            "state_keys": sorted(dmp.state_dict()),
+            "param_names": [n for n, _ in dmp.named_parameters()],
+        }
+    return out
+
+
+def test_one_rank_skips_ddp_with_identical_gradients() -> None:
+    """At world size 1 ``parallelize`` leaves the dense part unwrapped (no all-reduce to pay);
+    the oracle is TorchRec's default DDP wrapping of the same model: same gradients bit for bit,
+    same W1 after the fused updates, same state-dict keys and parameter names."""
+    (res,) = run_ranks(_one_rank_with_and_without_ddp, 1, timeout=120)
+    ddp, auto = res["ddp"], res["auto"]
+    assert ddp["wrapped"] and not auto["wrapped"]
+    assert ddp["state_keys"] == auto["state_keys"]
+    assert ddp["param_names"] == auto["param_names"]
+    for g_ddp, g_auto in zip(ddp["grads"], auto["grads"], strict=True):
+        assert g_ddp.keys() == g_auto.keys() and g_ddp
+        for n in g_ddp:
+            assert torch.equal(g_ddp[n], g_auto[n]), n
+    for t in ddp["w1"]:
+        for (r0, c0, a), (r1, c1, b) in zip(ddp["w1"][t], auto["w1"][t], strict=True):
+            assert (r0, c0) == (r1, c1) and torch.equal(a, b), t

@@ -3,8 +3,9 @@
 Everything distributed happens here and in :mod:`mlet_dist.distributed.sharding` (the sharder,
 constraints, topology and planner): the model files stay plain PyTorch. The wide W1 tables are
 placed by TorchRec's ``EmbeddingShardingPlanner`` and sharded by ``DistributedModelParallel``
-with fbgemm's fused (in-backward) optimizers; W2 and the MLPs are replicated with DDP by DMP. The
-dense optimizer and the LR schedule are training's (:mod:`mlet_dist.train.optim`).
+with fbgemm's fused (in-backward) optimizers; W2 and the MLPs are replicated with DDP by DMP (on
+more than one rank: one rank has nothing to all-reduce, see :class:`NoDataParallel`). The dense
+optimizer and the LR schedule are training's (:mod:`mlet_dist.train.optim`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from mlet_dist.config import Config, ConfigError, DistConfig, OptimConfig, w1_learning_rate
@@ -93,6 +94,21 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
     )
 
 
+class NoDataParallel(DataParallelWrapper):
+    """DMP's data-parallel step that leaves the dense part unwrapped (used at world size 1).
+
+    DMP wraps W2 and the MLPs in DDP even on one rank, where the all-reduce of every step's
+    gradients (bucket copies, a gloo/nccl call, the division by 1) changes nothing and costs
+    2-3 ms a step on a 2-core CPU. TorchRec's ``data_parallel_wrapper`` argument is the hook
+    for this; the gradients, the state-dict keys (DMP strips DDP's prefix) and the parameter
+    names are the same with and without DDP (tests/test_sharding.py compares them).
+    """
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        # Nothing to do: the dense part was built on the device (build_sharded_model).
+        return None
+
+
 def parallelize(
     model: nn.Module,
     env: DistEnv,
@@ -100,6 +116,7 @@ def parallelize(
     optim_cfg: OptimConfig,
     batch_size_per_rank: int,
     plan: ShardingPlan | None = None,
+    data_parallel: bool | None = None,
 ) -> DistributedModelParallel:
     """Plans and shards a meta-built model: W1 by the planner, W2 + MLPs replicated (DDP).
 
@@ -109,6 +126,7 @@ def parallelize(
         dist_cfg, optim_cfg: config sections.
         batch_size_per_rank: the planner's batch size (cost model).
         plan: use this plan instead of planning (e.g. a saved one).
+        data_parallel: wrap W2 + MLPs in DDP; None = only when ``env.world_size > 1``.
     """
     tables = embedding_tables(model)
     sharder = make_sharder(optim_cfg, env.device)
@@ -119,12 +137,15 @@ def parallelize(
         pg = dist.GroupMember.WORLD
         plan = planner.collective_plan(model, [sharder], pg)  # rank 0 plans, all agree
     check_plan(plan, tables)
+    if data_parallel is None:
+        data_parallel = env.world_size > 1
     dmp = DistributedModelParallel(
         module=model,
         env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
         device=env.device,
         plan=plan,
         sharders=[sharder],
+        data_parallel_wrapper=None if data_parallel else NoDataParallel(),
     )
     return dmp
 
