@@ -86,7 +86,11 @@ def _fit(cfg, env, data, load: Path | None = None, validate=None) -> dict[str, A
     if load is not None:
         trainer.load(load)
     stats = trainer.fit(data, validate=validate)
-    return {"curve": dict(map(tuple, stats["loss_curve"])), "state": full_tensors(trainer.state())}
+    return {
+        "curve": dict(map(tuple, stats["loss_curve"])),
+        "state": full_tensors(trainer.state()),
+        "pipelined": stats["pipelined_modules"],
+    }
 
 
 def _stop_step(cfg, env, data) -> int | str:
@@ -206,6 +210,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
 def test_pipeline_equals_base_loop_on_two_ranks(runs):
     for r in runs:
         assert r["init_equal"]
+        assert (r["pipe"]["pipelined"], r["base"]["pipelined"]) == (1, 0)  # the sharded W1
         assert len(r["pipe"]["curve"]) == N
         assert r["pipe"]["curve"] == r["base"]["curve"]  # bit-identical losses, every step
         assert _same(r["pipe"]["state"], r["base"]["state"]) == []  # weights and optimizer state

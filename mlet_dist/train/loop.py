@@ -37,7 +37,7 @@ from mlet_dist.errors import MletError
 from mlet_dist.train.evaluation import evaluate, predict
 from mlet_dist.train.metrics import TrainingMonitor, learning_rates
 from mlet_dist.train.optim import build_optimizer
-from mlet_dist.train.pipeline import PositionedBatches, build_steps
+from mlet_dist.train.pipeline import PositionedBatches, build_steps, pipelined_modules
 from mlet_dist.utils.files import is_no_space, no_space_error, remove_path
 
 logger = logging.getLogger(__name__)
@@ -216,11 +216,16 @@ class Trainer:
         # The first step with a non-finite loss on this rank (0: none), kept on the loss's
         # device so that a step reads nothing back; the ranks agree on it every sync_every steps.
         bad_step = torch.zeros((), dtype=torch.int64, device=env.device)
+        pipelined: int | None = None
         t0 = time.perf_counter()
         try:
             while self.step < total:
                 t, data_before = time.perf_counter(), stream.data_seconds
                 output = steps.progress(batches)
+                if pipelined is None:  # after the first step: the pipeline has traced the model
+                    pipelined = pipelined_modules(steps)
+                    if cfg.train.pipeline == "sparse_dist" and not pipelined:
+                        logger.warning("train pipeline: no sharded module is pipelined")
                 self.scheduler.step()
                 self._sync_fused_lr()
                 self.step += 1
@@ -281,6 +286,8 @@ class Trainer:
             "seconds": seconds,
             "samples_per_s": seen * env.world_size / seconds if seconds > 0 else 0.0,
             "loss_curve": losses,
+            "pipeline": cfg.train.pipeline,
+            "pipelined_modules": pipelined or 0,
         }
         if validations:
             out["validation"] = validations

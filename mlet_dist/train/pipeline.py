@@ -93,3 +93,13 @@ def build_steps(kind: str, model: torch.nn.Module, optimizer: Any, device: torch
         return BaseSteps(model, optimizer, device)
     # execute_all_batches: the last (in-flight) batches of the stream are trained too.
     return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+
+
+def pipelined_modules(steps: Any) -> int:
+    """How many sharded modules the pipeline runs ``input_dist`` ahead for (0 under ``base``).
+
+    TorchRec keeps them in a private list (no public accessor in 1.8); 0 under ``sparse_dist``
+    means the fx trace found no sharded module fed straight from a batch attribute, and the
+    pipeline overlaps only the device copy.
+    """
+    return len(getattr(steps, "_pipelined_modules", []))
