@@ -8,11 +8,12 @@ what the loop itself needs, in one object created by ``Trainer.fit`` (:class:`Tr
   ``train.sync_every`` steps (and before every checkpoint, logged loss and the last step) all
   ranks agree on the flags (:meth:`TrainingGuard.agree`: one all-reduce of three ints, on a
   CPU/gloo group so a GPU job does not sync its stream), so every rank stops after *the same*
-  step (up to ``sync_every - 1`` steps after the signal), they write a checkpoint together and exit with :data:`EXIT_CODE_STOPPED` (143 = 128 + SIGTERM, the code of a
-  process ended by SIGTERM): the job counts as interrupted, not finished, so a scheduler with
-  retries (Slurm requeue, Volcano, ``torchx ... max_retries``) runs it again and it resumes.
-  torchrun forwards its SIGTERM to the workers and kills them ``--shutdown-timeout`` seconds
-  later (default 30): that must cover one step plus writing a checkpoint.
+  step (up to ``sync_every - 1`` steps after the signal), they write a checkpoint together
+  and exit with :data:`EXIT_CODE_STOPPED` (143 = 128 + SIGTERM, the code of a process ended by
+  SIGTERM): the job counts as interrupted, not finished, so a scheduler with retries (Slurm
+  requeue, Volcano, ``torchx ... max_retries``) runs it again and it resumes. torchrun forwards
+  its SIGTERM to the workers and kills them ``--shutdown-timeout`` seconds later (default 30):
+  that must cover ``sync_every`` steps plus writing a checkpoint.
 - **The whole loss curve across restarts.** Rank 0 appends ``{"step", "loss"}`` lines to
   ``RUN/loss_curve.jsonl`` at every logged step; a resumed run first drops the lines after its
   checkpoint's step (they were trained again), so the file always holds the curve of the
@@ -132,9 +133,13 @@ class FaultSpec:
 class TrainingGuard:
     """Stop-on-SIGTERM, the loss log and fault injection of one ``Trainer.fit`` call.
 
-    Collective: every rank creates it and calls :meth:`should_stop` after every step (the
-    all-reduce of the stop flags). The SIGTERM handler is installed only in the main thread and
-    restored by :meth:`close` (a fit that raises leaves it installed; its process is failing).
+    Collective: every rank creates it; after every step each rank calls either
+    :meth:`check_fault` (local) or, at the same agreement steps on every rank (the training loop
+    picks them: every ``train.sync_every`` steps, before a save or logged loss, the last step and
+    :attr:`fault_step`), :meth:`agree` (the all-reduce of the stop and non-finite-loss flags;
+    :meth:`should_stop` is the flag-only form, for a loop that agrees after every step). The
+    SIGTERM handler is installed only in the main thread and restored by :meth:`close` (a fit
+    that raises leaves it installed; its process is failing).
 
     Args:
         run_dir: the run directory (loss log, fault markers).
@@ -148,7 +153,7 @@ class TrainingGuard:
         guard = TrainingGuard(run_dir, env, start_step=trainer.step)
         for ...:  # one training step
             guard.log_loss(step, loss)
-            if guard.should_stop(step):
+            if guard.should_stop(step):  # or, every N steps: stop, rank, bad = guard.agree(...)
                 guard.stop(step, save=trainer.save)  # collective save, raises TrainingStopped
         guard.close()
     """

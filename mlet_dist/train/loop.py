@@ -2,7 +2,10 @@
 
 :class:`Trainer` owns the sharded model (:func:`mlet_dist.distributed.parallelize.
 build_sharded_model`), the optimizer and LR schedule (:mod:`mlet_dist.train.optim`); it trains
-from a batch source, saves and loads checkpoints and stops every rank when the loss diverges.
+from a batch source through the step runner of ``train.pipeline`` (:mod:`mlet_dist.train.pipeline`:
+TorchRec's ``TrainPipelineSparseDist`` by default), shows RecMetrics, validation and TensorBoard
+scalars while it trains (:mod:`mlet_dist.train.metrics`), saves and loads checkpoints and stops
+every rank when the loss diverges.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class TrainingMonitor:
         self._samples = 0
 
     def step(self, output: Any, data_s: float, step_s: float) -> None:
-        """After every step: its ``(loss, logits, labels)`` and its time (reading the batch, all)."""
+        """Every step: its ``(loss, logits, labels)``, its time reading the batch and in all."""
         _, logits, labels = output
         if self.rec is not None:
             update_rec_metrics(self.rec, logits, labels)
