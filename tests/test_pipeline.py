@@ -6,7 +6,9 @@ Oracles:
   and weights after N steps on 2 gloo ranks (same batches, same order; the N steps cross an
   epoch boundary);
 - validation during training (``train.eval_every``: the pipeline detaches and re-attaches its
-  model) leaves the training bit-identical;
+  model) leaves the training bit-identical; evaluation through TorchRec's eval pipeline gives
+  the metrics of plain forwards, per id-frequency bucket too (each prediction paired with its
+  batch's ids), with an odd tail of rows;
 - a checkpoint written mid-epoch while the pipeline holds later batches in flight resumes
   bit-identically to the uninterrupted run (the saved data position is the batch trained);
 - a stop signal on one rank between agreements (``train.sync_every``) stops both ranks at the
@@ -133,6 +135,17 @@ def _two_rank_job(root: str) -> dict[str, Any]:
         "validation": stats.get("validation"),
     }
 
+    # evaluation through TorchRec's eval pipeline vs plain forwards (67 rows: an odd tail)
+    from mlet_dist.train.evaluation import evaluate
+
+    odd = all_rows.slice(TRAIN_ROWS - 3, len(all_rows))
+    # Per-bucket metrics make each prediction's batch matter: feature 0's id alone sets a row's
+    # bucket (training counts id² there, 10^9 elsewhere), so rows spread over the buckets.
+    counts = [np.arange(50) ** 2] + [np.full(50, 10**9)] * 25
+    out["eval_pipelined"] = trainer.evaluate(odd, "eval", counts)
+    out["eval_plain"] = evaluate(trainer.model, trainer.cfg, env, odd, "eval", counts, False)
+    out["eval_again"] = trainer.evaluate(odd, "eval", counts)  # the model was given back intact
+
     # a checkpoint at HALF (mid-epoch, batches HALF+1 and HALF+2 in flight), resumed
     run = root_p / "ckpt"
     out["ckpt"] = _fit(config(run, steps, f"--train.checkpoint_every={HALF}"), env, data)
@@ -227,6 +240,15 @@ def test_validation_during_training_leaves_training_unchanged(runs):
             0.0 <= v["auc"] <= 1.0 and v["rows"] == EVAL_ROWS for v in r["eval"]["validation"]
         )
     assert runs[0]["eval"]["validation"] == runs[1]["eval"]["validation"]
+
+
+def test_eval_pipeline_equals_plain_evaluation(runs):
+    for r in runs:
+        assert r["eval_plain"]["rows"] == EVAL_ROWS + 3
+        rows = [b["rows"] for b in r["eval_plain"]["buckets"].values()]
+        assert sum(rows) == EVAL_ROWS + 3 and sum(n > 0 for n in rows) >= 3
+        assert r["eval_pipelined"] == r["eval_plain"]  # the same logits: the same metrics
+        assert r["eval_again"] == r["eval_plain"]
 
 
 def test_mid_epoch_resume_under_the_pipeline_is_exact(runs):

@@ -326,8 +326,10 @@ class Trainer:
         split: str = "eval",
         id_counts: list[np.ndarray] | None = None,
     ) -> dict[str, Any]:
-        """:func:`evaluate` of this trainer's model."""
-        return evaluate(self.model, self.cfg, self.env, arrays, split, id_counts)
+        """:func:`evaluate` of this trainer's model (under TorchRec's eval pipeline when it
+        trains under ``train.pipeline = 'sparse_dist'``)."""
+        pipelined = self.cfg.train.pipeline == "sparse_dist"
+        return evaluate(self.model, self.cfg, self.env, arrays, split, id_counts, pipelined)
 
 
 def remove_stale_checkpoints(run_dir: str | Path) -> None:

@@ -5,7 +5,8 @@
   throughput, updated with every step's predictions and computed (collectively: the states are
   reduced to rank 0, which alone gets AUC/NE/calibration back) every N steps; rank 0 logs.
 - **Validation** (``train.eval_every = N``): the eval split's metrics (AUC, NE, log loss, and
-  per id-frequency bucket) every N steps, by :func:`mlet_dist.train.evaluation.evaluate`.
+  per id-frequency bucket) every N steps, by :func:`mlet_dist.train.evaluation.evaluate`
+  (through TorchRec's eval pipeline under ``train.pipeline = 'sparse_dist'``).
 - **TensorBoard** (``train.tensorboard = true``): rank 0 writes scalars to ``RUN/tb/``
   (``tensorboard --logdir runs/``): ``train/loss``; ``lr/w1``, ``lr/w2``, ``lr/dense``;
   ``recmetrics/<metric>``; ``eval/auc``, ``eval/ne``, ``eval/<bucket>/auc|ne``;
