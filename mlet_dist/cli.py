@@ -142,6 +142,11 @@ def _parser() -> argparse.ArgumentParser:
 
     add("generate", "write synthetic Criteo-format day files into data.dir")
     t = add("train", "train a model; resumes the latest checkpoint of train.run_dir")
+    t.epilog = (
+        "during training: --train.metrics_every=N (TorchRec RecMetrics), --train.eval_every=N "
+        "(validation), --train.tensorboard=true (scalars in RUN/tb/; view them with "
+        "`tensorboard --logdir runs/`)"
+    )
     t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     t.add_argument(
         "--no-fallback",

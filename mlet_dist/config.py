@@ -233,6 +233,16 @@ class TrainConfig:
     """Directory of the run: config, metrics, checkpoints."""
     progress: bool = True
     """Show a progress bar (rank 0)."""
+    pipeline: str = "sparse_dist"
+    """'sparse_dist' (TorchRec TrainPipelineSparseDist: next batch's copy/input dist overlap) or 'base'."""
+    sync_every: int = 10
+    """Ranks agree on stop/NaN flags every N steps (and before every save and logged loss)."""
+    metrics_every: int = 0
+    """Compute and log TorchRec RecMetrics (AUC, NE, calibration, throughput) every N steps (0 = off)."""
+    eval_every: int = 0
+    """Evaluate on the eval split every N steps during training (0 = only at the end)."""
+    tensorboard: bool = False
+    """Write TensorBoard scalars to RUN/tb/ (rank 0; `tensorboard --logdir runs/`)."""
 
 
 @dataclass
@@ -280,6 +290,7 @@ _ALLOWED = {
     ("optim", "w1_lr_scaling"): ("none", "sqrt_d_over_k", "auto"),
     ("data", "source"): ("synthetic", "criteo", "avazu", "movielens", "parquet"),
     ("data", "on_bad_row"): ("error", "skip"),
+    ("train", "pipeline"): ("sparse_dist", "base"),
     ("dist", "backend"): ("", "gloo", "nccl"),
     ("dist", "device"): ("auto", "cpu", "cuda"),
     ("dist", "compute_kernel"): ("fused",),
@@ -506,6 +517,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.row_group_rows must be positive, got {cfg.data.row_group_rows}")
     if cfg.data.shuffle_buffer_rows < 0 or cfg.data.prefetch_batches < 0:
         raise ConfigError("data.shuffle_buffer_rows and data.prefetch_batches must be >= 0")
+    t = cfg.train
+    if t.sync_every < 1 or t.metrics_every < 0 or t.eval_every < 0:
+        raise ConfigError("train.sync_every must be >= 1, train.metrics_every/eval_every >= 0")
     if cfg.data.source == "parquet" and not cfg.data.parquet_dir:
         raise ConfigError(
             "data.source = 'parquet' needs data.parquet_dir (the output directory of "

@@ -4,14 +4,16 @@ The launcher (``torchrun --max-restarts N``, TorchX ``max_restarts``/``max_retri
 failed job; the restarted ranks resume the run directory's latest checkpoint. This module adds
 what the loop itself needs, in one object created by ``Trainer.fit`` (:class:`TrainingGuard`):
 
-- **SIGTERM → checkpoint → exit.** A SIGTERM handler sets a flag on the rank that got it. After
-  every step all ranks agree on the flags (one all-reduce of a single int, on a CPU/gloo group so
-  a GPU job does not sync its stream), so every rank stops after *the same* step, they write a
-  checkpoint together and exit with :data:`EXIT_CODE_STOPPED` (143 = 128 + SIGTERM, the code of a
-  process ended by SIGTERM): the job counts as interrupted, not finished, so a scheduler with
-  retries (Slurm requeue, Volcano, ``torchx ... max_retries``) runs it again and it resumes.
-  torchrun forwards its SIGTERM to the workers and kills them ``--shutdown-timeout`` seconds
-  later (default 30): that must cover one step plus writing a checkpoint.
+- **SIGTERM → checkpoint → exit.** A SIGTERM handler sets a flag on the rank that got it. Every
+  ``train.sync_every`` steps (and before every checkpoint, logged loss and the last step) all
+  ranks agree on the flags (:meth:`TrainingGuard.agree`: one all-reduce of three ints, on a
+  CPU/gloo group so a GPU job does not sync its stream), so every rank stops after *the same*
+  step (up to ``sync_every - 1`` steps after the signal), they write a checkpoint together
+  and exit with :data:`EXIT_CODE_STOPPED` (143 = 128 + SIGTERM, the code of a process ended by
+  SIGTERM): the job counts as interrupted, not finished, so a scheduler with retries (Slurm
+  requeue, Volcano, ``torchx ... max_retries``) runs it again and it resumes. torchrun forwards
+  its SIGTERM to the workers and kills them ``--shutdown-timeout`` seconds later (default 30):
+  that must cover ``sync_every`` steps plus writing a checkpoint.
 - **The whole loss curve across restarts.** Rank 0 appends ``{"step", "loss"}`` lines to
   ``RUN/loss_curve.jsonl`` at every logged step; a resumed run first drops the lines after its
   checkpoint's step (they were trained again), so the file always holds the curve of the
@@ -131,9 +133,13 @@ class FaultSpec:
 class TrainingGuard:
     """Stop-on-SIGTERM, the loss log and fault injection of one ``Trainer.fit`` call.
 
-    Collective: every rank creates it and calls :meth:`should_stop` after every step (the
-    all-reduce of the stop flags). The SIGTERM handler is installed only in the main thread and
-    restored by :meth:`close` (a fit that raises leaves it installed; its process is failing).
+    Collective: every rank creates it; after every step each rank calls either
+    :meth:`check_fault` (local) or, at the same agreement steps on every rank (the training loop
+    picks them: every ``train.sync_every`` steps, before a save or logged loss, the last step and
+    :attr:`fault_step`), :meth:`agree` (the all-reduce of the stop and non-finite-loss flags;
+    :meth:`should_stop` is the flag-only form, for a loop that agrees after every step). The
+    SIGTERM handler is installed only in the main thread and restored by :meth:`close` (a fit
+    that raises leaves it installed; its process is failing).
 
     Args:
         run_dir: the run directory (loss log, fault markers).
@@ -147,7 +153,7 @@ class TrainingGuard:
         guard = TrainingGuard(run_dir, env, start_step=trainer.step)
         for ...:  # one training step
             guard.log_loss(step, loss)
-            if guard.should_stop(step):
+            if guard.should_stop(step):  # or, every N steps: stop, rank, bad = guard.agree(...)
                 guard.stop(step, save=trainer.save)  # collective save, raises TrainingStopped
         guard.close()
     """
@@ -173,6 +179,9 @@ class TrainingGuard:
         text = os.environ.get(FAULT_ENV, "").strip()
         spec = FaultSpec.parse(text) if text else None
         self.fault = spec if spec is not None and spec.rank == env.rank else None
+        # Every rank parses the same spec: the fault's step is an agreement step on all ranks,
+        # so a rank held there ("hang") and signalled stops all ranks at exactly that step.
+        self.fault_step = spec.step if spec is not None else None
         self._loss_log = self.run_dir / LOSS_LOG
         if env.is_rank0:
             self._truncate_loss_log(start_step)
@@ -205,6 +214,38 @@ class TrainingGuard:
         flag = torch.tensor([1 if self._flag else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
+
+    def check_fault(self, step: int) -> None:
+        """Local, after every step: fires this rank's injected fault of ``step``."""
+        if self.fault is not None and step == self.fault.step:
+            self._inject(self.fault)
+
+    def agree(self, step: int, bad_step: int) -> tuple[bool, int, int]:
+        """Collective: one all-reduce of the stop flags and the first non-finite loss step.
+
+        Args:
+            step: the step just trained (this rank's fault of it fires first).
+            bad_step: this rank's first step with a non-finite loss since the last agreement
+                (0: none).
+
+        Returns:
+            (stop, rank, bad_step): whether any rank got a stop signal; the rank with a
+            non-finite loss (-1: none) and the earliest such step.
+        """
+        self.check_fault(step)
+        none = -(2**31 - 1)  # MAX-reduced: -step gives the earliest step
+        flags = torch.tensor(
+            [
+                int(self._flag),
+                self.env.rank + 1 if bad_step else 0,
+                -bad_step if bad_step else none,
+            ],
+            dtype=torch.int64,
+        )
+        if self.env.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        stop, rank, neg = (int(v) for v in flags)
+        return bool(stop), rank - 1, (-neg if rank else 0)
 
     def stop(self, step: int, save: Callable[[], Path] | None) -> None:
         """Writes the checkpoint of ``step`` (collectively, unless ``save`` is None because it

@@ -11,11 +11,16 @@ Rows in memory are all evaluated once: the batch source leaves out the last ``le
 world_size`` rows (fewer than world_size) of the final, partial batch; those are evaluated in one
 extra batch padded with copies of the last row to one row per rank, and the padded predictions are
 dropped. A streamed Parquet split may leave out fewer than world_size rows (see the loader).
+
+With ``pipelined`` (training under ``train.pipeline = 'sparse_dist'``) the batches go through
+TorchRec's ``EvalPipelineSparseDist``: batch i+1's input all-to-all and device copy overlap batch
+i's forward, the same forwards as the plain loop (tests/test_pipeline.py compares them).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
+from torchrec.distributed.train_pipeline import EvalPipelineSparseDist
 
 from mlet_dist.config import Config
 from mlet_dist.data import ArrayBatchSource, CriteoArrays, build_batch_source
@@ -51,9 +57,10 @@ def evaluate(
     arrays: CriteoArrays | None,
     split: str = "eval",
     id_counts: list[np.ndarray] | None = None,
+    pipelined: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a (sharded) model on rows in memory, or on the streamed Parquet ``split`` when
-    ``arrays`` is None. Collective.
+    ``arrays`` is None. Collective. ``pipelined``: through TorchRec's eval pipeline.
 
     With ``id_counts`` (training-split id occurrences, :func:`mlet_dist.quality.id_counts`)
     the metrics are also reported per id-frequency bucket (``"buckets"``, see
@@ -64,9 +71,11 @@ def evaluate(
             cfg.data, split, rank=env.rank, world_size=env.world_size,
             seed=cfg.train.seed, training=False, device=env.device,
         )  # fmt: skip
-        preds = predictions(model, source.batches(0), env, id_counts)
+        preds = predictions(model, source.batches(0), env, id_counts, pipelined=pipelined)
     else:
-        preds = predict_arrays(model, arrays, cfg.data.eval_batch_size, env, id_counts)
+        preds = predict_arrays(
+            model, arrays, cfg.data.eval_batch_size, env, id_counts, pipelined=pipelined
+        )
     metrics: dict[str, Any] = binary_metrics(preds.logits, preds.labels)
     if preds.rarest is not None:
         metrics["buckets"] = bucket_metrics(preds.logits, preds.labels, preds.rarest)
@@ -91,13 +100,13 @@ def predict_arrays(
     batch_size: int,
     env: DistEnv,
     id_counts: list[np.ndarray] | None = None,
+    pipelined: bool = False,
 ) -> Predictions:
     """:func:`predictions` of every row in memory, in row order (``batch_size``: global, rounded
     down to a multiple of the world size)."""
     batch_size = max(env.world_size, batch_size - batch_size % env.world_size)
-    return predictions(
-        model, array_batches(arrays, batch_size, env), env, id_counts, rows=len(arrays)
-    )
+    batches = array_batches(arrays, batch_size, env)
+    return predictions(model, batches, env, id_counts, rows=len(arrays), pipelined=pipelined)
 
 
 def array_batches(arrays: CriteoArrays, batch_size: int, env: DistEnv) -> Iterator[Batch]:
@@ -122,6 +131,7 @@ def predictions(
     env: DistEnv,
     id_counts: list[np.ndarray] | None = None,
     rows: int | None = None,
+    pipelined: bool = False,
 ) -> Predictions:
     """The evaluation loop: this rank's batches through the model, then one gather. Collective.
 
@@ -129,8 +139,9 @@ def predictions(
         batches: this rank's batches; every rank yields the same number of the same size.
         id_counts: per feature, the training count of every id (for :attr:`Predictions.rarest`).
         rows: keep the positions below it (drops the padding of :func:`array_batches`).
+        pipelined: run the forwards through TorchRec's ``EvalPipelineSparseDist``.
     """
-    local = local_predictions(model, batches, env, id_counts)
+    local = local_predictions(model, batches, env, id_counts, pipelined)
     if env.world_size == 1:
         merged = local
     else:
@@ -154,6 +165,7 @@ def local_predictions(
     batches: Iterable[Batch],
     env: DistEnv,
     id_counts: list[np.ndarray] | None = None,
+    pipelined: bool = False,
 ) -> dict[str, torch.Tensor]:
     """This rank's logits, labels and row positions (and rarest-id counts), on the CPU.
 
@@ -171,16 +183,48 @@ def local_predictions(
         out["rarest"] = [torch.zeros(0, dtype=torch.int64)]
     offset = 0
     try:
-        for batch in batches:
+        for batch, output in _forwards(model, batches, env.device, pipelined):
             size = batch.labels.numel()
             out["position"].append(offset + env.rank * size + torch.arange(size))
             offset += size * env.world_size
             if id_counts is not None:  # the KJT holds one id per row and feature, key-major
                 ids = batch.sparse_features.values().reshape(-1, size).T.numpy()
                 out["rarest"].append(torch.from_numpy(rarest_id_count(ids, id_counts)).long())
-            _, (_, logits, labels) = model(batch.to(env.device, non_blocking=True))
+            _, logits, labels = output
             out["logits"].append(logits.float().cpu())
             out["labels"].append(labels.float().cpu())
     finally:
         model.train(was_training)
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _forwards(
+    model: torch.nn.Module, batches: Iterable[Batch], device: torch.device, pipelined: bool
+) -> Iterator[tuple[Batch, Any]]:
+    """Each batch (as read, on the CPU) with the model's output ``(loss, logits, labels)``, in
+    order: plain forwards, or TorchRec's ``EvalPipelineSparseDist`` (it reads batches ahead in a
+    thread; the batches it took are queued here and paired with its outputs in order)."""
+    if not pipelined:
+        for batch in batches:
+            yield batch, model(batch.to(device, non_blocking=True))[1]
+        return
+    read: deque[Batch] = deque()
+
+    def feed() -> Iterator[Batch]:
+        for batch in batches:
+            read.append(batch)
+            yield batch
+
+    # (no optimizer: the eval pipeline runs forwards only)
+    pipe = EvalPipelineSparseDist(model, None, device)  # type: ignore[arg-type]
+    stream = feed()
+    try:
+        while True:
+            try:
+                output = pipe.progress(stream)
+            except StopIteration:
+                return
+            yield read.popleft(), output
+    finally:
+        pipe.detach()  # the model's own forwards again
+        pipe.reset()  # stops its reading thread

@@ -2,7 +2,10 @@
 
 :class:`Trainer` owns the sharded model (:func:`mlet_dist.distributed.parallelize.
 build_sharded_model`), the optimizer and LR schedule (:mod:`mlet_dist.train.optim`); it trains
-from a batch source, saves and loads checkpoints and stops every rank when the loss diverges.
+from a batch source through the step runner of ``train.pipeline`` (:mod:`mlet_dist.train.pipeline`:
+TorchRec's ``TrainPipelineSparseDist`` by default), shows RecMetrics, validation and TensorBoard
+scalars while it trains (:mod:`mlet_dist.train.metrics`), saves and loads checkpoints and stops
+every rank when the loss diverges.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from mlet_dist.checkpoint import (
@@ -31,12 +33,14 @@ from mlet_dist.checkpoint import (
 )
 from mlet_dist.config import Config, ConfigError
 from mlet_dist.data import CriteoArrays, build_batch_source
-from mlet_dist.distributed.elastic import TrainingGuard, flag_group
+from mlet_dist.distributed.elastic import TrainingGuard
 from mlet_dist.distributed.parallelize import DistEnv, build_sharded_model
 from mlet_dist.distributed.shards import plan_layout
 from mlet_dist.errors import MletError
 from mlet_dist.train.evaluation import evaluate, predict
+from mlet_dist.train.metrics import TrainingMonitor, learning_rates
 from mlet_dist.train.optim import build_optimizer
+from mlet_dist.train.pipeline import PositionedBatches, build_steps, pipelined_modules
 from mlet_dist.utils.files import is_no_space, no_space_error, remove_path
 
 logger = logging.getLogger(__name__)
@@ -157,7 +161,10 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------
     def fit(
-        self, train: CriteoArrays | None, on_start: Callable[[], None] | None = None
+        self,
+        train: CriteoArrays | None,
+        on_start: Callable[[], None] | None = None,
+        validate: Callable[[], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Trains to ``train.epochs`` / ``train.max_steps`` from the current position.
 
@@ -166,6 +173,8 @@ class Trainer:
                 (``data.source = 'parquet'``).
             on_start: called once the data is checked, before the first write to the run
                 directory (:func:`train` writes ``config.json`` there).
+            validate: the eval split's metrics (collective), run every ``train.eval_every``
+                steps.
         """
         cfg, env = self.cfg, self.env
         source = build_batch_source(
@@ -187,11 +196,13 @@ class Trainer:
         if cfg.train.max_steps:
             total = min(total, cfg.train.max_steps)
         losses: list[list[float]] = []
+        validations: list[dict[str, Any]] = []
         seen = 0
         start_step = self.step
         if on_start is not None:
             on_start()
         guard = TrainingGuard(cfg.train.run_dir, env, start_step=self.step)  # SIGTERM, loss log
+        monitor = TrainingMonitor(cfg, env, cfg.train.run_dir)
         self.model.train()
         bar = tqdm(
             total=total,
@@ -200,77 +211,109 @@ class Trainer:
             disable=not (env.is_rank0 and cfg.train.progress),
             mininterval=1.0,
         )
+        # Resume: the stream starts at the next batch the checkpoint has not trained on; the
+        # position saved is that of the last batch trained, not of those in flight.
+        stream = PositionedBatches(source, self.epoch, self.batch_in_epoch, total - self.step)
+        batches = iter(stream)
+        steps = build_steps(cfg.train.pipeline, self.model, self.optimizer, env.device)
+        # The first step with a non-finite loss on this rank (0: none), kept on the loss's
+        # device so that a step reads nothing back; the ranks agree on it every sync_every steps.
+        bad_step = torch.zeros((), dtype=torch.int64, device=env.device)
+        pipelined: int | None = None
         t0 = time.perf_counter()
-        while self.step < total:
-            # Resume: the source starts at the next batch the checkpoint has not trained on.
-            batches = source.batches(self.epoch, self.batch_in_epoch)
-            for i, batch in enumerate(batches, start=self.batch_in_epoch):
-                if self.step >= total:
-                    break
-                loss, _ = self.model(batch.to(env.device, non_blocking=True))
-                loss.backward()
-                self.optimizer.step()
+        try:
+            while self.step < total:
+                t, data_before = time.perf_counter(), stream.data_seconds
+                output = steps.progress(batches)
+                if pipelined is None:  # after the first step: the pipeline has traced the model
+                    pipelined = pipelined_modules(steps)
+                    if cfg.train.pipeline == "sparse_dist" and not pipelined:
+                        logger.warning("train pipeline: no sharded module is pipelined")
                 self.scheduler.step()
                 self._sync_fused_lr()
-                self.optimizer.zero_grad()
                 self.step += 1
-                self.batch_in_epoch = i + 1
-                seen += batch.labels.numel()
-                self._stop_if_diverged(loss, bar, guard)  # before anything is logged or saved
-                if self.step % cfg.train.log_every == 0 or self.step == total:
+                self.epoch, self.batch_in_epoch = stream.trained()
+                loss = output[0]
+                seen += output[2].numel()
+                bad_step = torch.where(
+                    (bad_step == 0) & ~torch.isfinite(loss.detach()), self.step, bad_step
+                )
+                monitor.step(output, stream.data_seconds - data_before, time.perf_counter() - t)
+                logged = self.step % cfg.train.log_every == 0 or self.step == total
+                saving = bool(cfg.train.checkpoint_every) and (
+                    self.step % cfg.train.checkpoint_every == 0
+                )
+                stop = False
+                if (
+                    logged
+                    or saving
+                    or self.step == total
+                    or self.step % cfg.train.sync_every == 0
+                    or self.step == guard.fault_step
+                ):  # agree before anything is logged or saved (no weights after a NaN loss)
+                    stop, rank, first = guard.agree(self.step, int(bad_step.item()))
+                    if rank >= 0:
+                        self._diverged(loss if rank == env.rank else None, first, rank, bar, guard)
+                else:
+                    guard.check_fault(self.step)
+                if logged:
                     value = loss.detach().item()
                     losses.append([self.step, value])
                     bar.set_postfix(loss=f"{value:.4f}")
                     logger.debug("step %d loss %.5f", self.step, value)
                     guard.log_loss(self.step, value)
+                    monitor.log(self.step, value, learning_rates(self.optimizer), env.device)
+                monitor.rec_metrics(self.step)
+                if validate is not None and cfg.train.eval_every:
+                    if self.step % cfg.train.eval_every == 0 and self.step < total:
+                        steps.detach()  # the plain model; the next progress() re-attaches it
+                        validations.append({"step": self.step, **validate()})
+                        monitor.validation(self.step, validations[-1])
                 bar.update(1)
-                saved = (
-                    bool(cfg.train.checkpoint_every) and self.step % cfg.train.checkpoint_every == 0
-                )
-                if saved:
+                if saving:
                     self.save()
-                if guard.should_stop(self.step):  # a rank got SIGTERM: all save this step, exit
-                    guard.stop(self.step, save=None if saved else self.save)
-            else:
-                self.epoch += 1
-                self.batch_in_epoch = 0
+                if stop:  # a rank got SIGTERM: all save this step, exit
+                    guard.stop(self.step, save=None if saving else self.save)
+        finally:
+            steps.detach()  # the plain model again (evaluation, export)
+            monitor.close()
+        if self.batch_in_epoch == per_epoch:  # an epoch ended with the last step
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         bar.close()
         guard.close()
         seconds = time.perf_counter() - t0
-        return {
+        out = {
             "steps": self.step,
             "steps_this_run": self.step - start_step,
             "samples_per_rank": seen,
             "seconds": seconds,
             "samples_per_s": seen * env.world_size / seconds if seconds > 0 else 0.0,
             "loss_curve": losses,
+            "pipeline": cfg.train.pipeline,
+            "pipelined_modules": pipelined or 0,
         }
+        if validations:
+            out["validation"] = validations
+        return out
 
-    def _stop_if_diverged(self, loss: torch.Tensor, bar: Any, guard: TrainingGuard) -> None:
-        """Collective, after every step: raises :class:`TrainingDiverged` on every rank when the
-        loss of any rank is not finite (the optimizer step already made the weights NaN, so
-        nothing may be saved from here on).
-
-        One scalar read per step and, on several ranks, an all-reduce of one int on the CPU
-        (gloo) group of the stop flags: every rank must stop at the same step.
-        """
-        value = float(loss.detach().float().cpu())
-        bad = torch.tensor([0 if np.isfinite(value) else self.env.rank + 1], dtype=torch.int32)
-        if self.env.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=flag_group(self.env))
-        if not bad.item():
-            return
-        rank = int(bad.item()) - 1
-        shown = f"{value}" if rank == self.env.rank else "not finite"
+    def _diverged(
+        self, loss: torch.Tensor | None, step: int, rank: int, bar: Any, guard: TrainingGuard
+    ) -> None:
+        """Raises :class:`TrainingDiverged` (on every rank, after :meth:`TrainingGuard.agree`
+        found a non-finite loss on ``rank`` at ``step``): the optimizer steps since made the
+        weights NaN, so nothing may be saved from here on."""
+        shown = "not finite"  # another rank's, or an earlier step's (its value is gone)
+        if loss is not None and step == self.step:
+            shown = f"{float(loss.detach().float().cpu())}"
         last = latest_checkpoint(self.cfg.train.run_dir)
         bar.close()
         guard.close()
         raise TrainingDiverged(
-            f"training diverged: the loss is {shown} at step {self.step} (rank {rank}); stopped "
-            f"without writing a checkpoint of the non-finite weights (the last checkpoint: "
-            f"{last.name if last else 'none'}). Lower the learning rates (optim.embedding_lr, "
-            f"optim.dense_lr, optim.projection_lr) or check the data for extreme values, then "
-            f"resume from the last checkpoint or start a new train.run_dir"
+            f"training diverged: the loss is {shown} at step {step} (rank {rank}); stopped "
+            f"at step {self.step} without writing a checkpoint of the non-finite weights (the last "
+            f"checkpoint: {last.name if last else 'none'}). Lower the learning rates "
+            f"(optim.embedding_lr, optim.dense_lr, optim.projection_lr) or check the data for "
+            f"extreme values, then resume from the last checkpoint or start a new train.run_dir"
         )
 
     def predict(self, arrays: CriteoArrays) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,8 +326,10 @@ class Trainer:
         split: str = "eval",
         id_counts: list[np.ndarray] | None = None,
     ) -> dict[str, Any]:
-        """:func:`evaluate` of this trainer's model."""
-        return evaluate(self.model, self.cfg, self.env, arrays, split, id_counts)
+        """:func:`evaluate` of this trainer's model (under TorchRec's eval pipeline when it
+        trains under ``train.pipeline = 'sparse_dist'``)."""
+        pipelined = self.cfg.train.pipeline == "sparse_dist"
+        return evaluate(self.model, self.cfg, self.env, arrays, split, id_counts, pipelined)
 
 
 def remove_stale_checkpoints(run_dir: str | Path) -> None:

@@ -125,12 +125,17 @@ def _train(
             remove_stale_checkpoints(run_dir)
             atomic_write_json(run_dir / "config.json", cfg.to_dict())
 
-    train_stats = trainer.fit(splits.train, on_start=start)
-    trainer.save()
-    metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
     counts = None
     if splits.train is not None:
         counts = id_counts(splits.train.sparse, cfg.data.num_embeddings_per_feature)
+
+    def validate() -> dict[str, Any]:  # during training, every train.eval_every steps
+        return trainer.evaluate(splits.eval, "eval", counts)
+
+    has_eval = splits.has(cfg.data, "eval")
+    train_stats = trainer.fit(splits.train, on_start=start, validate=validate if has_eval else None)
+    trainer.save()
+    metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
     for split in ("eval", "test"):
         if splits.has(cfg.data, split):
             metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)

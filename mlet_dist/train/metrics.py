@@ -1,0 +1,194 @@
+"""What a training run shows while it runs: TorchRec RecMetrics, validation, TensorBoard.
+
+- **RecMetrics** (``train.metrics_every = N``): TorchRec's ``RecMetricModule`` with AUC, NE and
+  calibration (each windowed over the last N steps' rows, NE and calibration also lifetime) and
+  throughput, updated with every step's predictions and computed (collectively: the states are
+  reduced to rank 0, which alone gets AUC/NE/calibration back) every N steps; rank 0 logs.
+- **Validation** (``train.eval_every = N``): the eval split's metrics (AUC, NE, log loss, and
+  per id-frequency bucket) every N steps, by :func:`mlet_dist.train.evaluation.evaluate`
+  (through TorchRec's eval pipeline under ``train.pipeline = 'sparse_dist'``).
+- **TensorBoard** (``train.tensorboard = true``): rank 0 writes scalars to ``RUN/tb/``
+  (``tensorboard --logdir runs/``): ``train/loss``; ``lr/w1``, ``lr/w2``, ``lr/dense``;
+  ``recmetrics/<metric>``; ``eval/auc``, ``eval/ne``, ``eval/<bucket>/auc|ne``;
+  ``perf/samples_per_s``, ``perf/data_wait_ms``, ``perf/compute_ms`` (per step, averaged over
+  the logged interval) and ``perf/peak_memory_mb`` (CUDA: peak allocated; CPU: peak RSS).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchrec.metrics.metric_module import RecMetricModule, generate_metric_module
+from torchrec.metrics.metrics_config import (
+    MetricsConfig,
+    RecComputeMode,
+    RecMetricDef,
+    RecMetricEnum,
+    RecTaskInfo,
+    ThroughputDef,
+)
+
+from mlet_dist.config import Config
+from mlet_dist.distributed.parallelize import DistEnv
+
+logger = logging.getLogger(__name__)
+
+TASK = RecTaskInfo(
+    name="ctr", label_name="label", prediction_name="prediction", weight_name="weight"
+)
+
+
+def build_rec_metrics(batch_size: int, window_steps: int, env: DistEnv) -> RecMetricModule:
+    """TorchRec's metric module of AUC, NE, calibration and throughput for one binary task.
+
+    Args:
+        batch_size: the global batch size (each rank sees ``batch_size / world_size`` rows).
+        window_steps: the windowed metrics cover the rows of the last this many steps.
+        env: the ranks whose states ``compute()`` all-reduces.
+    """
+    per_rank = batch_size // env.world_size
+    window = batch_size * window_steps  # TorchRec's window size counts the rows of all ranks
+    config = MetricsConfig(
+        rec_tasks=[TASK],
+        rec_metrics={
+            m: RecMetricDef(rec_tasks=[TASK], window_size=window)
+            for m in (RecMetricEnum.AUC, RecMetricEnum.NE, RecMetricEnum.CALIBRATION)
+        },
+        throughput_metric=ThroughputDef(),
+        rec_compute_mode=RecComputeMode.UNFUSED_TASKS_COMPUTATION,
+        compute_interval_steps=1,
+    )
+    return generate_metric_module(
+        RecMetricModule,
+        config,
+        batch_size=per_rank,
+        world_size=env.world_size,
+        my_rank=env.rank,
+        state_metrics_mapping={},
+        device=env.device,
+    )
+
+
+def update_rec_metrics(module: RecMetricModule, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Adds one step's predictions (``sigmoid(logits)``) to the metric states."""
+    labels = labels.float()
+    module.update(
+        {
+            "prediction": torch.sigmoid(logits.detach().float()),
+            "label": labels,
+            "weight": torch.ones_like(labels),
+        }
+    )
+
+
+def scalars(values: dict[str, Any]) -> dict[str, float]:
+    """RecMetric results as ``{"auc-ctr|window_auc": 0.71, ...}`` floats."""
+    return {k: float(v) for k, v in values.items() if torch.as_tensor(v).numel() == 1}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The peak memory of this process: CUDA's peak allocation, else the peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def learning_rates(optimizer: Any) -> dict[str, float]:
+    """The current LR of W1 (the fused TBE optimizer), W2 (``projection``) and the dense MLPs."""
+    names = {"fused": "w1", "projection": "w2", "dense": "dense"}
+    out = {}
+    for key, opt in optimizer.optimizers:
+        if key in names and opt.param_groups:
+            out[names[key]] = float(opt.param_groups[0]["lr"])
+    return out
+
+
+class TrainingMonitor:
+    """RecMetrics and TensorBoard of one ``Trainer.fit`` (every rank creates it: collective)."""
+
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: str | Path) -> None:
+        t = cfg.train
+        self.env = env
+        self.every = t.metrics_every
+        self.rec = (
+            build_rec_metrics(cfg.data.batch_size, t.metrics_every, env)
+            if t.metrics_every
+            else None
+        )
+        self.writer = None
+        if t.tensorboard and env.is_rank0:
+            # torch's writer: the tensorboard package only for its protobufs (no TensorFlow).
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+        self._steps = 0
+        self._data_s = 0.0
+        self._step_s = 0.0
+        self._samples = 0
+
+    def step(self, output: Any, data_s: float, step_s: float) -> None:
+        """Every step: its ``(loss, logits, labels)``, its time reading the batch and in all."""
+        _, logits, labels = output
+        if self.rec is not None:
+            update_rec_metrics(self.rec, logits, labels)
+        self._steps += 1
+        self._data_s += data_s
+        self._step_s += step_s
+        self._samples += labels.numel() * self.env.world_size
+
+    def rec_metrics(self, step: int) -> dict[str, float] | None:
+        """Collective every ``metrics_every`` steps: the RecMetrics (logged on rank 0)."""
+        if self.rec is None or step % self.every:
+            return None
+        values = scalars(self.rec.compute())
+        if self.env.is_rank0:
+            shown = {k.split("|")[-1]: v for k, v in values.items() if "-ctr|" in k}
+            logger.info(
+                "step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
+            )
+            self.add(step, {f"recmetrics/{k.replace('|', '/')}": v for k, v in values.items()})
+        return values
+
+    def log(self, step: int, loss: float, lrs: dict[str, float], device: torch.device) -> None:
+        """At a logged step (rank 0): loss, LRs and the time split since the last logged step."""
+        n = max(self._steps, 1)
+        values = {"train/loss": loss, **{f"lr/{k}": v for k, v in lrs.items()}}
+        values["perf/data_wait_ms"] = 1e3 * self._data_s / n
+        values["perf/compute_ms"] = 1e3 * (self._step_s - self._data_s) / n
+        if self._step_s > 0:
+            values["perf/samples_per_s"] = self._samples / self._step_s
+        values["perf/peak_memory_mb"] = peak_memory_mb(device)
+        self.add(step, values)
+        self._steps, self._data_s, self._step_s, self._samples = 0, 0.0, 0.0, 0
+
+    def validation(self, step: int, metrics: dict[str, Any]) -> None:
+        """Rank 0: logs a validation's metrics (and per-bucket AUC/NE to TensorBoard)."""
+        if not self.env.is_rank0:
+            return
+        logger.info(
+            "step %d: eval AUC %.4f  NE %.4f  (%d rows)",
+            step, metrics["auc"], metrics["ne"], metrics["rows"],
+        )  # fmt: skip
+        values = {"eval/auc": metrics["auc"], "eval/ne": metrics["ne"]}
+        for bucket, m in metrics.get("buckets", {}).items():
+            for key in ("auc", "ne"):
+                if key in m:  # (a bucket without rows has no metrics)
+                    values[f"eval/{bucket}/{key}"] = m[key]
+        self.add(step, values)
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
