@@ -82,6 +82,11 @@ def write_rows(path: Path, n_copies: int = 1, seed: int | None = None) -> Path:
         rng = np.random.default_rng(seed)
         table = table.set_column(0, "clicked", pa.array(rng.integers(0, 2, len(table))))
         table = table.set_column(2, "score", pa.array(rng.normal(size=len(table))))
+        # some ids seen once (rare under a frequency threshold): users, and queries of 'words'
+        users = [f"new{i}" if i % 5 == 0 else u for i, u in enumerate(table["user"].to_pylist())]
+        queries = [f"q{i}" if i % 11 == 0 else q for i, q in enumerate(table["query"].to_pylist())]
+        table = table.set_column(3, "user", pa.array(users))
+        table = table.set_column(5, "query", pa.array(queries))
     pq.write_table(table, path)
     return path
 
@@ -256,3 +261,15 @@ def test_ids_past_the_table_without_hashing_are_refused():
 
 def test_table_config_is_typed():
     assert TableConfig(name="w", num_embeddings=3).pooling == ""
+
+
+def test_readme_worked_example_is_a_valid_schema(tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Your own data") :]
+    block = section[section.index("```toml\n") + 8 :]
+    path = tmp_path / "events.toml"
+    path.write_text(block[: block.index("```")])
+    schema = schema_of(load_config(path).data)
+    assert schema.feature_names == ("user", "tags", "query")
+    assert schema.table_of("query").features == ("tags", "query")
+    assert schema.dense_in_features == 2

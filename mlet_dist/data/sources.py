@@ -32,6 +32,7 @@ from mlet_dist.data.criteo import read_criteo_tsv
 from mlet_dist.data.movielens import read_movielens, read_movielens_table
 from mlet_dist.data.parquet import ParquetBatchSource
 from mlet_dist.data.rows import FeatureRows
+from mlet_dist.data.schema_shards import SchemaCodec
 from mlet_dist.data.synthetic import ensure_synthetic
 from mlet_dist.schema import FeatureSchema, schema_of
 
@@ -85,7 +86,8 @@ def read_source_file(
     Criteo TSV files (``mlet-dist preprocess``).
     """
     if schema is not None and not schema.criteo:
-        if source == "files":
+        # 'parquet': shards preprocessed from such files; raw inputs (predict) are those files
+        if source in ("files", "parquet"):
             table = read_columns_file(path, schema, csv_columns or [], max_rows=max_rows)
         elif source == "movielens":
             table = read_movielens_table(path, max_rows=max_rows, in_file_order=in_file_order)
@@ -206,7 +208,9 @@ def data_inputs(data_cfg: DataConfig) -> list[str]:
 
 def check_preprocessable(data_cfg: DataConfig) -> None:
     """Raises ConfigError unless ``mlet-dist preprocess`` can read the source (Criteo TSV)."""
-    if data_cfg.source in ("avazu", "movielens", "files") or data_cfg.sparse:
+    if data_cfg.sparse:  # a declared schema: mlet_dist.data.schema_shards reads any source
+        return
+    if data_cfg.source in ("avazu", "movielens", "files"):
         raise ConfigError(
             f"mlet-dist preprocess reads Criteo TSV only, not data.source = {data_cfg.source!r}: "
             f"train, run and evaluate read that source into memory (no preprocessing needed); "
@@ -291,12 +295,15 @@ def build_batch_source(
                 "data.source = 'parquet' needs data.parquet_dir (the output directory of "
                 "`mlet-dist preprocess`)"
             )
+        schema = schema_of(data_cfg)
+        declared = not schema.criteo  # shards of mlet_dist.data.schema_shards
         return ParquetBatchSource(
             Path(data_cfg.parquet_dir) / split,
             batch_size,
             shuffle_buffer_rows=data_cfg.shuffle_buffer_rows,
             prefetch_batches=data_cfg.prefetch_batches,
-            num_embeddings_per_feature=data_cfg.num_embeddings_per_feature,
+            num_embeddings_per_feature=None if declared else data_cfg.num_embeddings_per_feature,
+            codec=SchemaCodec(schema) if declared else None,
             **common,
         )
     if arrays is None:
