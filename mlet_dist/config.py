@@ -79,7 +79,7 @@ class DataConfig:
     dir: str = "data/synthetic"
     """Directory of the synthetic day files (source = 'synthetic')."""
     train_files: list[str] = field(default_factory=list)
-    """Criteo TSV (source = 'criteo'), Avazu CSV (source = 'avazu') or MovieLens ratings (source = 'movielens') files, plain or .gz, used for training, read in this order."""
+    """Criteo TSV (source = 'criteo'), Avazu CSV (source = 'avazu'), MovieLens ratings (source = 'movielens') or Parquet/CSV/TSV files with named columns (source = 'files'), plain or .gz, used for training, read in this order."""
     eval_files: list[str] = field(default_factory=list)
     """Held-out files. Empty: the last `eval_fraction` of the training rows is held out."""
     eval_fraction: float = 0.1

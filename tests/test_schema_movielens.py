@@ -1,5 +1,6 @@
-"""The MovieLens preset of a declared schema (configs/movielens_features.toml): named columns with
-multi-hot genres, against hand-computed rows and an independent parse of the real data.
+"""The presets of a declared schema against hand-computed rows and independent parses of real
+rows: MovieLens (configs/movielens_features.toml: named columns with multi-hot genres) and Avazu
+(configs/avazu_features.toml: plain CSV, string ids hashed).
 
 The real data (../shared/data/movielens_1m_partial) is for internal testing only: read from there,
 never copied; the tests that need it skip when it is absent.
@@ -11,6 +12,7 @@ import gzip
 from datetime import datetime, timezone
 
 import numpy as np
+import pytest
 from test_data_movielens import EXPECTED, MOVIES, RATINGS, REPO, USERS, needs_data, write_dataset
 
 from mlet_dist.config import load_config
@@ -127,3 +129,46 @@ def test_preset_trains_collapses_and_predicts(tmp_path):
     assert summary["collapse_check"]["max_abs_logit_diff"] <= 1e-4
     assert summary["serving_check"]["passed"], summary["serving_check"]
     assert 0.6 < summary["test_auc"] < 1.0
+
+
+# -- the Avazu preset (configs/avazu_features.toml): plain CSV through the declared schema --------
+
+AVAZU = REPO.parent / "shared/data/avazu_sample"
+
+
+@pytest.mark.skipif(not AVAZU.exists(), reason=f"{AVAZU} absent (fresh clone without ../shared)")
+def test_avazu_preset_matches_a_hand_parse_of_the_csv():
+    import csv
+    import hashlib
+
+    cfg = load_config(REPO / "configs/avazu_features.toml")
+    schema = schema_of(cfg.data)
+    files = [REPO / f for f in cfg.data.train_files]
+    lines = []
+    for k, path in enumerate(files):
+        with gzip.open(path, "rt", newline="") as f:
+            rows = list(csv.reader(f))
+        lines += rows[1:] if k == 0 else rows  # part 1 has the header line, part 2 none
+    header = cfg.data.csv_columns
+    from mlet_dist.data import load_splits
+
+    splits = load_splits(cfg.data)
+    got = [splits.train, splits.eval, splits.test]
+    assert sum(len(s) for s in got) == len(lines) == 9999
+    picks = [0, 1, 2, 4000, 7998]  # train rows; and the first/last rows of part 2
+
+    def want_ids(fields):
+        out = []
+        for f in schema.sparse:
+            value = fields[header.index(f.column or f.name)]
+            h = int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little")
+            out.append(h % schema.table_of(f.name).num_embeddings)
+        return out
+
+    for i in picks:
+        fields = lines[i]
+        assert splits.train.labels[i] == int(fields[1])
+        assert [a[i, 0] for a in splits.train.ids] == want_ids(fields)
+    for i, fields in ((0, lines[8999]), (999, lines[9998])):  # part 2 (headless): the test split
+        assert splits.test.labels[i] == int(fields[1])
+        assert [a[i, 0] for a in splits.test.ids] == want_ids(fields)

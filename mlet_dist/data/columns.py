@@ -7,8 +7,11 @@ uses as well (:func:`mlet_dist.data.movielens.read_movielens_table`).
 
 Formats, by file name: ``.parquet``/``.pq`` (ints, strings, booleans; ``list<int>`` or
 ``list<string>`` columns for multi-hot features); ``.csv``/``.tsv`` (optionally ``.gz``; comma or
-tab separated; a header line unless ``data.csv_columns`` names the columns; a multi-hot value is
-one field with ``|`` between the ids, e.g. ``Comedy|Drama``).
+tab separated; a header line unless ``data.csv_columns`` names the columns, and then a first line
+equal to those names is skipped as a header, so headed and headless parts mix; a multi-hot value is
+one field with ``|`` between the ids, e.g. ``Comedy|Drama``; text has no types, so with
+``ids = 'hash'`` every CSV id is hashed as a string, ``"5"`` like ``"abc"``, whereas a Parquet int
+column's 5 is the int 5: keep one input format per model).
 
 Encoding (per declared feature):
 
@@ -27,6 +30,7 @@ an id past its table) raises :class:`ColumnError` naming the file, column and fi
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,6 +81,14 @@ def _format(path: Path) -> str:
     )
 
 
+def _first_line(path: Path, kind: str) -> list[str]:
+    """The fields of a CSV/TSV file's first line (to recognize a header equal to csv_columns)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
+        line = f.readline().rstrip("\r\n")
+    return line.split("," if kind == "csv" else "\t")
+
+
 def _needed(schema: FeatureSchema) -> list[str]:
     cols = [schema.label]
     cols += [f.column or f.name for f in schema.dense]
@@ -102,10 +114,22 @@ def read_columns_file(
             names = pq.read_schema(path).names
         else:
             multi = {f.column or f.name for f in schema.sparse if f.max_length > 1}
-            read = pcsv.ReadOptions(column_names=list(csv_columns) or None)
+            int_multi = {
+                f.column or f.name for f in schema.sparse if f.max_length > 1 and f.ids == "int"
+            }
+            skip = int(bool(csv_columns) and _first_line(path, kind) == list(csv_columns))
+            read = pcsv.ReadOptions(column_names=list(csv_columns) or None, skip_rows=skip)
             parse = pcsv.ParseOptions(delimiter="," if kind == "csv" else "\t")
             convert = pcsv.ConvertOptions(
-                column_types={c: pa.string() for c in multi}, strings_can_be_null=True
+                # text has no types: every id column is read as text (hashed as a string) unless
+                # ids = 'int' (then a plain int column), so a column never changes kind by file
+                column_types={
+                    f.column or f.name: pa.string()
+                    if f.ids == "hash" or f.max_length > 1
+                    else pa.int64()
+                    for f in schema.sparse
+                },
+                strings_can_be_null=True,
             )
             table = pcsv.read_csv(path, read, parse, convert)
             names = table.column_names
@@ -124,7 +148,10 @@ def read_columns_file(
         table = table.select(needed)
         for c in multi:  # "a|b|c" -> ["a", "b", "c"]
             i = table.column_names.index(c)
-            table = table.set_column(i, c, pc.split_pattern(table.column(c), MULTI_SEPARATOR))
+            split = pc.split_pattern(table.column(c), MULTI_SEPARATOR)
+            if c in int_multi:
+                split = split.cast(pa.list_(pa.int64()))
+            table = table.set_column(i, c, split)
     return table.slice(0, max_rows) if max_rows else table
 
 

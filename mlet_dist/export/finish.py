@@ -224,7 +224,10 @@ def finish_collapse(
                 # "inputs", "output", "dynamic_dims": read from the exported program
                 **(built["signature"] or {"inputs": None, "output": None, "dynamic_dims": None}),
                 "layout": {
-                    "dense": "the 13 integer features as log(max(x, 0) + 1), missing = 0",
+                    "dense": "the 13 integer features as log(max(x, 0) + 1), missing = 0"
+                    if schema_of(cfg.data).criteo
+                    else "the declared dense features in schema order, transformed (schema."
+                    "dense); one constant 1.0 when none is declared",
                     "values": "categorical ids (modulo the table rows), feature-major: all ids "
                     "of feature_order[0] for the batch, then feature_order[1], ...",
                     "lengths": "ids per (feature, sample), feature-major",
