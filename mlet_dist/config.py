@@ -21,68 +21,21 @@ from typing import Any
 
 import tomllib
 
+from mlet_dist.config_features import DenseFeatureConfig, SparseFeatureConfig, TableConfig
 from mlet_dist.errors import MletError
 
 # MLPerf DLRMv2 per-feature hash sizes for Criteo 1TB (40M cap on the largest features).
 MLPERF_40M_TABLE_SIZES: list[int] = [
-    40000000,
-    39060,
-    17295,
-    7424,
-    20265,
-    3,
-    7122,
-    1543,
-    63,
-    40000000,
-    3067956,
-    405282,
-    10,
-    2209,
-    11938,
-    155,
-    4,
-    976,
-    14,
-    40000000,
-    40000000,
-    40000000,
-    590152,
-    12973,
-    108,
-    36,
-]
+    40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10,
+    2209, 11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36,
+]  # fmt: skip
 
 # Cardinalities used by the synthetic generator by default: a scaled-down, Criteo-like spread of
 # tiny, medium and large features (26 categorical features).
 DEFAULT_SYNTHETIC_CARDINALITIES: list[int] = [
-    2000,
-    500,
-    1500,
-    300,
-    800,
-    3,
-    400,
-    150,
-    20,
-    2000,
-    1500,
-    1000,
-    10,
-    200,
-    600,
-    50,
-    4,
-    100,
-    14,
-    2000,
-    2000,
-    2000,
-    800,
-    400,
-    40,
-    12,
-]
+    2000, 500, 1500, 300, 800, 3, 400, 150, 20, 2000, 1500, 1000, 10, 200, 600, 50, 4, 100, 14,
+    2000, 2000, 2000, 800, 400, 40, 12,
+]  # fmt: skip
 
 
 class ConfigError(MletError, ValueError):
@@ -122,11 +75,11 @@ class DataConfig:
     """Where the data is and how it is batched."""
 
     source: str = "synthetic"
-    """'synthetic' (generated into `dir` by `mlet-dist generate`), 'criteo' (Criteo TSV files in `train_files`), 'avazu' (Avazu CSV files in `train_files`, mapped onto the Criteo layout by `mlet_dist.data.avazu`), 'movielens' (MovieLens-1M `ratings.dat(.gz)` in `train_files` with `users.dat` and `movies.dat` beside it, mapped onto the Criteo layout by `mlet_dist.data.movielens`, rows sorted by time) or 'parquet' (shards of `mlet-dist preprocess` in `parquet_dir`, streamed)."""
+    """'synthetic' (generated into `dir` by `mlet-dist generate`), 'criteo' (Criteo TSV files in `train_files`), 'avazu' (Avazu CSV files in `train_files`, mapped onto the Criteo layout by `mlet_dist.data.avazu`), 'movielens' (MovieLens-1M `ratings.dat(.gz)` in `train_files` with `users.dat` and `movies.dat` beside it, mapped onto the Criteo layout by `mlet_dist.data.movielens`, rows sorted by time; with a declared schema: its named columns, genres multi-hot), 'parquet' (shards of `mlet-dist preprocess` in `parquet_dir`, streamed) or 'files' (Parquet, CSV or TSV files with named columns in `train_files`, read through the declared schema `dense`/`sparse`/`tables`)."""
     dir: str = "data/synthetic"
     """Directory of the synthetic day files (source = 'synthetic')."""
     train_files: list[str] = field(default_factory=list)
-    """Criteo TSV (source = 'criteo'), Avazu CSV (source = 'avazu') or MovieLens ratings (source = 'movielens') files, plain or .gz, used for training, read in this order."""
+    """Criteo TSV (source = 'criteo'), Avazu CSV (source = 'avazu'), MovieLens ratings (source = 'movielens') or Parquet/CSV/TSV files with named columns (source = 'files'), plain or .gz, used for training, read in this order."""
     eval_files: list[str] = field(default_factory=list)
     """Held-out files. Empty: the last `eval_fraction` of the training rows is held out."""
     eval_fraction: float = 0.1
@@ -157,6 +110,16 @@ class DataConfig:
     """Parquet loader: rows shuffled together in one window (bounds its memory; 0 = row groups shuffled, rows in file order)."""
     prefetch_batches: int = 4
     """Parquet loader: batches prepared ahead by its background thread (0 = no thread)."""
+    dense: list[DenseFeatureConfig] = field(default_factory=list)
+    """Declared schema: the dense features, in model input order (README "Your own data"). With no `sparse` declared, the schema is Criteo's (13 dense + 26 single ids, `num_embeddings_per_feature`)."""
+    sparse: list[SparseFeatureConfig] = field(default_factory=list)
+    """Declared schema: the categorical features (KJT keys), in model order. Non-empty = a declared schema (`num_embeddings_per_feature` is then unused)."""
+    tables: list[TableConfig] = field(default_factory=list)
+    """Declared schema: tables shared by several sparse features."""
+    label: str = "label"
+    """Declared schema: the label column (0/1, or bool)."""
+    csv_columns: list[str] = field(default_factory=list)
+    """source = 'files': the column names of CSV/TSV files without a header line (empty = the first line is the header)."""
 
 
 @dataclass
@@ -288,7 +251,7 @@ _ALLOWED = {
     ("optim", "embedding_optimizer"): ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     ("optim", "dense_optimizer"): ("adagrad", "adam", "sgd"),
     ("optim", "w1_lr_scaling"): ("none", "sqrt_d_over_k", "auto"),
-    ("data", "source"): ("synthetic", "criteo", "avazu", "movielens", "parquet"),
+    ("data", "source"): ("synthetic", "criteo", "avazu", "movielens", "parquet", "files"),
     ("data", "on_bad_row"): ("error", "skip"),
     ("train", "pipeline"): ("sparse_dist", "base"),
     ("dist", "backend"): ("", "gloo", "nccl"),
@@ -321,6 +284,18 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
             _check_type(f"{where} key", k, key_tp): _check_type(f"{where}.{k}", v, val_tp)
             for k, v in value.items()
         }
+    if dataclasses.is_dataclass(tp):  # an item of an array of tables ([[data.sparse]])
+        if isinstance(value, tp):
+            value = dataclasses.asdict(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table {{key = value}}, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        unknown = sorted(set(value) - set(hints))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(hints)}"
+            )
+        return tp(**{k: _check_type(f"{where}.{k}", v, hints[k]) for k, v in value.items()})
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
@@ -447,6 +422,8 @@ def check_feature_count(data: DataConfig) -> None:
     (train, run, evaluate, preprocess). Not part of :func:`validate`: `plan`, a dry run
     without data, accepts any number of tables.
     """
+    if data.sparse:  # a declared schema: checked by mlet_dist.schema.schema_of
+        return
     n = len(data.num_embeddings_per_feature)
     if n != CATEGORICAL_FEATURES:
         raise ConfigError(

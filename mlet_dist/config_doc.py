@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import itertools
 import textwrap
+import typing
 
 from mlet_dist import config as config_module
 from mlet_dist.config import Config
@@ -48,6 +49,22 @@ def markdown() -> str:
         for f in dataclasses.fields(cls):
             out.append(f"| `{f.name}` | {_default(f)} | {docs.get(f.name, '')} |")
         out.append("")
+        # Arrays of tables ([[data.sparse]]): one table of the keys of an item.
+        for name, tp in typing.get_type_hints(cls).items():
+            args = typing.get_args(tp)
+            if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+                item = args[0]
+                doc = " ".join((item.__doc__ or "").split())
+                out += [
+                    f"**[[{section.name}.{name}]]** — {doc}",
+                    "",
+                    "| key | default | meaning |",
+                    "|---|---|---|",
+                ]
+                item_docs = field_docs(item)
+                for f in dataclasses.fields(item):
+                    out.append(f"| `{f.name}` | {_default(f)} | {item_docs.get(f.name, '')} |")
+                out.append("")
     return "\n".join(out)
 
 

@@ -18,12 +18,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlet_dist.config import ConfigError
-from mlet_dist.data import CriteoArrays, require_rows
+from mlet_dist.config import ConfigError, config_from_dict
+from mlet_dist.data import require_rows
 from mlet_dist.data.movielens import MOVIES_FILE, USERS_FILE
-from mlet_dist.data.sources import read_source_file
+from mlet_dist.data.sources import concat_rows, read_source_file
+from mlet_dist.schema import schema_of
 from mlet_dist.serving.manifest import ServingError
-from mlet_dist.serving.predict import data_source, load_predictor, predict_arrays, table_sizes
+from mlet_dist.serving.predict import (
+    data_config,
+    data_source,
+    load_predictor,
+    predict_arrays,
+    table_sizes,
+)
 from mlet_dist.utils.files import atomic_path, check_output
 
 logger = logging.getLogger(__name__)
@@ -113,8 +120,19 @@ def predict_file(
     predictor, manifest = load_predictor(serving_dir, verify, kind)
     sizes = table_sizes(manifest)
     source = data_source(manifest)
-    parts = [require_rows(read_source_file(source, f, sizes, in_file_order=True), f) for f in files]
-    arrays = CriteoArrays.concat(parts)
+    data_cfg = config_from_dict({"data": data_config(manifest)}, "the manifest's config").data
+    schema = schema_of(data_cfg)  # the features the model was trained on
+    parts = [
+        require_rows(
+            read_source_file(
+                source, f, sizes, in_file_order=True, schema=schema,
+                csv_columns=data_cfg.csv_columns,
+            ),
+            f,
+        )
+        for f in files
+    ]  # fmt: skip
+    arrays = concat_rows(parts)
     probs = predict_arrays(predictor, arrays, batch_size).numpy()
     bad = np.flatnonzero(~np.isfinite(probs))
     if bad.size:

@@ -24,10 +24,12 @@ from mlet_dist.data import (
     read_source_file,
     require_rows,
 )
+from mlet_dist.data.sources import concat_rows
 from mlet_dist.distributed.parallelize import build_sharded_model, init_distributed
 from mlet_dist.export import collapse_run, load_served, load_unsharded
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.quality import id_counts
+from mlet_dist.schema import schema_of
 from mlet_dist.serving.predict import load_predictor, predict_arrays
 from mlet_dist.train import evaluate, train
 from mlet_dist.utils.files import atomic_write_json, check_output, hold_run
@@ -88,8 +90,17 @@ def _evaluate_run(
         raise CheckpointError(f"run {run_dir} has no complete checkpoint; train it first")
     sizes = cfg.data.num_embeddings_per_feature
     if files:
-        arrays = CriteoArrays.concat(
-            [require_rows(read_source_file(cfg.data.source, f, sizes), f) for f in files]
+        schema = schema_of(cfg.data)
+        arrays = concat_rows(
+            [
+                require_rows(
+                    read_source_file(
+                        cfg.data.source, f, sizes, schema=schema, csv_columns=cfg.data.csv_columns
+                    ),
+                    f,
+                )
+                for f in files
+            ]
         )
         name = "files"
         try:  # the buckets need the training split; new files are scored without it too
@@ -109,7 +120,8 @@ def _evaluate_run(
                 f"or pass --data FILE"
             )
     # Per id-frequency bucket, with the ids counted in the training split (as training reports).
-    counts = None if train_rows is None else id_counts(train_rows.sparse, sizes)
+    feature_sizes = schema_of(cfg.data).feature_sizes
+    counts = None if train_rows is None else id_counts(train_rows.sparse, feature_sizes)
     env = init_distributed(cfg.dist)
     model = build_sharded_model(cfg, env)
     load_weights(model, ckpt, cfg)

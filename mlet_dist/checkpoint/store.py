@@ -37,7 +37,7 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # cannot be loaded. Everything else (steps, learning rates, data files, logging) may change.
 MODEL_KEYS = {
     "model": None,  # every key
-    "data": {"num_embeddings_per_feature"},
+    "data": {"num_embeddings_per_feature", "dense", "sparse", "tables"},
 }
 
 

@@ -36,6 +36,7 @@ from mlet_dist.data.criteo import (
     read_criteo_tsv,
 )
 from mlet_dist.data.parquet import ParquetBatchSource, parquet_schema, read_shard_metadata
+from mlet_dist.data.rows import FeatureRows
 from mlet_dist.data.sources import (
     FILE_KINDS,
     Splits,
@@ -74,6 +75,7 @@ __all__ = [
     "BatchSource",
     "CriteoArrays",
     "CriteoFormatError",
+    "FeatureRows",
     "ParquetBatchSource",
     "Splits",
     "SyntheticRows",

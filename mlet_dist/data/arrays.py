@@ -76,6 +76,10 @@ class CriteoArrays:
             self.labels[start:stop], self.dense[start:stop], self.sparse[start:stop]
         )
 
+    def take(self, rows: np.ndarray) -> CriteoArrays:
+        """The rows at the indices ``rows`` (copies)."""
+        return CriteoArrays(self.labels[rows], self.dense[rows], self.sparse[rows])
+
     @classmethod
     def concat(cls, parts: Sequence[CriteoArrays]) -> CriteoArrays:
         """Concatenates row-wise; an empty sequence gives zero rows."""

@@ -88,6 +88,8 @@ def to_batch(arrays: CriteoArrays) -> Batch:
         ``Batch(dense_features (B, 13) float32, sparse_features KJT, labels (B,) float32)``; the
         KJT has keys ``cat_0..cat_25`` and one id per sample and key (all lengths 1).
     """
+    if not isinstance(arrays, CriteoArrays):  # FeatureRows of a declared schema
+        return arrays.to_batch()
     batch_size = len(arrays)
     # KJT layout is key-major: all of cat_0's ids for the batch, then cat_1's, ...
     values = torch.from_numpy(np.ascontiguousarray(arrays.sparse.T, dtype=np.int64).reshape(-1))
@@ -103,6 +105,8 @@ def to_batch(arrays: CriteoArrays) -> Batch:
 
 
 def _to_batch(arrays: CriteoArrays, rows: np.ndarray) -> Batch:
+    if not isinstance(arrays, CriteoArrays):  # FeatureRows of a declared schema
+        return arrays.take(rows).to_batch()
     return to_batch(CriteoArrays(arrays.labels[rows], arrays.dense[rows], arrays.sparse[rows]))
 
 

@@ -60,6 +60,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from mlet_dist.data.arrays import (
     CAT_FEATURE_COUNT,
@@ -251,6 +252,66 @@ def read_movielens(
             f"({MOVIELENS_CAT_COUNT} used, {CAT_FEATURE_COUNT - MOVIELENS_CAT_COUNT} unused), "
             f"got {len(num_embeddings_per_feature)}"
         )
+    raw, users, movies = _read_ratings(path, max_rows, in_file_order)
+    n = len(raw)
+    user_f, movie_f, ts = users[raw[:, 0]], movies[raw[:, 1]], raw[:, 3]
+    sparse = np.zeros((n, CAT_FEATURE_COUNT), dtype=np.int64)
+    sparse[:, 0] = raw[:, 0]
+    sparse[:, 1] = raw[:, 1]
+    sparse[:, 2:6] = user_f  # gender, age code, occupation, zip prefix
+    sparse[:, 6:8] = movie_f[:, :2]  # first genre, genre set
+    sparse[:, 8] = (ts // 3600) % 24  # hour of day, UTC
+    sparse[:, 9] = (ts // 86400 + 3) % 7  # 1970-01-01 was a Thursday (Monday = 0)
+    sparse[:, 10] = movie_f[:, 2]  # release year code
+    sparse %= np.asarray(num_embeddings_per_feature, dtype=np.int64)
+    return CriteoArrays(
+        labels=(raw[:, 2] >= 4).astype(np.float32),
+        dense=np.zeros((n, INT_FEATURE_COUNT), dtype=np.float32),
+        sparse=sparse,
+    )
+
+
+def read_movielens_table(
+    path: str | Path, max_rows: int = 0, in_file_order: bool = False
+) -> pa.Table:
+    """MovieLens ratings as a table of named columns, for a declared schema (the preset
+    ``configs/movielens_features.toml``; :func:`mlet_dist.data.columns.encode_table`).
+
+    Columns (ints, one per rating; rows sorted by time unless ``in_file_order``, so the contiguous
+    train / eval / test split is a time split): ``label`` (rating >= 4), ``user``, ``movie``,
+    ``gender`` (F = 0, M = 1), ``age`` (age-group code 0..6), ``occupation``, ``zip_prefix``,
+    ``genres`` (list of the movie's genre codes 1..18 in the order of :data:`GENRES`, ascending:
+    the multi-hot feature), ``hour`` and ``weekday`` (UTC, Monday = 0) of the timestamp,
+    ``year`` (release year code, as ``cat_10`` of the Criteo mapping).
+    """
+    raw, users, movies = _read_ratings(Path(path), max_rows, in_file_order)
+    user_f, movie_f, ts = users[raw[:, 0]], movies[raw[:, 1]], raw[:, 3]
+    codes = np.arange(1, len(GENRES) + 1)
+    bits = (movie_f[:, 1:2] >> (codes - 1)) & 1  # (n, 18): genre g listed
+    genres = pa.ListArray.from_arrays(
+        pa.array(np.concatenate([[0], np.cumsum(bits.sum(axis=1))]).astype(np.int32)),
+        pa.array(np.broadcast_to(codes, bits.shape)[bits.astype(bool)].astype(np.int64)),
+    )
+    columns = {
+        "label": pa.array((raw[:, 2] >= 4).astype(np.int8)),
+        "user": raw[:, 0],
+        "movie": raw[:, 1],
+        "gender": user_f[:, 0],
+        "age": user_f[:, 1],
+        "occupation": user_f[:, 2],
+        "zip_prefix": user_f[:, 3],
+        "genres": genres,
+        "hour": (ts // 3600) % 24,
+        "weekday": (ts // 86400 + 3) % 7,
+        "year": movie_f[:, 2],
+    }
+    return pa.table(columns)
+
+
+def _read_ratings(
+    path: Path, max_rows: int, in_file_order: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ratings (n, 4): user, movie, rating, timestamp; users lookup; movies lookup)."""
     if not path.is_file():
         raise CriteoFormatError(f"{path} does not exist", path=path)
     users, user_known = _lookup(read_users(_side_file(path, USERS_FILE)), 4)
@@ -291,19 +352,4 @@ def read_movielens(
             )
     if not in_file_order:
         raw = raw[np.argsort(raw[:, 3], kind="stable")]
-    n = len(raw)
-    user_f, movie_f, ts = users[raw[:, 0]], movies[raw[:, 1]], raw[:, 3]
-    sparse = np.zeros((n, CAT_FEATURE_COUNT), dtype=np.int64)
-    sparse[:, 0] = raw[:, 0]
-    sparse[:, 1] = raw[:, 1]
-    sparse[:, 2:6] = user_f  # gender, age code, occupation, zip prefix
-    sparse[:, 6:8] = movie_f[:, :2]  # first genre, genre set
-    sparse[:, 8] = (ts // 3600) % 24  # hour of day, UTC
-    sparse[:, 9] = (ts // 86400 + 3) % 7  # 1970-01-01 was a Thursday (Monday = 0)
-    sparse[:, 10] = movie_f[:, 2]  # release year code
-    sparse %= np.asarray(num_embeddings_per_feature, dtype=np.int64)
-    return CriteoArrays(
-        labels=(raw[:, 2] >= 4).astype(np.float32),
-        dense=np.zeros((n, INT_FEATURE_COUNT), dtype=np.float32),
-        sparse=sparse,
-    )
+    return raw, users, movies

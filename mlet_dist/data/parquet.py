@@ -139,6 +139,9 @@ class ParquetBatchSource:
         pin_memory: return batches in pinned memory (for asynchronous copies to cuda).
         num_embeddings_per_feature: if given, the table sizes the shards must have been hashed
             for (ids would otherwise fall outside the tables).
+        codec: shards of a declared feature schema
+            (:class:`mlet_dist.data.schema_shards.SchemaCodec`: ``columns``, ``decode(table)``,
+            ``check(path, arrow schema)``); None: Criteo shards.
 
     Raises:
         ConfigError: no shards, shards of other table sizes, or unreadable/incompatible files.
@@ -158,6 +161,7 @@ class ParquetBatchSource:
         prefetch_batches: int = 4,
         pin_memory: bool = False,
         num_embeddings_per_feature: Sequence[int] | None = None,
+        codec: Any = None,
     ) -> None:
         check_batch_split(batch_size, rank, world_size)
         if shuffle_buffer_rows < 0 or prefetch_batches < 0:
@@ -180,13 +184,18 @@ class ParquetBatchSource:
         self.shuffle_buffer_rows = shuffle_buffer_rows
         self.prefetch_batches = prefetch_batches
         self.pin_memory = pin_memory
+        self.codec = codec
+        self.columns = COLUMNS if codec is None else codec.columns
         groups = []  # (file index, row group index, rows)
         for i, f in enumerate(files):
             try:
                 meta = pq.read_metadata(f)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{f}: not a readable Parquet file ({e})") from e
-            missing = [c for c in COLUMNS if c not in meta.schema.names]
+            if codec is not None:
+                codec.check(f, meta.schema.to_arrow_schema())
+            names = meta.schema.to_arrow_schema().names  # top-level (list columns too)
+            missing = [c for c in self.columns if c not in names]
             if missing:
                 raise ConfigError(
                     f"{f} lacks the columns {missing[:5]}...; it was not written by "
@@ -256,7 +265,8 @@ class ParquetBatchSource:
                 position += b - a
                 if f not in handles:
                     handles[f] = pq.ParquetFile(self.files[f])
-                rows = table_to_arrays(handles[f].read_row_group(g, columns=COLUMNS))
+                table = handles[f].read_row_group(g, columns=self.columns)
+                rows = table_to_arrays(table) if self.codec is None else self.codec.decode(table)
                 yield rows.slice(a + skip, b)
         finally:
             for h in handles.values():
@@ -279,11 +289,16 @@ class ParquetBatchSource:
                 pieces.append(piece)
                 held += len(piece)
             while held >= window or (piece is None and held):
-                whole = CriteoArrays.concat(pieces)
+                whole = type(pieces[0]).concat(pieces)
                 take = min(window, len(whole))
                 perm = np.random.default_rng([self.seed, epoch, self.rank, k]).permutation(take)
                 rows = perm[skip:]
-                yield CriteoArrays(whole.labels[rows], whole.dense[rows], whole.sparse.T[:, rows].T)
+                if self.codec is not None:  # FeatureRows of a declared schema
+                    yield whole.take(rows)
+                else:
+                    yield CriteoArrays(
+                        whole.labels[rows], whole.dense[rows], whole.sparse.T[:, rows].T
+                    )
                 pieces = [whole.slice(take, len(whole))]
                 held = len(whole) - take
                 k, skip = k + 1, 0
@@ -303,7 +318,7 @@ class ParquetBatchSource:
             pieces.append(piece)
             held += len(piece)
             while held >= local or (position + held >= stop and held):
-                whole = CriteoArrays.concat(pieces) if len(pieces) > 1 else pieces[0]
+                whole = type(pieces[0]).concat(pieces) if len(pieces) > 1 else pieces[0]
                 size = min(local, held)
                 batch = to_batch(whole.slice(0, size))
                 yield batch.pin_memory() if self.pin_memory else batch

@@ -27,16 +27,21 @@ from mlet_dist.config import ConfigError, DataConfig, SyntheticConfig
 from mlet_dist.data.arrays import CriteoArrays, require_rows, split_arrays
 from mlet_dist.data.avazu import read_avazu_csv
 from mlet_dist.data.batching import ArrayBatchSource, BatchSource
+from mlet_dist.data.columns import encode_table, read_columns_file
 from mlet_dist.data.criteo import read_criteo_tsv
-from mlet_dist.data.movielens import read_movielens
+from mlet_dist.data.movielens import read_movielens, read_movielens_table
 from mlet_dist.data.parquet import ParquetBatchSource
+from mlet_dist.data.rows import FeatureRows
+from mlet_dist.data.schema_shards import SchemaCodec
 from mlet_dist.data.synthetic import ensure_synthetic
+from mlet_dist.schema import FeatureSchema, schema_of
 
 __all__ = [
     "FILE_KINDS",
     "Splits",
     "build_batch_source",
     "check_preprocessable",
+    "concat_rows",
     "data_files",
     "data_inputs",
     "ensure_source_data",
@@ -52,6 +57,7 @@ FILE_KINDS = {
     "criteo": "Criteo TSV",
     "avazu": "Avazu CSV",
     "movielens": "MovieLens ratings.dat(.gz), with users.dat and movies.dat beside it",
+    "files": "Parquet, CSV or TSV files with the declared schema's columns",
 }
 """What a raw file of each source is, for messages."""
 
@@ -68,13 +74,35 @@ def read_source_file(
     num_embeddings_per_feature: list[int],
     max_rows: int = 0,
     in_file_order: bool = False,
-) -> CriteoArrays:
-    """Reads one raw file of ``source`` into Criteo-layout arrays.
+    schema: FeatureSchema | None = None,
+    csv_columns: list[str] | None = None,
+) -> CriteoArrays | FeatureRows:
+    """Reads one raw file of ``source`` into Criteo-layout arrays, or, with a declared
+    ``schema`` (not the Criteo preset), into its :class:`~mlet_dist.data.rows.FeatureRows`
+    ('files': :mod:`mlet_dist.data.columns`; 'movielens': its named columns).
 
     ``in_file_order``: keep the rows in file order (MovieLens is otherwise sorted by time; the other
     sources are always in file order). 'parquet' is read as Criteo TSV: its shards come from
     Criteo TSV files (``mlet-dist preprocess``).
     """
+    if schema is not None and not schema.criteo:
+        # 'parquet': shards preprocessed from such files; raw inputs (predict) are those files
+        if source in ("files", "parquet"):
+            table = read_columns_file(path, schema, csv_columns or [], max_rows=max_rows)
+        elif source == "movielens":
+            table = read_movielens_table(path, max_rows=max_rows, in_file_order=in_file_order)
+        else:
+            raise ConfigError(
+                f"data.source = {source!r} has the fixed Criteo layout and cannot be read through "
+                f"a declared schema ([[data.sparse]]): use data.source = 'files' (Parquet/CSV/TSV) "
+                f"or 'movielens', or remove the schema"
+            )
+        return encode_table(table, schema, path)
+    if source == "files":
+        raise ConfigError(
+            "data.source = 'files' reads named columns through a declared schema: declare the "
+            'features ([[data.sparse]], README "Your own data")'
+        )
     sizes = num_embeddings_per_feature
     if source == "avazu":
         return read_avazu_csv(path, sizes, max_rows=max_rows)
@@ -87,9 +115,9 @@ def read_source_file(
 class Splits:
     """The rows of each split in memory (None: streamed from Parquet)."""
 
-    train: CriteoArrays | None
-    eval: CriteoArrays | None
-    test: CriteoArrays | None
+    train: CriteoArrays | FeatureRows | None
+    eval: CriteoArrays | FeatureRows | None
+    test: CriteoArrays | FeatureRows | None
 
     def has(self, cfg: DataConfig, split: str) -> bool:
         arrays = getattr(self, split)
@@ -131,7 +159,14 @@ def read_data_file(data_cfg: DataConfig, path: str | Path) -> CriteoArrays:
         CriteoFormatError: the file is malformed, or holds no rows (named).
     """
     sizes = data_cfg.num_embeddings_per_feature
-    arrays = read_source_file(data_cfg.source, path, sizes, max_rows=data_cfg.max_rows)
+    arrays = read_source_file(
+        data_cfg.source,
+        path,
+        sizes,
+        max_rows=data_cfg.max_rows,
+        schema=schema_of(data_cfg),
+        csv_columns=data_cfg.csv_columns,
+    )
     return require_rows(arrays, path)
 
 
@@ -150,7 +185,8 @@ def load_splits(data_cfg: DataConfig) -> Splits:
         return Splits(None, None, None)
 
     def read(paths: list[Path]) -> CriteoArrays:
-        return CriteoArrays.concat([read_data_file(data_cfg, p) for p in paths])
+        parts = [read_data_file(data_cfg, p) for p in paths]
+        return type(parts[0]).concat(parts) if parts else CriteoArrays.empty()
 
     rows = read(data_files(data_cfg))
     if data_cfg.eval_files:
@@ -172,7 +208,9 @@ def data_inputs(data_cfg: DataConfig) -> list[str]:
 
 def check_preprocessable(data_cfg: DataConfig) -> None:
     """Raises ConfigError unless ``mlet-dist preprocess`` can read the source (Criteo TSV)."""
-    if data_cfg.source in ("avazu", "movielens"):
+    if data_cfg.sparse:  # a declared schema: mlet_dist.data.schema_shards reads any source
+        return
+    if data_cfg.source in ("avazu", "movielens", "files"):
         raise ConfigError(
             f"mlet-dist preprocess reads Criteo TSV only, not data.source = {data_cfg.source!r}: "
             f"train, run and evaluate read that source into memory (no preprocessing needed); "
@@ -257,12 +295,15 @@ def build_batch_source(
                 "data.source = 'parquet' needs data.parquet_dir (the output directory of "
                 "`mlet-dist preprocess`)"
             )
+        schema = schema_of(data_cfg)
+        declared = not schema.criteo  # shards of mlet_dist.data.schema_shards
         return ParquetBatchSource(
             Path(data_cfg.parquet_dir) / split,
             batch_size,
             shuffle_buffer_rows=data_cfg.shuffle_buffer_rows,
             prefetch_batches=data_cfg.prefetch_batches,
-            num_embeddings_per_feature=data_cfg.num_embeddings_per_feature,
+            num_embeddings_per_feature=None if declared else data_cfg.num_embeddings_per_feature,
+            codec=SchemaCodec(schema) if declared else None,
             **common,
         )
     if arrays is None:
@@ -271,3 +312,8 @@ def build_batch_source(
             f"split's arrays (or set data.source = 'parquet' to stream preprocessed shards)"
         )
     return ArrayBatchSource(arrays, batch_size, **common)
+
+
+def concat_rows(parts: list[CriteoArrays | FeatureRows]) -> CriteoArrays | FeatureRows:
+    """Row-wise concatenation of what the readers return (Criteo arrays or schema rows)."""
+    return type(parts[0]).concat(parts) if parts else CriteoArrays.empty()

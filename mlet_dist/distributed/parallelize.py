@@ -32,6 +32,7 @@ from mlet_dist.distributed.sharding import (
     make_topology,
 )
 from mlet_dist.models import build_dlrm
+from mlet_dist.schema import schema_of
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def build_sharded_model(
     torch.manual_seed(cfg.train.seed)
     model = build_dlrm(
         cfg.model,
-        cfg.data.num_embeddings_per_feature,
+        schema_of(cfg.data),
         embedding_device=torch.device("meta"),
         dense_device=env.device,
     )

@@ -18,8 +18,9 @@ from mlet_dist.config import Config
 from mlet_dist.distributed.collapse import TableLayout, collapse_bytes
 from mlet_dist.export.load import served_config
 from mlet_dist.export.sinks import SERVING_TABLE_KEY, load_served_rows
-from mlet_dist.models import SERVED_TABLE_KEY, W1_DATA_TYPES, build_tables
+from mlet_dist.models import SERVED_TABLE_KEY, W1_DATA_TYPES, schema_tables
 from mlet_dist.modules.mlet import inner_dim_of, served_tables
+from mlet_dist.schema import schema_of
 from mlet_dist.serving.manifest import ARTIFACT_FILES, write_manifest
 from mlet_dist.serving.predictor import (
     aoti_package,
@@ -62,7 +63,7 @@ def build_predictor(
     """
     model = serving_model(
         served_config(cfg).model,
-        cfg.data.num_embeddings_per_feature,
+        schema_of(cfg.data),
         tables,
         load_served_rows(out, tables, dtype),
         dense_state,
@@ -119,7 +120,7 @@ def _table_report(cfg: Config) -> list[dict[str, Any]]:
             "dim": t.embedding_dim,
             "pooling": t.pooling.name,
         }
-        for t in build_tables(cfg.model, cfg.data.num_embeddings_per_feature)
+        for t in schema_tables(cfg.model, schema_of(cfg.data))
     ]
 
 
@@ -224,7 +225,10 @@ def finish_collapse(
                 # "inputs", "output", "dynamic_dims": read from the exported program
                 **(built["signature"] or {"inputs": None, "output": None, "dynamic_dims": None}),
                 "layout": {
-                    "dense": "the 13 integer features as log(max(x, 0) + 1), missing = 0",
+                    "dense": "the 13 integer features as log(max(x, 0) + 1), missing = 0"
+                    if schema_of(cfg.data).criteo
+                    else "the declared dense features in schema order, transformed (schema."
+                    "dense); one constant 1.0 when none is declared",
                     "values": "categorical ids (modulo the table rows), feature-major: all ids "
                     "of feature_order[0] for the batch, then feature_order[1], ...",
                     "lengths": "ids per (feature, sample), feature-major",
@@ -232,7 +236,9 @@ def finish_collapse(
                 },
                 "feature_order": features,
                 "feature_tables": {f: t.name for t in plain for f in t.feature_names},
-                "dense_features": 13,
+                "dense_features": schema_of(cfg.data).dense_in_features,
+                # the declared features (mlet_dist.schema): what `mlet-dist predict` reads
+                "schema": schema_of(cfg.data).to_dict(),
             },
             "parquet": {
                 "columns": {"id": "int64", "embedding": "fixed_size_list<float32>[d]"},

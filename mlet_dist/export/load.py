@@ -12,9 +12,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from mlet_dist.checkpoint import dcp_load, verify_checkpoint
 from mlet_dist.config import Config, load_run_config
-from mlet_dist.models import SPARSE_PREFIX, build_dlrm, build_tables
+from mlet_dist.models import SPARSE_PREFIX, build_dlrm, schema_tables
 from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS, collapse
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, served_tables
+from mlet_dist.schema import schema_of
 
 
 def served_config(cfg: Config) -> Config:
@@ -28,9 +29,7 @@ def served_config(cfg: Config) -> Config:
 
 def load_unsharded(cfg: Config, checkpoint: Path) -> DLRMTrain:
     """Builds the model on CPU with materialized tables and loads a (sharded) checkpoint into it."""
-    model = build_dlrm(
-        cfg.model, cfg.data.num_embeddings_per_feature, embedding_device=torch.device("cpu")
-    )
+    model = build_dlrm(cfg.model, schema_of(cfg.data), embedding_device=torch.device("cpu"))
     state = {"model": model.state_dict()}
     verify_checkpoint(checkpoint, collective=False)
     dcp_load(state, checkpoint, no_dist=True)  # this process alone; one-line CheckpointError
@@ -49,9 +48,7 @@ def collapse_model(
     """Single-process reference: the MLET tables of a whole (unsharded) model collapsed, the dense
     network copied. The served path is :func:`mlet_dist.export.collapse_run`."""
     ebc = collapse(mlet_module(model), chunk_rows=chunk_rows)
-    served = build_dlrm(
-        served_config(cfg).model, cfg.data.num_embeddings_per_feature, embedding_module=ebc
-    )
+    served = build_dlrm(served_config(cfg).model, schema_of(cfg.data), embedding_module=ebc)
     dense = {k: v for k, v in model.state_dict().items() if not k.startswith(SPARSE_PREFIX)}
     missing, unexpected = served.load_state_dict(dense, strict=False)
     if unexpected or any(not k.startswith(SPARSE_PREFIX) for k in missing):
@@ -63,9 +60,9 @@ def load_served(out_dir: str | Path) -> tuple[DLRMTrain, Config]:
     """Loads a collapsed model written by :func:`mlet_dist.export.collapse_run` (plain EBC, CPU,
     one process)."""
     cfg = load_run_config(out_dir)
-    tables = build_tables(cfg.model, cfg.data.num_embeddings_per_feature)
+    tables = schema_tables(cfg.model, schema_of(cfg.data))
     ebc = EmbeddingBagCollection(tables=served_tables(tables), device=torch.device("cpu"))
-    model = build_dlrm(cfg.model, cfg.data.num_embeddings_per_feature, embedding_module=ebc)
+    model = build_dlrm(cfg.model, schema_of(cfg.data), embedding_module=ebc)
     state = {"model": model.state_dict()}
     dcp_load(state, Path(out_dir) / "model", no_dist=True)  # refuses a crafted .metadata
     model.load_state_dict(state["model"])

@@ -47,11 +47,12 @@ from mlet_dist.models import (
     W1_PREFIX,
     W2_PREFIX,
     build_dlrm,
-    build_tables,
+    schema_tables,
 )
 from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS
 from mlet_dist.modules.mlet import inner_dim_of, served_tables
 from mlet_dist.modules.quantize import check_dtype, serving_layout
+from mlet_dist.schema import schema_of
 from mlet_dist.serving.manifest import MANIFEST, READABLE_FORMATS, ServingError
 from mlet_dist.serving.predictor import check_aoti_available
 from mlet_dist.utils.files import (
@@ -238,7 +239,7 @@ def _collapse_run(
         raise CheckpointError(
             f"run {run_dir} has no complete checkpoint under checkpoints/; train it first"
         )
-    tables = build_tables(cfg.model, cfg.data.num_embeddings_per_feature)
+    tables = schema_tables(cfg.model, schema_of(cfg.data))
     factorized = [t.name for t in tables if inner_dim_of(t)]
     if not factorized and not allow_plain:
         raise CollapseError(
@@ -351,9 +352,9 @@ def _collapse_run(
 
 def _check_served_keys(served_state: dict[str, Any], cfg: Config) -> None:
     """The saved keys must be exactly those of the plain d-dim served model (load_served)."""
-    sizes = cfg.data.num_embeddings_per_feature
+    sizes = schema_of(cfg.data)
     ebc = EmbeddingBagCollection(
-        tables=served_tables(build_tables(cfg.model, sizes)), device=torch.device("meta")
+        tables=served_tables(schema_tables(cfg.model, sizes)), device=torch.device("meta")
     )
     expected = set(build_dlrm(served_config(cfg).model, sizes, embedding_module=ebc).state_dict())
     if expected != set(served_state):

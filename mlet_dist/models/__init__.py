@@ -6,6 +6,7 @@ from mlet_dist.models.dlrm import (
     W2_PREFIX,
     build_dlrm,
     build_tables,
+    schema_tables,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "W2_PREFIX",
     "build_dlrm",
     "build_tables",
+    "schema_tables",
 ]

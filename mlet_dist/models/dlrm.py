@@ -8,6 +8,8 @@ MLET module and a plain EBC are interchangeable.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
@@ -17,6 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mlet_dist.config import ConfigError, ModelConfig
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, MLETEmbeddingBagConfig
+from mlet_dist.schema import FeatureSchema
 
 # State-dict keys of DLRMTrain: the sparse part; the W1 tables and W2 projections of the MLET
 # module (training); a table of the plain d-dim EBC (the served model, ``.format(table)``).
@@ -81,9 +84,44 @@ def build_tables(
     return tables
 
 
+def schema_tables(model_cfg: ModelConfig, schema: FeatureSchema) -> list[MLETEmbeddingBagConfig]:
+    """The tables of a declared schema (a shared table lists several features), factorized when
+    their k (``model.inner_dim_per_table[name]``, else ``model.inner_dim``) is non-zero; pooling
+    per table (empty: ``model.pooling``). The Criteo preset gives :func:`build_tables`' tables."""
+    if schema.criteo:
+        return build_tables(model_cfg, [t.num_embeddings for t in schema.tables])
+    known = {t.name for t in schema.tables}
+    unknown = sorted(set(model_cfg.inner_dim_per_table) - known)
+    if unknown:
+        raise ConfigError(
+            f"model.inner_dim_per_table names unknown tables {unknown}; tables are "
+            f"{', '.join(sorted(known))}"
+        )
+    # build_tables gives every other field of a table (one table per placeholder feature).
+    base = build_tables(
+        dataclasses.replace(model_cfg, inner_dim_per_table={}),
+        [t.num_embeddings for t in schema.tables],
+        feature_names=[f"table_{i}" for i in range(len(schema.tables))],
+    )
+    tables = []
+    for t, cfg in zip(schema.tables, base):
+        k = model_cfg.inner_dim_per_table.get(t.name, model_cfg.inner_dim)
+        pooling = t.pooling or model_cfg.pooling
+        tables.append(
+            dataclasses.replace(
+                cfg,
+                name=t.name,
+                feature_names=list(t.features),
+                pooling=PoolingType.SUM if pooling == "sum" else PoolingType.MEAN,
+                inner_dim=k or None,
+            )
+        )
+    return tables
+
+
 def build_dlrm(
     model_cfg: ModelConfig,
-    num_embeddings_per_feature: list[int],
+    num_embeddings_per_feature: list[int] | FeatureSchema,
     embedding_device: torch.device | None = None,
     dense_device: torch.device | None = None,
     embedding_module: nn.Module | None = None,
@@ -92,17 +130,22 @@ def build_dlrm(
 
     Args:
         model_cfg: model section.
-        num_embeddings_per_feature: table rows per categorical feature.
+        num_embeddings_per_feature: table rows per categorical feature (the Criteo layout), or a
+            feature schema (:func:`mlet_dist.schema.schema_of`).
         embedding_device: device of W1; ``meta`` to defer allocation to the sharder (default).
         dense_device: device of W2 and the MLPs (default CPU).
         embedding_module: use this module (e.g. a collapsed plain EBC) instead of building one.
     """
     dense_device = dense_device or torch.device("cpu")
     embedding_device = embedding_device or torch.device("meta")
+    schema = num_embeddings_per_feature
+    dense_in = schema.dense_in_features if isinstance(schema, FeatureSchema) else INT_FEATURE_COUNT
     with dense_device:
         if embedding_module is None:
             embedding_module = MLETEmbeddingBagCollection(
-                build_tables(model_cfg, num_embeddings_per_feature),
+                schema_tables(model_cfg, schema)
+                if isinstance(schema, FeatureSchema)
+                else build_tables(model_cfg, schema),
                 device=embedding_device,
                 projection_device=dense_device,
                 projection_init=model_cfg.projection_init,
@@ -110,7 +153,7 @@ def build_dlrm(
             )
         common = dict(
             embedding_bag_collection=embedding_module,
-            dense_in_features=INT_FEATURE_COUNT,
+            dense_in_features=dense_in,
             dense_arch_layer_sizes=model_cfg.dense_arch_layer_sizes,
             over_arch_layer_sizes=model_cfg.over_arch_layer_sizes,
             dense_device=dense_device,

@@ -55,6 +55,9 @@ def predict_arrays(predictor: Any, rows: ServingRows, batch_size: int = 4096) ->
     outs = []
     for start in range(0, len(rows.dense), batch_size):
         stop = start + batch_size
+        if hasattr(rows, "serving_tensors"):  # rows of a declared schema (multi-hot ids)
+            outs.append(predictor(*rows.slice(start, stop).serving_tensors()))
+            continue
         outs.append(predictor(*serving_tensors(rows.dense[start:stop], rows.sparse[start:stop])))
     return torch.cat(outs) if outs else torch.zeros(0)
 
@@ -63,6 +66,11 @@ def table_sizes(manifest: dict[str, Any]) -> list[int]:
     """Rows of each categorical feature's table, in the predictor's feature order."""
     rows = {f: t["rows"] for t in manifest["tables"] for f in t["features"]}
     return [rows[f] for f in manifest["serving"]["feature_order"]]
+
+
+def data_config(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The ``[data]`` section of the run the served model came from ({} when not recorded)."""
+    return manifest.get("source", {}).get("config", {}).get("data", {}) or {}
 
 
 def data_source(manifest: dict[str, Any]) -> str:

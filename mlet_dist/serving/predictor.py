@@ -77,10 +77,13 @@ class ServingModel(nn.Module):
         p = model(torch.rand(2, 13), torch.tensor([3, 1, 4]), torch.tensor([1, 1, 1, 0]))
     """
 
-    def __init__(self, dlrm: nn.Module, feature_names: list[str]) -> None:
+    def __init__(
+        self, dlrm: nn.Module, feature_names: list[str], dense_width: int = DENSE_FEATURES
+    ) -> None:
         super().__init__()
         self.dlrm = dlrm
         self.feature_names = list(feature_names)
+        self.dense_width = dense_width  # columns of `dense` (the schema's dense_in_features)
 
     def forward(
         self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
@@ -127,7 +130,7 @@ def quant_embedding_bag_collection(
 
 def serving_model(
     model_cfg: Any,
-    num_embeddings_per_feature: list[int],
+    num_embeddings_per_feature: Any,
     tables: list[EmbeddingBagConfig],
     rows: Mapping[str, torch.Tensor],
     dense_state: Mapping[str, torch.Tensor],
@@ -137,7 +140,8 @@ def serving_model(
 
     Args:
         model_cfg: the served model config (``model.inner_dim = 0``).
-        num_embeddings_per_feature: table rows per feature.
+        num_embeddings_per_feature: table rows per feature, or the feature schema
+            (:mod:`mlet_dist.schema`; its dense width shapes the bottom MLP).
         tables: the served (d-dim) table configs.
         rows: table -> rows in the serving format.
         dense_state: ``DLRMTrain`` state-dict entries of the dense network (``model.*``).
@@ -149,13 +153,17 @@ def serving_model(
     if unexpected or any(not k.startswith(SPARSE_PREFIX) for k in missing):
         raise RuntimeError(f"dense state mismatch: missing {missing}, unexpected {unexpected}")
     features = [f for t in tables for f in t.feature_names]
-    return ServingModel(model.model, features).eval().requires_grad_(False)
+    dense_width = getattr(num_embeddings_per_feature, "dense_in_features", DENSE_FEATURES)
+    served = ServingModel(model.model, features, dense_width)
+    return served.eval().requires_grad_(False)
 
 
-def example_inputs(num_features: int, batch: int = 3) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    num_features: int, batch: int = 3, dense_width: int = DENSE_FEATURES
+) -> tuple[torch.Tensor, ...]:
     """(dense, values, lengths) of ``batch`` samples with one id (0) per feature."""
     return (
-        torch.zeros(batch, DENSE_FEATURES),
+        torch.zeros(batch, dense_width),
         torch.zeros(num_features * batch, dtype=torch.int64),
         torch.ones(num_features * batch, dtype=LENGTHS_DTYPE),
     )
@@ -213,7 +221,7 @@ def export_predictor(model: ServingModel) -> torch.export.ExportedProgram:
     ):
         return torch.export.export(
             model,
-            example_inputs(len(model.feature_names)),
+            example_inputs(len(model.feature_names), dense_width=model.dense_width),
             dynamic_shapes=dynamic,
             strict=False,
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mlet_dist.config import Config, ConfigError, config_from_dict, load_config
+from mlet_dist.schema import schema_of
 from mlet_dist.sweep.report import markdown, plot, summarize
 from mlet_dist.sweep.spec import (
     RESULT_FILE,
@@ -160,7 +161,7 @@ def run_all(
 
 
 def _num_tables(cfg: Config) -> int:
-    return len(cfg.data.num_embeddings_per_feature)
+    return len(schema_of(cfg.data).tables)
 
 
 def _check_work_dir(work: Path, cfg: Config) -> None:

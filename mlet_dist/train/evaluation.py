@@ -120,7 +120,7 @@ def array_batches(arrays: CriteoArrays, batch_size: int, env: DistEnv) -> Iterat
     if not left:
         return source.batches(0)
     pad = np.concatenate([np.arange(n - left, n), np.full(env.world_size - left, n - 1)])
-    rest = CriteoArrays(arrays.labels[pad], arrays.dense[pad], arrays.sparse[pad])
+    rest = arrays.take(pad)
     extra = ArrayBatchSource(rest, env.world_size, pin_memory=pin, **common)
     return itertools.chain(source.batches(0), extra.batches(0))
 
@@ -187,8 +187,8 @@ def local_predictions(
             size = batch.labels.numel()
             out["position"].append(offset + env.rank * size + torch.arange(size))
             offset += size * env.world_size
-            if id_counts is not None:  # the KJT holds one id per row and feature, key-major
-                ids = batch.sparse_features.values().reshape(-1, size).T.numpy()
+            if id_counts is not None:  # per row and feature (key-major) its first id
+                ids = first_ids(batch.sparse_features, size)
                 out["rarest"].append(torch.from_numpy(rarest_id_count(ids, id_counts)).long())
             _, logits, labels = output
             out["logits"].append(logits.float().cpu())
@@ -228,3 +228,17 @@ def _forwards(
     finally:
         pipe.detach()  # the model's own forwards again
         pipe.reset()  # stops its reading thread
+
+
+def first_ids(kjt: Any, size: int) -> np.ndarray:
+    """(size, F) int64: each row's first id of each feature of a batch's KJT (0 for an empty
+    bag), as :attr:`mlet_dist.data.rows.FeatureRows.sparse`; with one id per row and feature
+    (Criteo) simply the ids."""
+    values, lengths = kjt.values(), kjt.lengths()
+    if values.numel() == lengths.numel():  # one id each: the KJT is the (F, size) matrix
+        return values.reshape(-1, size).T.numpy()
+    if values.numel() == 0:
+        return np.zeros((size, lengths.numel() // max(size, 1)), np.int64)
+    starts = torch.cumsum(lengths, 0) - lengths
+    first = torch.where(lengths > 0, values[starts.clamp(max=max(values.numel() - 1, 0))], 0)
+    return first.reshape(-1, size).T.numpy()

@@ -30,6 +30,7 @@ from mlet_dist.data.preprocess.parts import (
     plan_parts,
 )
 from mlet_dist.data.preprocess.pool import Workers
+from mlet_dist.data.preprocess.schema import preprocess_schema
 from mlet_dist.data.preprocess.write import write_part
 from mlet_dist.data.sources import check_preprocessable, preprocess_inputs
 from mlet_dist.utils.files import atomic_write_json, check_output
@@ -334,6 +335,8 @@ def preprocess_from_config(
     out_dir = out_dir or data_cfg.parquet_dir
     if not out_dir:
         raise ConfigError("no output directory: pass --out DIR or set data.parquet_dir")
+    if data_cfg.sparse:  # a declared feature schema: its own (in-memory) preprocessing
+        return preprocess_schema(data_cfg, inputs, out_dir, progress=progress)
     return preprocess(
         inputs,
         out_dir,

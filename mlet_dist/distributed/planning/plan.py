@@ -44,6 +44,7 @@ from mlet_dist.distributed.sharding import (
 from mlet_dist.errors import MletError
 from mlet_dist.models.dlrm import build_dlrm
 from mlet_dist.modules.mlet import inner_dim_of
+from mlet_dist.schema import schema_of
 
 # TorchRec's default (EmbeddingShardingPlanner's heuristical_storage_reservation_percentage):
 # the share of each device the planner keeps free as a margin, on top of dense and KJT storage.
@@ -188,9 +189,7 @@ def quiet_planner() -> Iterator[None]:
 
 def meta_model(cfg: Config) -> nn.Module:
     meta = torch.device("meta")
-    return build_dlrm(
-        cfg.model, cfg.data.num_embeddings_per_feature, embedding_device=meta, dense_device=meta
-    )
+    return build_dlrm(cfg.model, schema_of(cfg.data), embedding_device=meta, dense_device=meta)
 
 
 def make_plan(

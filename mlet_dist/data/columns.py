@@ -1,0 +1,279 @@
+"""Files with named columns (Parquet, CSV, TSV) read through a declared feature schema.
+
+``data.source = 'files'``: every file of ``data.train_files`` / ``data.eval_files`` is read with
+pyarrow (only the columns the schema names) and encoded into
+:class:`~mlet_dist.data.rows.FeatureRows` by :func:`encode_table`, which the MovieLens preset
+uses as well (:func:`mlet_dist.data.movielens.read_movielens_table`).
+
+Formats, by file name: ``.parquet``/``.pq`` (ints, strings, booleans; ``list<int>`` or
+``list<string>`` columns for multi-hot features); ``.csv``/``.tsv`` (optionally ``.gz``; comma or
+tab separated; a header line unless ``data.csv_columns`` names the columns, and then a first line
+equal to those names is skipped as a header, so headed and headless parts mix; a multi-hot value is
+one field with ``|`` between the ids, e.g. ``Comedy|Drama``; text has no types, so with
+``ids = 'hash'`` every CSV id is hashed as a string, ``"5"`` like ``"abc"``, whereas a Parquet int
+column's 5 is the int 5: keep one input format per model).
+
+Encoding (per declared feature):
+
+- label: 0/1 numbers or booleans, no missing value;
+- dense: numbers, missing = 0, then ``transform`` ('log1p': ``log(1 + max(x, 0))`` as DLRM);
+- sparse, ``ids = 'hash'``: strings become the little-endian uint64 of the first 8 bytes of
+  ``blake2b(utf-8 bytes)`` (Python's ``hashlib``: stable across runs, machines and versions,
+  unlike Python's ``hash``), ints their two's-complement uint64; then modulo the table rows;
+- sparse, ``ids = 'int'``: non-negative ints used as they are; one past the table is an error;
+- missing (null) value: an empty bag (length 0; the pooled embedding is 0). A multi-hot list is
+  cut to ``max_length`` ids.
+
+Bad input (a missing column, strings where numbers are declared, a list where one id is declared,
+an id past its table) raises :class:`ColumnError` naming the file, column and fix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from mlet_dist.data.arrays import CriteoFormatError
+from mlet_dist.data.rows import FeatureRows
+from mlet_dist.schema import FeatureSchema
+
+__all__ = ["ColumnError", "encode_table", "read_columns_file", "stable_hash"]
+
+MULTI_SEPARATOR = "|"
+
+
+class ColumnError(CriteoFormatError):
+    """A column of an input file does not match the declared schema (file, column and fix)."""
+
+
+def stable_hash(strings: Sequence[str]) -> np.ndarray:
+    """uint64 of each string: the first 8 bytes of blake2b(utf-8), little-endian.
+
+    (hashlib rather than a numpy/pyarrow hash: neither exposes a documented, version-stable string
+    hash; the encoder hashes each distinct string once, so the Python loop runs over the
+    vocabulary, not the rows.)
+    """
+    out = np.empty(len(strings), dtype=np.uint64)
+    for i, s in enumerate(strings):
+        out[i] = int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")
+    return out
+
+
+def _format(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    for suffix, kind in ((".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv")):
+        if name.endswith(suffix):
+            return kind
+    if name.endswith((".tsv", ".txt")):
+        return "tsv"
+    raise ColumnError(
+        f"{path}: unknown file type; data.source = 'files' reads .parquet, .csv or .tsv "
+        f"(optionally .gz) files",
+        path=path,
+    )
+
+
+def _first_line(path: Path, kind: str) -> list[str]:
+    """The fields of a CSV/TSV file's first line (to recognize a header equal to csv_columns)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
+        line = f.readline().rstrip("\r\n")
+    return line.split("," if kind == "csv" else "\t")
+
+
+def _needed(schema: FeatureSchema) -> list[str]:
+    cols = [schema.label]
+    cols += [f.column or f.name for f in schema.dense]
+    cols += [f.column or f.name for f in schema.sparse]
+    return list(dict.fromkeys(cols))
+
+
+def read_columns_file(
+    path: str | Path, schema: FeatureSchema, csv_columns: Sequence[str] = (), max_rows: int = 0
+) -> pa.Table:
+    """The columns ``schema`` needs from one Parquet/CSV/TSV file (see the module docstring).
+
+    Raises:
+        ColumnError: the file is missing or unreadable, or lacks a declared column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ColumnError(f"{path} does not exist (data.train_files / data.eval_files)", path=path)
+    kind = _format(path)
+    needed = _needed(schema)
+    try:
+        if kind == "parquet":
+            names = pq.read_schema(path).names
+        else:
+            multi = {f.column or f.name for f in schema.sparse if f.max_length > 1}
+            int_multi = {
+                f.column or f.name for f in schema.sparse if f.max_length > 1 and f.ids == "int"
+            }
+            skip = int(bool(csv_columns) and _first_line(path, kind) == list(csv_columns))
+            read = pcsv.ReadOptions(column_names=list(csv_columns) or None, skip_rows=skip)
+            parse = pcsv.ParseOptions(delimiter="," if kind == "csv" else "\t")
+            convert = pcsv.ConvertOptions(
+                # text has no types: every id column is read as text (hashed as a string) unless
+                # ids = 'int' (then a plain int column), so a column never changes kind by file
+                column_types={
+                    f.column or f.name: pa.string()
+                    if f.ids == "hash" or f.max_length > 1
+                    else pa.int64()
+                    for f in schema.sparse
+                },
+                strings_can_be_null=True,
+            )
+            table = pcsv.read_csv(path, read, parse, convert)
+            names = table.column_names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ColumnError(f"{path}: not a readable {kind} file ({e})", path=path) from e
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise ColumnError(
+            f"{path}: no column {missing[0]!r} (declared in the data schema); its columns are "
+            f"{', '.join(names[:20])}: fix the column name in the config (column = ...)",
+            path=path,
+        )
+    if kind == "parquet":
+        table = pq.read_table(path, columns=needed)
+    else:
+        table = table.select(needed)
+        for c in multi:  # "a|b|c" -> ["a", "b", "c"]
+            i = table.column_names.index(c)
+            split = pc.split_pattern(table.column(c), MULTI_SEPARATOR)
+            if c in int_multi:
+                split = split.cast(pa.list_(pa.int64()))
+            table = table.set_column(i, c, split)
+    return table.slice(0, max_rows) if max_rows else table
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    col = table.column(name).combine_chunks()
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    return col
+
+
+def _numbers(col: pa.Array, where: str, path: Path, fix: str) -> np.ndarray:
+    t = col.type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+        raise ColumnError(f"{where}: holds {t} values, expected numbers: {fix}", path=path)
+    return pc.fill_null(col.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+
+
+def _ids(values: pa.Array, rows: int, f, where: str, path: Path) -> np.ndarray:
+    """uint64/int64 ids of a flat array of ints or strings (no nulls)."""
+    t = values.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        if f.ids == "int":
+            raise ColumnError(
+                f"{where}: holds strings but ids = 'int' is declared: set ids = 'hash' (or map the "
+                f"strings to ints first)",
+                path=path,
+            )
+        codes = pc.dictionary_encode(values)
+        hashed = stable_hash(codes.dictionary.to_pylist())
+        return hashed[codes.indices.to_numpy(zero_copy_only=False)] % np.uint64(rows)
+    if pa.types.is_integer(t) or pa.types.is_boolean(t):
+        ids = values.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        if f.ids == "hash":
+            return ids.view(np.uint64) % np.uint64(rows)
+        bad = np.flatnonzero((ids < 0) | (ids >= rows))
+        if bad.size:
+            raise ColumnError(
+                f"{where}: id {ids[bad[0]]} is outside its table of {rows} rows (ids = 'int'): "
+                f"set ids = 'hash', or num_embeddings > {int(ids.max())}",
+                path=path,
+            )
+        return ids
+    raise ColumnError(
+        f"{where}: holds {t} values; categorical ids must be ints or strings (a list column for "
+        f"a multi-hot feature)",
+        path=path,
+    )
+
+
+def _sparse(col: pa.Array, f, rows: int, where: str, path: Path):
+    """(ids (n, L) int64, lengths (n,) int32) of one feature's column."""
+    n = len(col)
+    width = f.max_length
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        if width == 1:
+            raise ColumnError(
+                f"{where}: holds lists ({col.type}) but one id per row is declared: set "
+                f"max_length to the longest list to keep (a multi-hot feature)",
+                path=path,
+            )
+        flat = col.flatten()  # skips null lists; offsets below count them as empty
+        if flat.null_count:
+            raise ColumnError(f"{where}: a list holds a null id; drop it from the list", path=path)
+        lengths_all = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
+        starts = np.concatenate([[0], np.cumsum(lengths_all)[:-1]]).astype(np.int64)
+        values = _ids(flat, rows, f, where, path).astype(np.int64)
+    else:
+        present = col.is_valid().to_numpy(zero_copy_only=False)
+        lengths_all = present.astype(np.int64)
+        starts = np.cumsum(lengths_all) - lengths_all
+        values = _ids(col.drop_null(), rows, f, where, path).astype(np.int64)
+    lengths = np.minimum(lengths_all, width)
+    ids = np.zeros((n, width), dtype=np.int64)
+    for j in range(width):
+        has = lengths > j
+        ids[has, j] = values[starts[has] + j]
+    return ids, lengths.astype(np.int32)
+
+
+def encode_table(table: pa.Table, schema: FeatureSchema, path: str | Path) -> FeatureRows:
+    """The rows of a table of named columns, encoded as the schema declares (module docstring).
+
+    Raises:
+        ColumnError: a declared column is missing or of the wrong kind, or an id is past its table
+            (``ids = 'int'``); the message names ``path``, the column and the fix.
+    """
+    path = Path(path)
+    for c in _needed(schema):
+        if c not in table.column_names:
+            raise ColumnError(f"{path}: no column {c!r} (declared in the data schema)", path=path)
+    label = _column(table, schema.label)
+    where = f"{path}: column {schema.label!r} (data.label)"
+    if label.null_count:
+        raise ColumnError(f"{where}: {label.null_count} rows have no label; drop them", path=path)
+    labels = _numbers(label, where, path, "the label must be 0/1 or a boolean")
+    if labels.size and not np.isin(labels, (0.0, 1.0)).all():
+        bad = labels[~np.isin(labels, (0.0, 1.0))][0]
+        raise ColumnError(
+            f"{where}: value {bad} is not 0 or 1; binarize the label first (e.g. rating >= 4)",
+            path=path,
+        )
+    n = len(labels)
+    dense = np.ones((n, 1), dtype=np.float32)
+    if schema.dense:
+        cols = []
+        for f in schema.dense:
+            c = f.column or f.name
+            x = _numbers(
+                _column(table, c),
+                f"{path}: column {c!r} (dense feature {f.name})",
+                path,
+                "declare it as a [[data.sparse]] feature, or fix the data",
+            )
+            if f.transform == "log1p":
+                x = np.log1p(np.maximum(x, 0.0))
+            cols.append(x.astype(np.float32))
+        dense = np.stack(cols, axis=1)
+    ids, lengths = [], []
+    for f in schema.sparse:
+        c = f.column or f.name
+        rows = schema.table_of(f.name).num_embeddings
+        a, m = _sparse(_column(table, c), f, rows, f"{path}: column {c!r} ({f.name})", path)
+        ids.append(a)
+        lengths.append(m)
+    return FeatureRows(labels.astype(np.float32), dense, ids, lengths, schema.feature_names)
