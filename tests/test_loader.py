@@ -328,3 +328,13 @@ def test_preprocessed_real_rows_reach_the_batches(tmp_path):
 def test_pinned_batches(shards):
     b = next(iter(source(shards, pin_memory=True).batches(0)))
     assert b.dense_features.is_pinned() and b.sparse_features.values().is_pinned()
+
+
+def test_divisible_batch_size_is_the_largest_multiple_not_above():
+    from mlet_dist.data import divisible_batch_size
+
+    for world in range(1, 6):
+        for batch in range(1, 40):
+            multiples = [m for m in range(world, batch + 1, world)]
+            expected = multiples[-1] if multiples else world  # at least one row per rank
+            assert divisible_batch_size(batch, world) == expected, (batch, world)

@@ -39,11 +39,18 @@ __all__ = [
     "ArrayBatchSource",
     "BatchSource",
     "check_batch_split",
+    "divisible_batch_size",
     "make_batches",
     "num_batches",
     "prefetch",
     "to_batch",
 ]
+
+
+def divisible_batch_size(batch_size: int, world_size: int) -> int:
+    """``batch_size`` rounded down to a multiple of ``world_size`` (at least one row per rank):
+    the global batch of evaluation and of a model rebuilt at another world size."""
+    return max(world_size, batch_size - batch_size % world_size)
 
 
 def check_batch_split(batch_size: int, rank: int, world_size: int) -> None:

@@ -26,7 +26,7 @@ import torch
 from mlet_dist.config import ConfigError, DataConfig, SyntheticConfig
 from mlet_dist.data.arrays import CriteoArrays, require_rows, split_arrays
 from mlet_dist.data.avazu import read_avazu_csv
-from mlet_dist.data.batching import ArrayBatchSource, BatchSource
+from mlet_dist.data.batching import ArrayBatchSource, BatchSource, divisible_batch_size
 from mlet_dist.data.columns import encode_table, read_columns_file
 from mlet_dist.data.criteo import read_criteo_tsv
 from mlet_dist.data.movielens import read_movielens, read_movielens_table
@@ -277,9 +277,7 @@ def build_batch_source(
     if training:
         batch_size = data_cfg.batch_size
     else:
-        batch_size = max(
-            world_size, data_cfg.eval_batch_size - data_cfg.eval_batch_size % world_size
-        )
+        batch_size = divisible_batch_size(data_cfg.eval_batch_size, world_size)
     pin = device is not None and torch.device(device).type == "cuda"
     common = {
         "rank": rank,

@@ -25,6 +25,7 @@ from mlet_dist.checkpoint import (
     verify_checkpoint,
 )
 from mlet_dist.config import Config, ConfigError, load_run_config
+from mlet_dist.data import divisible_batch_size
 from mlet_dist.distributed.collapse import (
     CollapsedBlock,
     MemoryTracker,
@@ -112,7 +113,7 @@ def _collapse_config(cfg: Config, world_size: int) -> Config:
     multiple of it (the Trainer requires one) and does not change the parameters.
     """
     out = copy.deepcopy(cfg)
-    out.data.batch_size = max(world_size, cfg.data.batch_size - cfg.data.batch_size % world_size)
+    out.data.batch_size = divisible_batch_size(cfg.data.batch_size, world_size)
     out.train.progress = False
     return out
 

@@ -32,7 +32,12 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.train_pipeline import EvalPipelineSparseDist
 
 from mlet_dist.config import Config
-from mlet_dist.data import ArrayBatchSource, CriteoArrays, build_batch_source
+from mlet_dist.data import (
+    ArrayBatchSource,
+    CriteoArrays,
+    build_batch_source,
+    divisible_batch_size,
+)
 from mlet_dist.distributed.parallelize import DistEnv
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.quality import bucket_metrics, rarest_id_count
@@ -104,7 +109,7 @@ def predict_arrays(
 ) -> Predictions:
     """:func:`predictions` of every row in memory, in row order (``batch_size``: global, rounded
     down to a multiple of the world size)."""
-    batch_size = max(env.world_size, batch_size - batch_size % env.world_size)
+    batch_size = divisible_batch_size(batch_size, env.world_size)
     batches = array_batches(arrays, batch_size, env)
     return predictions(model, batches, env, id_counts, rows=len(arrays), pipelined=pipelined)
 

@@ -123,7 +123,8 @@ class TrainingMonitor:
         )
         self.writer = None
         if t.tensorboard and env.is_rank0:
-            # torch's writer: the tensorboard package only for its protobufs (no TensorFlow).
+            # torch's writer (the tensorboard package only for its protobufs, no TensorFlow);
+            # imported only when asked for: it loads tensorboard's protobuf modules.
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
