@@ -28,7 +28,7 @@ from mlet_dist.data.sources import concat_rows
 from mlet_dist.distributed.parallelize import build_sharded_model, init_distributed
 from mlet_dist.export import collapse_run, load_served, load_unsharded
 from mlet_dist.metrics import binary_metrics
-from mlet_dist.quality import id_counts
+from mlet_dist.quality import training_id_counts
 from mlet_dist.schema import schema_of
 from mlet_dist.serving.predict import load_predictor, predict_arrays
 from mlet_dist.train import evaluate, train
@@ -121,7 +121,7 @@ def _evaluate_run(
             )
     # Per id-frequency bucket, with the ids counted in the training split (as training reports).
     feature_sizes = schema_of(cfg.data).feature_sizes
-    counts = None if train_rows is None else id_counts(train_rows.sparse, feature_sizes)
+    counts = None if train_rows is None else training_id_counts(train_rows, feature_sizes)
     env = init_distributed(cfg.dist)
     model = build_sharded_model(cfg, env)
     load_weights(model, ckpt, cfg)

@@ -89,8 +89,8 @@ class FeatureRows:
 
     @property
     def sparse(self) -> np.ndarray:
-        """(N, F) int64: each feature's first id (0 for an empty bag), for the per-id-frequency
-        buckets of :mod:`mlet_dist.quality` (a multi-hot feature counts by its first id)."""
+        """(N, F) int64: each feature's first id (0 for an empty bag): the Criteo-layout view
+        (the per-id-frequency buckets count every id of a bag, :mod:`mlet_dist.quality`)."""
         if not self.ids:
             return np.zeros((len(self), 0), np.int64)
         first = [np.where(n > 0, a[:, 0], 0) for a, n in zip(self.ids, self.lengths)]

@@ -40,7 +40,7 @@ from mlet_dist.data import (
 )
 from mlet_dist.distributed.parallelize import DistEnv
 from mlet_dist.metrics import binary_metrics
-from mlet_dist.quality import bucket_metrics, rarest_id_count
+from mlet_dist.quality import bucket_metrics, rarest_bag_id_count, rarest_id_count
 
 
 @dataclass
@@ -192,9 +192,9 @@ def local_predictions(
             size = batch.labels.numel()
             out["position"].append(offset + env.rank * size + torch.arange(size))
             offset += size * env.world_size
-            if id_counts is not None:  # per row and feature (key-major) its first id
-                ids = first_ids(batch.sparse_features, size)
-                out["rarest"].append(torch.from_numpy(rarest_id_count(ids, id_counts)).long())
+            if id_counts is not None:
+                rarest = rarest_of_batch(batch.sparse_features, size, id_counts)
+                out["rarest"].append(torch.from_numpy(rarest).long())
             _, logits, labels = output
             out["logits"].append(logits.float().cpu())
             out["labels"].append(labels.float().cpu())
@@ -235,15 +235,15 @@ def _forwards(
         pipe.reset()  # stops its reading thread
 
 
-def first_ids(kjt: Any, size: int) -> np.ndarray:
-    """(size, F) int64: each row's first id of each feature of a batch's KJT (0 for an empty
-    bag), as :attr:`mlet_dist.data.rows.FeatureRows.sparse`; with one id per row and feature
-    (Criteo) simply the ids."""
-    values, lengths = kjt.values(), kjt.lengths()
-    if values.numel() == lengths.numel():  # one id each: the KJT is the (F, size) matrix
-        return values.reshape(-1, size).T.numpy()
-    if values.numel() == 0:
-        return np.zeros((size, lengths.numel() // max(size, 1)), np.int64)
-    starts = torch.cumsum(lengths, 0) - lengths
-    first = torch.where(lengths > 0, values[starts.clamp(max=max(values.numel() - 1, 0))], 0)
-    return first.reshape(-1, size).T.numpy()
+def rarest_of_batch(kjt: Any, size: int, id_counts: list[np.ndarray]) -> np.ndarray:
+    """(size,) training count of each row's rarest id in a batch's KJT (feature-major): every id
+    of every bag (:func:`mlet_dist.quality.rarest_bag_id_count`); with one id per row and feature
+    (Criteo) the KJT's values are the (F, size) id matrix."""
+    values, lengths = kjt.values().cpu(), kjt.lengths().cpu()
+    if values.numel() == lengths.numel():
+        return rarest_id_count(values.reshape(-1, size).T.numpy(), id_counts)
+    per_feature = lengths.reshape(-1, size)
+    chunks = torch.split(values, per_feature.sum(dim=1).tolist())
+    return rarest_bag_id_count(
+        [c.numpy() for c in chunks], [n.numpy() for n in per_feature], id_counts
+    )

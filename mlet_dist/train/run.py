@@ -21,7 +21,7 @@ from mlet_dist.data import load_splits
 from mlet_dist.data.sources import data_inputs
 from mlet_dist.distributed.elastic import check_agent_store
 from mlet_dist.distributed.parallelize import DistEnv, init_distributed
-from mlet_dist.quality import id_counts
+from mlet_dist.quality import training_id_counts
 from mlet_dist.schema import schema_of
 from mlet_dist.train.loop import Trainer, remove_stale_checkpoints
 from mlet_dist.utils.files import (
@@ -128,7 +128,7 @@ def _train(
 
     counts = None
     if splits.train is not None:
-        counts = id_counts(splits.train.sparse, schema_of(cfg.data).feature_sizes)
+        counts = training_id_counts(splits.train, schema_of(cfg.data).feature_sizes)
 
     def validate() -> dict[str, Any]:  # during training, every train.eval_every steps
         return trainer.evaluate(splits.eval, "eval", counts)
