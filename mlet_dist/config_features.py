@@ -5,7 +5,7 @@ together). A floor module: it imports nothing of the package.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -38,6 +38,8 @@ class SparseFeatureConfig:
     """Ids per sample: 1 = one id (a scalar column), > 1 = multi-hot (a list column, longer lists cut to this length)."""
     pooling: str = ""
     """Pooling of the feature's own table: 'sum', 'mean' or empty for `model.pooling`."""
+    chars: list[int] = field(default_factory=list)
+    """A feature derived from part of a value: `[start, stop]` = characters start..stop-1 of the value's text (an int column's decimal digits), e.g. `[6, 8]` = the hour of day of Avazu's YYMMDDHH `hour`, `[0, 3]` a zip code's prefix; empty = the whole value. Single-id features only; an empty part is a missing value."""
 
 
 @dataclass

@@ -224,6 +224,13 @@ def schema_of(data: DataConfig) -> FeatureSchema:
                 f"{key}.max_length ({f.name}) = {f.max_length}: use 1 for one id per sample or "
                 f"the longest list to keep for a multi-hot feature"
             )
+        if f.chars and not (
+            len(f.chars) == 2 and 0 <= f.chars[0] < f.chars[1] and f.max_length == 1
+        ):
+            raise SchemaError(
+                f"{key}.chars ({f.name}) = {f.chars}: give [start, stop] with 0 <= start < stop "
+                f"(characters start..stop-1 of the value) on a single-id feature (max_length = 1)"
+            )
         if f.table:
             if f.table not in shared:
                 raise SchemaError(

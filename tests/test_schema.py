@@ -210,6 +210,8 @@ def test_schema_round_trips_through_json(tmp_path):
         ('[[data.dense]]\nname = "q"\ntransform = "sqrt"\n', r"data\.dense\[2\]\.transform \(q\) = 'sqrt'"),
         ('[[data.sparse]]\nname = "z"\nnum_embeddings = 4\nids = "md5"\n', r"data\.sparse\[3\]\.ids \(z\) = 'md5'"),
         ('[[data.sparse]]\nname = "z"\nnum_embeddings = 4\nmax_length = 0\n', r"data\.sparse\[3\]\.max_length \(z\) = 0"),
+        ('[[data.sparse]]\nname = "z"\nnum_embeddings = 4\nchars = [3, 1]\n', r"data\.sparse\[3\]\.chars \(z\) = \[3, 1\]: give \[start, stop\]"),
+        ('[[data.sparse]]\nname = "z"\nnum_embeddings = 4\nchars = [0, 2]\nmax_length = 2\n', r"data\.sparse\[3\]\.chars \(z\) .*single-id feature"),
     ],
 )  # fmt: skip
 def test_bad_schema_names_the_key(tmp_path, extra, match):
@@ -273,3 +275,39 @@ def test_readme_worked_example_is_a_valid_schema(tmp_path):
     assert schema.feature_names == ("user", "tags", "query")
     assert schema.table_of("query").features == ("tags", "query")
     assert schema.dense_in_features == 2
+
+
+def test_chars_derive_a_feature_from_part_of_a_value(tmp_path):
+    """`chars = [start, stop]`: the hour of day of a YYMMDDHH int column (ids = 'int') and a
+    string prefix (hashed), from Parquet and from CSV, against a hand computation; a part that is
+    not an int under ids = 'int' is a one-line error naming the column."""
+    data = DataConfig(
+        source="files",
+        sparse=[
+            SparseFeatureConfig(name="hod", column="hour", num_embeddings=24, ids="int", chars=[6, 8]),
+            SparseFeatureConfig(name="zip3", column="zip", num_embeddings=97, chars=[0, 3]),
+            SparseFeatureConfig(name="zip", num_embeddings=1000),
+        ],
+        tables=[],
+    )  # fmt: skip
+    schema = schema_of(data)
+    hours, zips = [14102100, 14102123, 14102207, None], ["02139", "9", "", "94110-1234"]
+    table = pa.table({"label": [0, 1, 1, 0], "hour": hours, "zip": zips})
+
+    def h(text: str) -> int:
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+    want_hod = [(0, 1), (23, 1), (7, 1), (0, 0)]  # (id, length); None -> an empty bag
+    want_zip3 = [(h("021") % 97, 1), (h("9") % 97, 1), (0, 0), (h("941") % 97, 1)]  # "" missing
+    pq.write_table(table, tmp_path / "f.parquet")
+    lines = ["label,hour,zip", "0,14102100,02139", "1,14102123,9", "1,14102207,", "0,,94110-1234"]
+    (tmp_path / "f.csv").write_text("\n".join(lines) + "\n")
+    for name in ("f.parquet", "f.csv"):
+        rows = read_source_file("files", tmp_path / name, [], schema=schema)
+        j, k = schema.feature_names.index("hod"), schema.feature_names.index("zip3")
+        assert list(zip(rows.ids[j][:, 0].tolist(), rows.lengths[j].tolist())) == want_hod, name
+        assert list(zip(rows.ids[k][:, 0].tolist(), rows.lengths[k].tolist())) == want_zip3, name
+    bad = pa.table({"label": [0], "hour": ["14102x1z"], "zip": ["1"]})
+    with pytest.raises(ColumnError, match=r"column 'hour' \(hod\): characters 6\.\.7 of a value are not an int.*ids = 'hash'") as e:  # fmt: skip
+        encode_table(bad, schema, "g.parquet")
+    assert "\n" not in str(e.value)

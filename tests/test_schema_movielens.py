@@ -156,11 +156,16 @@ def test_avazu_preset_matches_a_hand_parse_of_the_csv():
     got = [splits.train, splits.eval, splits.test]
     assert sum(len(s) for s in got) == len(lines) == 9999
     picks = [0, 1, 2, 4000, 7998]  # train rows; and the first/last rows of part 2
+    assert "hour_of_day" in schema.feature_names
 
     def want_ids(fields):
         out = []
         for f in schema.sparse:
             value = fields[header.index(f.column or f.name)]
+            if f.chars:  # hour_of_day: HH of YYMMDDHH
+                assert f.name == "hour_of_day" and f.ids == "int"
+                out.append(int(value[f.chars[0] : f.chars[1]]))
+                continue
             h = int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little")
             out.append(h % schema.table_of(f.name).num_embeddings)
         return out

@@ -22,7 +22,10 @@ Encoding (per declared feature):
   unlike Python's ``hash``), ints their two's-complement uint64; then modulo the table rows;
 - sparse, ``ids = 'int'``: non-negative ints used as they are; one past the table is an error;
 - missing (null) value: an empty bag (length 0; the pooled embedding is 0). A multi-hot list is
-  cut to ``max_length`` ids.
+  cut to ``max_length`` ids;
+- ``chars = [start, stop]`` (a derived feature): characters ``start..stop-1`` of the value's text
+  (an int's decimal digits) are the value, then hashed or, with ``ids = 'int'``, parsed as an int
+  (Avazu's ``hour`` YYMMDDHH with ``[6, 8]`` is the hour of day); an empty part is missing.
 
 Bad input (a missing column, strings where numbers are declared, a list where one id is declared,
 an id past its table) raises :class:`ColumnError` naming the file, column and fix.
@@ -114,6 +117,11 @@ def read_columns_file(
             names = pq.read_schema(path).names
         else:
             multi = {f.column or f.name for f in schema.sparse if f.max_length > 1}
+            text = {  # read as text: hashed, multi-hot split at "|", or a part taken (chars)
+                f.column or f.name
+                for f in schema.sparse
+                if f.ids == "hash" or f.max_length > 1 or f.chars
+            }
             int_multi = {
                 f.column or f.name for f in schema.sparse if f.max_length > 1 and f.ids == "int"
             }
@@ -124,9 +132,7 @@ def read_columns_file(
                 # text has no types: every id column is read as text (hashed as a string) unless
                 # ids = 'int' (then a plain int column), so a column never changes kind by file
                 column_types={
-                    f.column or f.name: pa.string()
-                    if f.ids == "hash" or f.max_length > 1
-                    else pa.int64()
+                    f.column or f.name: pa.string() if (f.column or f.name) in text else pa.int64()
                     for f in schema.sparse
                 },
                 strings_can_be_null=True,
@@ -201,6 +207,29 @@ def _ids(values: pa.Array, rows: int, f, where: str, path: Path) -> np.ndarray:
     )
 
 
+def _part(col: pa.Array, f, where: str, path: Path) -> pa.Array:
+    """Characters ``f.chars`` of each value's text (an int's decimal digits); '' -> missing;
+    parsed as ints under ``ids = 'int'``."""
+    t = col.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
+        raise ColumnError(
+            f"{where}: holds {t} values; chars = {f.chars} takes part of a string or int value",
+            path=path,
+        )
+    part = pc.utf8_slice_codeunits(col.cast(pa.string()), f.chars[0], f.chars[1])
+    part = pc.if_else(pc.equal(part, ""), pa.scalar(None, pa.string()), part)
+    if f.ids != "int":
+        return part
+    try:
+        return part.cast(pa.int64())
+    except pa.ArrowInvalid as e:
+        raise ColumnError(
+            f"{where}: characters {f.chars[0]}..{f.chars[1] - 1} of a value are not an int "
+            f"({e}): set ids = 'hash' or fix chars",
+            path=path,
+        ) from e
+
+
 def _sparse(col: pa.Array, f, rows: int, where: str, path: Path):
     """(ids (n, L) int64, lengths (n,) int32) of one feature's column."""
     n = len(col)
@@ -273,7 +302,11 @@ def encode_table(table: pa.Table, schema: FeatureSchema, path: str | Path) -> Fe
     for f in schema.sparse:
         c = f.column or f.name
         rows = schema.table_of(f.name).num_embeddings
-        a, m = _sparse(_column(table, c), f, rows, f"{path}: column {c!r} ({f.name})", path)
+        where = f"{path}: column {c!r} ({f.name})"
+        col = _column(table, c)
+        if f.chars:
+            col = _part(col, f, where, path)
+        a, m = _sparse(col, f, rows, where, path)
         ids.append(a)
         lengths.append(m)
     return FeatureRows(labels.astype(np.float32), dense, ids, lengths, schema.feature_names)
