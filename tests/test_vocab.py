@@ -336,3 +336,23 @@ def test_preprocess_train_collapse_predict_on_raw_values(tmp_path):
     (tmp_path / "run" / "vocab.json").unlink()
     with pytest.raises(VocabularyError, match="vocab.json is missing"):
         collapse_run(cfg.train.run_dir, tmp_path / "served2", quantize="fp32")
+
+
+def test_lookup_and_resume_record(tmp_path):
+    from mlet_dist.data.vocab import (
+        Vocabulary,
+        VocabularyError,
+        check_resumed_vocabularies,
+        record_run_vocabularies,
+    )
+
+    vocab = Vocabulary("t", pa.array([7, 3]), np.array([3, 2]))
+    assert vocab.lookup(pa.array([3, 5, 7, 3])).tolist() == [2, 0, 1, 2]
+    with pytest.raises(VocabularyError, match="holds int64"):
+        vocab.lookup(pa.array(["7"]), "f.csv: column 'user'")  # a CSV reads ids as text
+    entries = {"t": {"path": "vocab/t.parquet", "values": 2, "sha256": "a" * 64}}
+    record_run_vocabularies(tmp_path, tmp_path / "shards", entries)
+    check_resumed_vocabularies(tmp_path, entries)  # the same: accepted
+    changed = {"t": {**entries["t"], "sha256": "b" * 64}}
+    with pytest.raises(ConfigError, match="other vocabularies"):
+        check_resumed_vocabularies(tmp_path, changed)

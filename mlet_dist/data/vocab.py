@@ -47,6 +47,7 @@ __all__ = [
     "Vocabulary",
     "VocabularyError",
     "build_vocabularies",
+    "check_resumed_vocabularies",
     "read_vocabularies",
     "record_run_vocabularies",
     "run_vocabularies",
@@ -239,6 +240,20 @@ def record_run_vocabularies(
     (``entries``: :func:`mlet_dist.data.schema_shards.summary_vocabularies`)."""
     record = {"parquet_dir": str(Path(parquet_dir).resolve()), "vocabularies": dict(entries)}
     atomic_write_json(run_dir / RUN_VOCAB_FILE, record)
+
+
+def check_resumed_vocabularies(run_dir: Path, entries: Mapping[str, Mapping[str, Any]]) -> None:
+    """Raises ConfigError when a resumed run recorded other vocabularies than ``entries`` (its
+    rows would mean other values)."""
+    path = run_dir / RUN_VOCAB_FILE
+    if not entries or not path.is_file():
+        return
+    had = json.loads(path.read_text()).get("vocabularies", {})
+    if {t: e["sha256"] for t, e in had.items()} != {t: e["sha256"] for t, e in entries.items()}:
+        raise ConfigError(
+            f"{path}: run {run_dir} trained on other vocabularies than data.parquet_dir holds now "
+            f"(preprocessed again?): resume with the shards it trained on, or train a new run"
+        )
 
 
 def run_vocabularies(run_dir: str | Path, schema: FeatureSchema) -> dict[str, Path]:

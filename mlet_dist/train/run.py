@@ -20,7 +20,11 @@ from mlet_dist.config import Config, check_feature_count
 from mlet_dist.data import load_splits
 from mlet_dist.data.schema_shards import summary_vocabularies
 from mlet_dist.data.sources import data_inputs, is_streamed
-from mlet_dist.data.vocab import RUN_VOCAB_FILE, record_run_vocabularies
+from mlet_dist.data.vocab import (
+    RUN_VOCAB_FILE,
+    check_resumed_vocabularies,
+    record_run_vocabularies,
+)
 from mlet_dist.distributed.elastic import check_agent_store
 from mlet_dist.distributed.parallelize import DistEnv, init_distributed
 from mlet_dist.quality import id_counts
@@ -132,6 +136,8 @@ def _train(
     vocabs = {}  # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with
     if is_streamed(cfg.data):
         vocabs = summary_vocabularies(cfg.data.parquet_dir, schema_of(cfg.data))
+        if last is not None:
+            check_resumed_vocabularies(run_dir, vocabs)
 
     def start() -> None:  # every check passed: from here on the run directory is written
         if env.is_rank0:
