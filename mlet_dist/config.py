@@ -103,7 +103,7 @@ class DataConfig:
     on_bad_row: str = "error"
     """Malformed rows in preprocessing: 'error' (stop, naming file and line) or 'skip' (count them and write them to a quarantine file)."""
     frequency_threshold: int = 0
-    """Preprocessing: hashed ids seen fewer than this many times in the training split map to id 0 (0 = keep all ids)."""
+    """Preprocessing: hashed ids seen fewer than this many times in the training split map to id 0 (0 = keep all ids); for an `ids = 'vocab'` table, the least count of a vocabulary value (others map to row 0)."""
     row_group_rows: int = 131072
     """Rows per Parquet row group written by preprocessing (the unit of reading and of the rank split)."""
     shuffle_buffer_rows: int = 262144

@@ -33,7 +33,7 @@ class SparseFeatureConfig:
     num_embeddings: int = 0
     """Rows of the feature's own table (`table` empty); 0 when `table` names a shared table."""
     ids: str = "hash"
-    """How a value becomes a row: 'hash' (strings: the first 8 bytes of blake2b(utf-8) as a little-endian uint64; ints as they are; then modulo the table rows) or 'int' (non-negative ints used as they are; a value past the table is an error)."""
+    """How a value becomes a row: 'hash' (strings: the first 8 bytes of blake2b(utf-8) as a little-endian uint64; ints as they are; then modulo the table rows) or 'int' (non-negative ints used as they are; a value past the table is an error) or 'vocab' (`mlet-dist preprocess` builds the table's vocabulary from the training split: the values seen at least max(1, `data.frequency_threshold`) times, by descending count, become rows 1..V; row 0 = out of vocabulary; train on the shards)."""
     max_length: int = 1
     """Ids per sample: 1 = one id (a scalar column), > 1 = multi-hot (a list column, longer lists cut to this length)."""
     pooling: str = ""

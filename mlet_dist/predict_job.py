@@ -2,7 +2,9 @@
 
 Input files are read in the raw format of the run's ``data.source`` (recorded in the manifest):
 Criteo TSV, or Avazu CSV / MovieLens ratings mapped onto the Criteo layout
-(:func:`mlet_dist.data.sources.read_source_file`), always in file order; the rows are scored by
+(:func:`mlet_dist.data.sources.read_source_file`), always in file order, with a declared schema's
+``ids = 'vocab'`` values mapped through the vocabularies the serving directory holds (0 = not in
+it, as in training; :mod:`mlet_dist.data.vocab`); the rows are scored by
 :mod:`mlet_dist.serving.predict` and the probabilities written atomically.
 """
 
@@ -22,8 +24,9 @@ from mlet_dist.config import ConfigError, config_from_dict
 from mlet_dist.data import require_rows
 from mlet_dist.data.movielens import MOVIES_FILE, USERS_FILE
 from mlet_dist.data.sources import concat_rows, read_source_file
+from mlet_dist.data.vocab import read_vocabularies
 from mlet_dist.schema import schema_of
-from mlet_dist.serving.manifest import ServingError
+from mlet_dist.serving.manifest import MANIFEST, ServingError, verify_manifest
 from mlet_dist.serving.predict import (
     data_config,
     data_source,
@@ -69,6 +72,31 @@ def previous_predictions(out: Path) -> str | None:
     if values is not None and all(v != v or 0.0 <= v <= 1.0 for v in values):
         return None
     return f"{out} exists and is not a predictions file (one probability per line)"
+
+
+def serving_vocabularies(
+    serving_dir: str | Path, manifest: dict[str, Any], schema, verified: bool
+) -> dict[str, Any]:
+    """The vocabularies of a serving directory's ``ids = 'vocab'`` tables, checked against the
+    manifest's checksums (again unless ``verified``).
+
+    Raises:
+        ServingError: the manifest lists no vocabulary of such a table, or a file differs.
+    """
+    listed = (manifest.get("serving") or {}).get("vocabularies") or {}
+    missing = [t.name for t in schema.vocab_tables if t.name not in listed]
+    if missing:
+        raise ServingError(
+            f"{Path(serving_dir) / MANIFEST} lists no vocabulary of table {missing[0]!r} "
+            f"(ids = 'vocab'); collapse the run again with this version"
+        )
+    if not listed:
+        return {}
+    if not verified:
+        verify_manifest(serving_dir, only=set(listed.values()))
+    sums = {e["path"]: e["sha256"] for e in manifest["files"]}
+    entries = {t: {"path": p, "sha256": sums[p]} for t, p in listed.items()}
+    return read_vocabularies(serving_dir, entries, f"{Path(serving_dir) / MANIFEST}")
 
 
 def predict_file(
@@ -122,11 +150,12 @@ def predict_file(
     source = data_source(manifest)
     data_cfg = config_from_dict({"data": data_config(manifest)}, "the manifest's config").data
     schema = schema_of(data_cfg)  # the features the model was trained on
+    vocabs = serving_vocabularies(serving_dir, manifest, schema, verified=verify == "all")
     parts = [
         require_rows(
             read_source_file(
                 source, f, sizes, in_file_order=True, schema=schema,
-                csv_columns=data_cfg.csv_columns,
+                csv_columns=data_cfg.csv_columns, vocabs=vocabs,
             ),
             f,
         )

@@ -48,7 +48,7 @@ __all__ = [
 
 CRITEO_DENSE = 13
 TRANSFORMS = ("none", "log1p")
-ID_KINDS = ("hash", "int")
+ID_KINDS = ("hash", "int", "vocab")
 POOLINGS = ("", "sum", "mean")
 
 
@@ -110,6 +110,12 @@ class FeatureSchema:
             if feature in t.features:
                 return t
         raise KeyError(feature)
+
+    @property
+    def vocab_tables(self) -> tuple[Table, ...]:
+        """The tables whose features map values through a vocabulary (``ids = 'vocab'``)."""
+        kinds = {f.name: f.ids for f in self.sparse}
+        return tuple(t for t in self.tables if kinds[t.features[0]] == "vocab")
 
     @property
     def feature_sizes(self) -> list[int]:
@@ -224,6 +230,11 @@ def schema_of(data: DataConfig) -> FeatureSchema:
                 f"{key}.max_length ({f.name}) = {f.max_length}: use 1 for one id per sample or "
                 f"the longest list to keep for a multi-hot feature"
             )
+        if f.chars and f.ids == "vocab":
+            raise SchemaError(
+                f"{key}.chars ({f.name}): a part of a value cannot be looked up in a vocabulary "
+                f"(ids = 'vocab'): use ids = 'hash' or 'int' with chars"
+            )
         if f.chars and not (
             len(f.chars) == 2 and 0 <= f.chars[0] < f.chars[1] and f.max_length == 1
         ):
@@ -266,6 +277,14 @@ def schema_of(data: DataConfig) -> FeatureSchema:
         )
     tables = []
     for name, feats in members.items():  # dicts keep first-use order
+        vocab = [f.name for f in feats if f.ids == "vocab"]
+        if vocab and len(vocab) != len(feats):
+            other = next(f for f in feats if f.ids != "vocab")
+            raise SchemaError(
+                f"data.sparse: the features of table {name!r} mix ids = 'vocab' ({vocab[0]}) and "
+                f"ids = {other.ids!r} ({other.name}): one vocabulary serves the whole table, so "
+                f"set the same ids on all of its features"
+            )
         rows, pooling = shared.get(name) or own[name]
         tables.append(Table(name, rows, pooling, tuple(f.name for f in feats)))
     sparse = tuple(f for name in members for f in members[name])

@@ -37,6 +37,7 @@ __all__ = [
     "check_table_sizes",
     "require_rows",
     "split_arrays",
+    "split_sizes",
 ]
 
 
@@ -140,6 +141,13 @@ def require_rows(arrays: CriteoArrays, path: str | Path) -> CriteoArrays:
     return arrays
 
 
+def split_sizes(n: int, eval_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, eval, test) row counts of :func:`split_arrays` for ``n`` rows."""
+    n_eval = round(n * eval_fraction)
+    n_test = round(n * test_fraction)
+    return n - n_eval - n_test, n_eval, n_test
+
+
 def split_arrays(
     arrays: CriteoArrays, eval_fraction: float, test_fraction: float
 ) -> tuple[CriteoArrays, CriteoArrays, CriteoArrays]:
@@ -167,10 +175,8 @@ def split_arrays(
             f"eval_fraction + test_fraction = {eval_fraction + test_fraction} leaves no training "
             f"rows; make their sum < 1"
         )
+    n_train, n_eval, _ = split_sizes(len(arrays), eval_fraction, test_fraction)
     n = len(arrays)
-    n_eval = round(n * eval_fraction)
-    n_test = round(n * test_fraction)
-    n_train = n - n_eval - n_test
     return (
         arrays.slice(0, n_train),
         arrays.slice(n_train, n_train + n_eval),

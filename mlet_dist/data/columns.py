@@ -21,6 +21,8 @@ Encoding (per declared feature):
   ``blake2b(utf-8 bytes)`` (Python's ``hashlib``: stable across runs, machines and versions,
   unlike Python's ``hash``), ints their two's-complement uint64; then modulo the table rows;
 - sparse, ``ids = 'int'``: non-negative ints used as they are; one past the table is an error;
+- sparse, ``ids = 'vocab'``: the value's row in its table's vocabulary (:mod:`mlet_dist.data.vocab`,
+  built by ``mlet-dist preprocess``), 0 when it is not in it; without the vocabulary an error;
 - missing (null) value: an empty bag (length 0; the pooled embedding is 0). A multi-hot list is
   cut to ``max_length`` ids;
 - ``chars = [start, stop]`` (a derived feature): characters ``start..stop-1`` of the value's text
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,7 @@ import pyarrow.parquet as pq
 
 from mlet_dist.data.arrays import CriteoFormatError
 from mlet_dist.data.rows import FeatureRows
+from mlet_dist.data.vocab import Vocabulary
 from mlet_dist.schema import FeatureSchema
 
 __all__ = ["ColumnError", "encode_table", "read_columns_file", "stable_hash"]
@@ -120,7 +123,7 @@ def read_columns_file(
             text = {  # read as text: hashed, multi-hot split at "|", or a part taken (chars)
                 f.column or f.name
                 for f in schema.sparse
-                if f.ids == "hash" or f.max_length > 1 or f.chars
+                if f.ids in ("hash", "vocab") or f.max_length > 1 or f.chars
             }
             int_multi = {
                 f.column or f.name for f in schema.sparse if f.max_length > 1 and f.ids == "int"
@@ -175,9 +178,21 @@ def _numbers(col: pa.Array, where: str, path: Path, fix: str) -> np.ndarray:
     return pc.fill_null(col.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False)
 
 
-def _ids(values: pa.Array, rows: int, f, where: str, path: Path) -> np.ndarray:
+def _ids(
+    values: pa.Array, rows: int, f, where: str, path: Path, vocab: Vocabulary | None
+) -> np.ndarray:
     """uint64/int64 ids of a flat array of ints or strings (no nulls)."""
     t = values.type
+    known = pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+    if f.ids == "vocab" and (known or pa.types.is_boolean(t)):
+        if vocab is None:
+            raise ColumnError(
+                f"{where}: ids = 'vocab' maps values through the vocabulary that `mlet-dist "
+                f"preprocess` builds: preprocess the inputs and train on its shards "
+                f"(data.source = 'parquet'), or set ids = 'hash'",
+                path=path,
+            )
+        return vocab.lookup(values, where, path)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         if f.ids == "int":
             raise ColumnError(
@@ -230,7 +245,7 @@ def _part(col: pa.Array, f, where: str, path: Path) -> pa.Array:
         ) from e
 
 
-def _sparse(col: pa.Array, f, rows: int, where: str, path: Path):
+def _sparse(col: pa.Array, f, rows: int, where: str, path: Path, vocab: Vocabulary | None):
     """(ids (n, L) int64, lengths (n,) int32) of one feature's column."""
     n = len(col)
     width = f.max_length
@@ -246,12 +261,12 @@ def _sparse(col: pa.Array, f, rows: int, where: str, path: Path):
             raise ColumnError(f"{where}: a list holds a null id; drop it from the list", path=path)
         lengths_all = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
         starts = np.concatenate([[0], np.cumsum(lengths_all)[:-1]]).astype(np.int64)
-        values = _ids(flat, rows, f, where, path).astype(np.int64)
+        values = _ids(flat, rows, f, where, path, vocab).astype(np.int64)
     else:
         present = col.is_valid().to_numpy(zero_copy_only=False)
         lengths_all = present.astype(np.int64)
         starts = np.cumsum(lengths_all) - lengths_all
-        values = _ids(col.drop_null(), rows, f, where, path).astype(np.int64)
+        values = _ids(col.drop_null(), rows, f, where, path, vocab).astype(np.int64)
     lengths = np.minimum(lengths_all, width)
     ids = np.zeros((n, width), dtype=np.int64)
     for j in range(width):
@@ -260,8 +275,15 @@ def _sparse(col: pa.Array, f, rows: int, where: str, path: Path):
     return ids, lengths.astype(np.int32)
 
 
-def encode_table(table: pa.Table, schema: FeatureSchema, path: str | Path) -> FeatureRows:
+def encode_table(
+    table: pa.Table,
+    schema: FeatureSchema,
+    path: str | Path,
+    vocabs: Mapping[str, Vocabulary] | None = None,
+) -> FeatureRows:
     """The rows of a table of named columns, encoded as the schema declares (module docstring).
+
+    ``vocabs``: the vocabularies of the ``ids = 'vocab'`` tables, by table name.
 
     Raises:
         ColumnError: a declared column is missing or of the wrong kind, or an id is past its table
@@ -301,12 +323,13 @@ def encode_table(table: pa.Table, schema: FeatureSchema, path: str | Path) -> Fe
     ids, lengths = [], []
     for f in schema.sparse:
         c = f.column or f.name
-        rows = schema.table_of(f.name).num_embeddings
+        t = schema.table_of(f.name)
         where = f"{path}: column {c!r} ({f.name})"
         col = _column(table, c)
         if f.chars:
             col = _part(col, f, where, path)
-        a, m = _sparse(col, f, rows, where, path)
+        vocab = (vocabs or {}).get(t.name)
+        a, m = _sparse(col, f, t.num_embeddings, where, path, vocab)
         ids.append(a)
         lengths.append(m)
     return FeatureRows(labels.astype(np.float32), dense, ids, lengths, schema.feature_names)

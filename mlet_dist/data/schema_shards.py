@@ -4,15 +4,20 @@ streaming loader (:class:`~mlet_dist.data.parquet.ParquetBatchSource`, ``data.so
 
 Shard columns: ``label`` int8; one float32 column per dense feature (transformed); one
 ``list<int64>`` column per categorical feature holding its table rows (already hashed, cut to
-``max_length``, rare ids replaced). The schema metadata (key ``mlet_dist``) records the feature
-schema and the frequency threshold, so a loader refuses shards of another schema.
+``max_length``, rare ids replaced, values of ``ids = 'vocab'`` tables mapped through their
+vocabularies). The schema metadata (key ``mlet_dist``) records the feature schema, the frequency
+threshold and the sha256 of each vocabulary (``vocab/<table>.parquet`` beside the splits,
+:mod:`mlet_dist.data.vocab`), so a loader refuses shards of another schema, threshold or
+vocabulary than its config and ``summary.json`` say.
 
 Preprocessing (:func:`mlet_dist.data.preprocess.schema.preprocess_schema`) reads the inputs through the schema
 (:func:`mlet_dist.data.sources.read_source_file`), splits them as training does
 (:func:`~mlet_dist.data.arrays.split_arrays`, or ``eval_files`` as the eval split) and, with a
 frequency threshold T, counts every table's ids over the *training* rows (all features of a shared
 table, every id of a multi-hot bag) and replaces the ids seen fewer than T times by row 0 in every
-split: the vocabulary of a table is its ids seen at least T times. Unlike the Criteo preprocessing
+split: the vocabulary of a table is its ids seen at least T times. An ``ids = 'vocab'`` table
+maps raw values instead, through the vocabulary built from the same training rows
+(:func:`mlet_dist.data.vocab.build_vocabularies`), so it has no collisions. Unlike the Criteo preprocessing
 (out of core, parallel) it holds the rows in memory.
 
 Example::
@@ -34,7 +39,7 @@ from mlet_dist.data.parquet import METADATA_KEY, read_shard_metadata
 from mlet_dist.data.rows import FeatureRows
 from mlet_dist.schema import FeatureSchema, schema_from_dict
 
-__all__ = ["FORMAT", "SchemaCodec", "rows_to_table", "table_to_rows"]
+__all__ = ["FORMAT", "SchemaCodec", "rows_to_table", "summary_vocabularies", "table_to_rows"]
 
 logger = logging.getLogger(__name__)
 FORMAT = "mlet_dist feature-schema shards v1"
@@ -44,8 +49,13 @@ def _columns(schema: FeatureSchema) -> list[str]:
     return ["label", *schema.dense_names, *schema.feature_names]
 
 
-def rows_to_table(rows: FeatureRows, schema: FeatureSchema, threshold: int = 0) -> pa.Table:
-    """Rows as a shard table (see the module docstring)."""
+def rows_to_table(
+    rows: FeatureRows,
+    schema: FeatureSchema,
+    threshold: int = 0,
+    vocabularies: dict[str, str] | None = None,
+) -> pa.Table:
+    """Rows as a shard table (see the module docstring); ``vocabularies``: {table: sha256}."""
     columns: dict[str, pa.Array] = {"label": pa.array(rows.labels.astype(np.int8))}
     for j, name in enumerate(schema.dense_names):
         columns[name] = pa.array(np.ascontiguousarray(rows.dense[:, j], dtype=np.float32))
@@ -53,7 +63,12 @@ def rows_to_table(rows: FeatureRows, schema: FeatureSchema, threshold: int = 0) 
         mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
         offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
         columns[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[mask]))
-    meta = {"format": FORMAT, "schema": schema.to_dict(), "frequency_threshold": threshold}
+    meta = {
+        "format": FORMAT,
+        "schema": schema.to_dict(),
+        "frequency_threshold": threshold,
+        "vocabularies": vocabularies or {},
+    }
     return pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
 
 
@@ -80,12 +95,47 @@ def table_to_rows(table: pa.Table, schema: FeatureSchema) -> FeatureRows:
     return FeatureRows(labels, dense, ids, lengths, schema.feature_names)
 
 
-class SchemaCodec:
-    """How :class:`~mlet_dist.data.parquet.ParquetBatchSource` reads shards of ``schema``."""
+def summary_vocabularies(out_dir: str | Path, schema: FeatureSchema) -> dict[str, dict]:
+    """The vocabularies a preprocess output's ``summary.json`` lists ({table: {"path", "values",
+    "sha256"}}); {} when the schema has no ``ids = 'vocab'`` table.
 
-    def __init__(self, schema: FeatureSchema) -> None:
+    Raises:
+        ConfigError: the schema has such tables and the summary lists none for one of them.
+    """
+    if not schema.vocab_tables:
+        return {}
+    path = Path(out_dir) / "summary.json"
+    entries = json.loads(path.read_text()).get("vocabularies", {}) if path.is_file() else {}
+    missing = [t.name for t in schema.vocab_tables if t.name not in entries]
+    if missing:
+        raise ConfigError(
+            f"{path} lists no vocabulary of table {missing[0]!r} (ids = 'vocab'): "
+            f"data.parquet_dir is not the output of `mlet-dist preprocess` with this config; "
+            f"preprocess again"
+        )
+    return {t.name: entries[t.name] for t in schema.vocab_tables}
+
+
+class SchemaCodec:
+    """How :class:`~mlet_dist.data.parquet.ParquetBatchSource` reads shards of ``schema``.
+
+    Args:
+        schema: the config's feature schema.
+        frequency_threshold: the config's ``data.frequency_threshold`` (None: not checked).
+        vocabularies: {table: sha256} of the vocabularies the shards must have been mapped with
+            (None: not checked).
+    """
+
+    def __init__(
+        self,
+        schema: FeatureSchema,
+        frequency_threshold: int | None = None,
+        vocabularies: dict[str, str] | None = None,
+    ) -> None:
         self.schema = schema
         self.columns = _columns(schema)
+        self.frequency_threshold = frequency_threshold
+        self.vocabularies = vocabularies
 
     def decode(self, table: pa.Table) -> FeatureRows:
         return table_to_rows(table, self.schema)
@@ -102,4 +152,17 @@ class SchemaCodec:
             raise ConfigError(
                 f"{path} was preprocessed for another feature schema than the config's "
                 f"(data.dense / data.sparse / data.tables): preprocess again with this config"
+            )
+        had = meta.get("frequency_threshold")
+        if self.frequency_threshold is not None and had != self.frequency_threshold:
+            raise ConfigError(
+                f"{path} was preprocessed with data.frequency_threshold = {had}, the config says "
+                f"{self.frequency_threshold}: preprocess again with this config, or set "
+                f"data.frequency_threshold = {had}"
+            )
+        if self.vocabularies is not None and meta.get("vocabularies", {}) != self.vocabularies:
+            raise ConfigError(
+                f"{path} was mapped with other vocabularies than those summary.json beside it "
+                f"lists (a shard of another preprocessing run): preprocess again into an empty "
+                f"directory"
             )

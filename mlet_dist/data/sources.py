@@ -18,9 +18,11 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 
 from mlet_dist.config import ConfigError, DataConfig, SyntheticConfig
@@ -32,8 +34,9 @@ from mlet_dist.data.criteo import read_criteo_tsv
 from mlet_dist.data.movielens import read_movielens, read_movielens_table
 from mlet_dist.data.parquet import ParquetBatchSource
 from mlet_dist.data.rows import FeatureRows
-from mlet_dist.data.schema_shards import SchemaCodec
+from mlet_dist.data.schema_shards import SchemaCodec, summary_vocabularies
 from mlet_dist.data.synthetic import ensure_synthetic
+from mlet_dist.data.vocab import Vocabulary
 from mlet_dist.schema import FeatureSchema, schema_of
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "preprocess_inputs",
     "read_data_file",
     "read_source_file",
+    "read_source_table",
 ]
 
 FILE_KINDS = {
@@ -76,28 +80,20 @@ def read_source_file(
     in_file_order: bool = False,
     schema: FeatureSchema | None = None,
     csv_columns: list[str] | None = None,
+    vocabs: Mapping[str, Vocabulary] | None = None,
 ) -> CriteoArrays | FeatureRows:
     """Reads one raw file of ``source`` into Criteo-layout arrays, or, with a declared
     ``schema`` (not the Criteo preset), into its :class:`~mlet_dist.data.rows.FeatureRows`
-    ('files': :mod:`mlet_dist.data.columns`; 'movielens': its named columns).
+    (:func:`read_source_table`, encoded by :func:`~mlet_dist.data.columns.encode_table` with the
+    ``vocabs`` of the ``ids = 'vocab'`` tables).
 
     ``in_file_order``: keep the rows in file order (MovieLens is otherwise sorted by time; the other
     sources are always in file order). 'parquet' is read as Criteo TSV: its shards come from
     Criteo TSV files (``mlet-dist preprocess``).
     """
     if schema is not None and not schema.criteo:
-        # 'parquet': shards preprocessed from such files; raw inputs (predict) are those files
-        if source in ("files", "parquet"):
-            table = read_columns_file(path, schema, csv_columns or [], max_rows=max_rows)
-        elif source == "movielens":
-            table = read_movielens_table(path, max_rows=max_rows, in_file_order=in_file_order)
-        else:
-            raise ConfigError(
-                f"data.source = {source!r} has the fixed Criteo layout and cannot be read through "
-                f"a declared schema ([[data.sparse]]): use data.source = 'files' (Parquet/CSV/TSV) "
-                f"or 'movielens', or remove the schema"
-            )
-        return encode_table(table, schema, path)
+        table = read_source_table(source, path, schema, csv_columns, max_rows, in_file_order)
+        return encode_table(table, schema, path, vocabs)
     if source == "files":
         raise ConfigError(
             "data.source = 'files' reads named columns through a declared schema: declare the "
@@ -109,6 +105,28 @@ def read_source_file(
     if source == "movielens":
         return read_movielens(path, sizes, max_rows=max_rows, in_file_order=in_file_order)
     return read_criteo_tsv(path, sizes, max_rows=max_rows)
+
+
+def read_source_table(
+    source: str,
+    path: str | Path,
+    schema: FeatureSchema,
+    csv_columns: list[str] | None = None,
+    max_rows: int = 0,
+    in_file_order: bool = False,
+) -> pa.Table:
+    """The named columns of one raw file of a declared schema, not encoded yet ('files':
+    :mod:`mlet_dist.data.columns`; 'movielens': its named columns)."""
+    # 'parquet': shards preprocessed from such files; raw inputs (predict) are those files
+    if source in ("files", "parquet"):
+        return read_columns_file(path, schema, csv_columns or [], max_rows=max_rows)
+    if source == "movielens":
+        return read_movielens_table(path, max_rows=max_rows, in_file_order=in_file_order)
+    raise ConfigError(
+        f"data.source = {source!r} has the fixed Criteo layout and cannot be read through "
+        f"a declared schema ([[data.sparse]]): use data.source = 'files' (Parquet/CSV/TSV) "
+        f"or 'movielens', or remove the schema"
+    )
 
 
 @dataclass
@@ -183,6 +201,13 @@ def load_splits(data_cfg: DataConfig) -> Splits:
     """
     if is_streamed(data_cfg):
         return Splits(None, None, None)
+    vocab = schema_of(data_cfg).vocab_tables
+    if vocab:
+        raise ConfigError(
+            f"table {vocab[0].name!r} has ids = 'vocab': its vocabulary is built by `mlet-dist "
+            f"preprocess` from the training split; preprocess first and train on the shards "
+            f"(data.source = 'parquet', data.parquet_dir = the output)"
+        )
 
     def read(paths: list[Path]) -> CriteoArrays:
         parts = [read_data_file(data_cfg, p) for p in paths]
@@ -295,13 +320,21 @@ def build_batch_source(
             )
         schema = schema_of(data_cfg)
         declared = not schema.criteo  # shards of mlet_dist.data.schema_shards
+        codec = None
+        if declared:
+            vocabs = summary_vocabularies(data_cfg.parquet_dir, schema)
+            codec = SchemaCodec(
+                schema,
+                data_cfg.frequency_threshold,
+                {t: e["sha256"] for t, e in vocabs.items()},
+            )
         return ParquetBatchSource(
             Path(data_cfg.parquet_dir) / split,
             batch_size,
             shuffle_buffer_rows=data_cfg.shuffle_buffer_rows,
             prefetch_batches=data_cfg.prefetch_batches,
             num_embeddings_per_feature=None if declared else data_cfg.num_embeddings_per_feature,
-            codec=SchemaCodec(schema) if declared else None,
+            codec=codec,
             **common,
         )
     if arrays is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagC
 
 from mlet_dist.checkpoint import read_train_state
 from mlet_dist.config import Config
+from mlet_dist.data.vocab import vocab_file
 from mlet_dist.distributed.collapse import TableLayout, collapse_bytes
 from mlet_dist.export.load import served_config
 from mlet_dist.export.sinks import SERVING_TABLE_KEY, load_served_rows
@@ -142,10 +144,20 @@ def finish_collapse(
     all_stats: list[dict[str, Any]],
     torchscript: bool = False,
     aoti: bool = False,
+    vocab_files: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Rank 0, after every rank's rows are written: config, predictor, report, manifest, swap."""
+    """Rank 0, after every rank's rows are written: config, predictor, report, manifest, swap.
+
+    ``vocab_files``: the vocabularies of the ``ids = 'vocab'`` tables the run trained on
+    (:func:`mlet_dist.data.vocab.run_vocabularies`), copied to ``vocab/<table>.parquet``.
+    """
     served = served_config(cfg)
     (staging / "config.json").write_text(json.dumps(served.to_dict(), indent=1))
+    vocabularies = {}
+    for name, src in (vocab_files or {}).items():
+        vocabularies[name] = vocab_file(name)
+        (staging / vocabularies[name]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, staging / vocabularies[name])
     t0 = time.perf_counter()
     plain = served_tables(tables)
     built = {"artifacts": {}, "signature": None}
@@ -229,8 +241,9 @@ def finish_collapse(
                     if schema_of(cfg.data).criteo
                     else "the declared dense features in schema order, transformed (schema."
                     "dense); one constant 1.0 when none is declared",
-                    "values": "categorical ids (modulo the table rows), feature-major: all ids "
-                    "of feature_order[0] for the batch, then feature_order[1], ...",
+                    "values": "categorical ids (modulo the table rows, or rows of the table's "
+                    "vocabulary, 0 = not in it), feature-major: all ids of feature_order[0] for "
+                    "the batch, then feature_order[1], ...",
                     "lengths": "ids per (feature, sample), feature-major",
                     "output": "click probability (sigmoid of the logit)",
                 },
@@ -239,6 +252,8 @@ def finish_collapse(
                 "dense_features": schema_of(cfg.data).dense_in_features,
                 # the declared features (mlet_dist.schema): what `mlet-dist predict` reads
                 "schema": schema_of(cfg.data).to_dict(),
+                # ids = 'vocab' tables: value -> row (mlet_dist.data.vocab), checksummed in files
+                "vocabularies": vocabularies,
             },
             "parquet": {
                 "columns": {"id": "int64", "embedding": "fixed_size_list<float32>[d]"},

@@ -26,6 +26,7 @@ from mlet_dist.checkpoint import (
 )
 from mlet_dist.config import Config, ConfigError, load_run_config
 from mlet_dist.data import divisible_batch_size
+from mlet_dist.data.vocab import run_vocabularies
 from mlet_dist.distributed.collapse import (
     CollapsedBlock,
     MemoryTracker,
@@ -241,6 +242,7 @@ def _collapse_run(
             f"run {run_dir} has no complete checkpoint under checkpoints/; train it first"
         )
     tables = schema_tables(cfg.model, schema_of(cfg.data))
+    vocab_files = run_vocabularies(run_dir, schema_of(cfg.data))  # checked before any work
     factorized = [t.name for t in tables if inner_dim_of(t)]
     if not factorized and not allow_plain:
         raise CollapseError(
@@ -337,7 +339,7 @@ def _collapse_run(
             result[0] = finish_collapse(
                 staging, out, run_dir, cfg, ckpt, tables, factorized, layouts, dense_state,
                 quantize, chunk_rows, row_group_rows, predictor, env.world_size, all_stats,
-                torchscript=torchscript, aoti=aoti,
+                torchscript=torchscript, aoti=aoti, vocab_files=vocab_files,
             )  # fmt: skip
         except Exception as e:
             shutil.rmtree(staging, ignore_errors=True)

@@ -12,7 +12,6 @@ became the default) had only ``serving.predictor``, a TorchScript file; it is st
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import platform
@@ -21,6 +20,7 @@ from typing import Any
 
 from mlet_dist import __version__
 from mlet_dist.errors import MletError
+from mlet_dist.utils.files import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "mlet_dist.serving/2"
@@ -36,14 +36,6 @@ TorchScript."""
 
 class ServingError(MletError, RuntimeError):
     """A serving directory is missing, damaged or does not match its manifest; the message says which."""
-
-
-def sha256_file(path: Path, block: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_entries(root: Path) -> list[dict[str, Any]]:

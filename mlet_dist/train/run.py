@@ -18,7 +18,13 @@ from mlet_dist.checkpoint import (
 )
 from mlet_dist.config import Config, check_feature_count
 from mlet_dist.data import load_splits
-from mlet_dist.data.sources import data_inputs
+from mlet_dist.data.schema_shards import summary_vocabularies
+from mlet_dist.data.sources import data_inputs, is_streamed
+from mlet_dist.data.vocab import (
+    RUN_VOCAB_FILE,
+    check_resumed_vocabularies,
+    record_run_vocabularies,
+)
 from mlet_dist.distributed.elastic import check_agent_store
 from mlet_dist.distributed.parallelize import DistEnv, init_distributed
 from mlet_dist.quality import training_id_counts
@@ -77,7 +83,14 @@ def train(cfg: Config, resume: bool = True, fallback: bool = True) -> dict[str, 
 
 
 # What training writes into its run directory (besides RUN/.lock and eval_*.json).
-RUN_FILES = ("config.json", "metrics.json", "loss_curve.jsonl", "summary.json", "checkpoints")
+RUN_FILES = (
+    "config.json",
+    "metrics.json",
+    "loss_curve.jsonl",
+    "summary.json",
+    RUN_VOCAB_FILE,
+    "checkpoints",
+)
 
 
 def _previous_run(path: Path) -> str | None:
@@ -120,11 +133,18 @@ def _train(
     trainer = Trainer(cfg, env, plan=plan)
     if last is not None:
         trainer.load(last, verify=False)
+    vocabs = {}  # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with
+    if is_streamed(cfg.data):
+        vocabs = summary_vocabularies(cfg.data.parquet_dir, schema_of(cfg.data))
+        if last is not None:
+            check_resumed_vocabularies(run_dir, vocabs)
 
     def start() -> None:  # every check passed: from here on the run directory is written
         if env.is_rank0:
             remove_stale_checkpoints(run_dir)
             atomic_write_json(run_dir / "config.json", cfg.to_dict())
+            if vocabs:  # where `mlet-dist collapse` finds them
+                record_run_vocabularies(run_dir, cfg.data.parquet_dir, vocabs)
 
     counts = None
     if splits.train is not None:

@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import datetime
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -150,6 +151,15 @@ def writing(path: str | Path) -> Iterator[None]:
         if not isinstance(e, (KeyboardInterrupt, SystemExit)) and is_no_space(e, writing=True):
             raise no_space_error(path) from e
         raise
+
+
+def sha256_file(path: str | Path, block: int = 8 << 20) -> str:
+    """Hex sha256 of a file's bytes (the checksums of manifests and vocabularies)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def remove_path(path: str | Path) -> None:

@@ -1,0 +1,286 @@
+"""Vocabularies of the ``ids = 'vocab'`` tables of a declared schema (README "Your own data").
+
+``mlet-dist preprocess`` builds one vocabulary per such table from the *training* split: the raw
+values (strings or ints) of all the table's features, every id of a multi-hot bag (after the cut
+to ``max_length``, as encoded), counted; the values seen at least ``max(1,
+data.frequency_threshold)`` times, ordered by descending count and then by value (so the order is
+deterministic), become rows ``1..V``; row 0 is out of vocabulary (rare in, or absent from, the
+training split). ``V + 1`` rows must fit the table (``num_embeddings``).
+
+Files (in the preprocess output, copied into a serving directory by ``mlet-dist collapse``)::
+
+    vocab/<table>.parquet   columns value (string or int64), row (int64, 1..V), count (int64)
+
+``summary.json`` (``"vocabularies"``) and every shard's metadata record each file's sha256, so a
+loader refuses shards of another vocabulary. Training on such shards records where they came from
+in ``RUN/vocab.json`` (:func:`record_run_vocabularies`: the preprocess output and each file's
+sha256), so ``mlet-dist collapse`` copies exactly the vocabularies the run trained on into the
+serving directory (:func:`run_vocabularies`), where ``mlet-dist predict`` maps raw values with them.
+
+Example::
+
+    vocabs = build_vocabularies([table], n_train, schema, threshold=2)
+    vocabs["words"].lookup(pa.array(["red", "unseen"]))   # array([1, 0])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mlet_dist.config import ConfigError
+from mlet_dist.data.arrays import CriteoFormatError
+from mlet_dist.schema import FeatureSchema
+from mlet_dist.utils.files import atomic_write_json, sha256_file
+
+__all__ = [
+    "RUN_VOCAB_FILE",
+    "VOCAB_DIR",
+    "Vocabulary",
+    "VocabularyError",
+    "build_vocabularies",
+    "check_resumed_vocabularies",
+    "read_vocabularies",
+    "record_run_vocabularies",
+    "run_vocabularies",
+    "vocab_file",
+    "write_vocabularies",
+]
+
+VOCAB_DIR = "vocab"
+RUN_VOCAB_FILE = "vocab.json"
+"""What a run trained on vocabularies records: {"parquet_dir", "vocabularies"}."""
+
+
+class VocabularyError(CriteoFormatError):
+    """A vocabulary file is missing, damaged or does not match its inputs (named, with the fix)."""
+
+
+def vocab_file(table: str) -> str:
+    """Path of a table's vocabulary, relative to a preprocess output or serving directory."""
+    return f"{VOCAB_DIR}/{table}.parquet"
+
+
+def _flat(col: pa.ChunkedArray | pa.Array, max_length: int) -> pa.Array:
+    """The ids of a column as the encoder keeps them: lists cut to ``max_length`` and flattened,
+    nulls dropped, dictionaries decoded, ints as int64, strings as string."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        col = pc.list_slice(col, 0, max_length).flatten()
+    col = col.drop_null()
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
+        return col.cast(pa.int64())
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col.cast(pa.string())
+    return col  # refused by the encoder (not ints or strings)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """One table's vocabulary: ``values[i]`` is row ``i + 1``, seen ``counts[i]`` times.
+
+    Attributes:
+        table: the table name.
+        values: the values (``string`` or ``int64``) in row order.
+        counts: their training counts.
+    """
+
+    table: str
+    values: pa.Array
+    counts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def lookup(self, values: pa.Array, where: str = "", path: str | Path = "") -> np.ndarray:
+        """The rows (int64) of ``values``: ``1 + index`` in the vocabulary, 0 when absent.
+
+        Raises:
+            VocabularyError: strings looked up in a vocabulary of ints, or the reverse.
+        """
+        values = _flat(values, 1)
+        if len(self.values) and values.type != self.values.type and len(values):
+            raise VocabularyError(
+                f"{where or path}: holds {values.type} values, but the vocabulary of table "
+                f"{self.table!r} holds {self.values.type}: use the input format the vocabulary "
+                f"was built from (a CSV reads every id as text)",
+                path=Path(path) if path else None,
+            )
+        if not len(self.values):
+            return np.zeros(len(values), dtype=np.int64)
+        index = pc.index_in(values, value_set=self.values)
+        return pc.fill_null(pc.add(index, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def to_table(self) -> pa.Table:
+        return pa.table(
+            {
+                "value": self.values,
+                "row": pa.array(np.arange(1, len(self) + 1, dtype=np.int64)),
+                "count": pa.array(self.counts.astype(np.int64)),
+            }
+        )
+
+
+def build_vocabularies(
+    tables: Sequence[pa.Table], n_train: int, schema: FeatureSchema, threshold: int
+) -> dict[str, Vocabulary]:
+    """The vocabulary of every ``ids = 'vocab'`` table, counted over the first ``n_train`` rows
+    of ``tables`` (the raw inputs in order: the training split; module docstring).
+
+    Raises:
+        ConfigError: a vocabulary (plus row 0) does not fit its table.
+        VocabularyError: a table's features hold strings in one column and ints in another.
+    """
+    minimum = max(1, threshold)
+    out: dict[str, Vocabulary] = {}
+    for t in schema.vocab_tables:
+        parts: list[pa.Array] = []
+        left = n_train
+        for table in tables:
+            if left <= 0:
+                break
+            head = table.slice(0, left)
+            left -= head.num_rows
+            for f in t.features:
+                feature = next(s for s in schema.sparse if s.name == f)
+                parts.append(_flat(head.column(feature.column or f), feature.max_length))
+        kinds = {str(p.type) for p in parts if len(p)}
+        if len(kinds) > 1:
+            raise VocabularyError(
+                f"the features of table {t.name!r} hold {' and '.join(sorted(kinds))} values: "
+                f"one vocabulary holds one kind; convert the columns to one type"
+            )
+        parts = [p for p in parts if len(p)] or [pa.array([], pa.string())]
+        counted = pc.value_counts(pa.concat_arrays(parts))
+        keys = counted.field("values")
+        counts = counted.field("counts").to_numpy(zero_copy_only=False).astype(np.int64)
+        keep = np.flatnonzero(counts >= minimum)
+        keys, counts = keys.take(pa.array(keep)), counts[keep]
+        order = pa.table({"count": counts, "value": keys}).sort_by(
+            [("count", "descending"), ("value", "ascending")]
+        )
+        vocab = Vocabulary(
+            t.name, order.column("value").combine_chunks(), order.column("count").to_numpy()
+        )
+        if len(vocab) + 1 > t.num_embeddings:
+            raise ConfigError(
+                f"table {t.name!r}: its vocabulary needs {len(vocab) + 1} rows ({len(vocab)} "
+                f"values seen >= {minimum} times in the training split, plus row 0), but "
+                f"num_embeddings = {t.num_embeddings}: raise num_embeddings to at least "
+                f"{len(vocab) + 1} or raise data.frequency_threshold"
+            )
+        out[t.name] = vocab
+    return out
+
+
+def write_vocabularies(root: Path, vocabs: Mapping[str, Vocabulary]) -> dict[str, dict[str, Any]]:
+    """Writes ``root/vocab/<table>.parquet`` for each vocabulary; returns the summary entries
+    {table: {"path", "values", "sha256"}}."""
+    entries = {}
+    for name, vocab in vocabs.items():
+        path = root / vocab_file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(vocab.to_table(), path)
+        entries[name] = {
+            "path": vocab_file(name),
+            "values": len(vocab),
+            "sha256": sha256_file(path),
+        }
+    return entries
+
+
+def read_vocabularies(
+    root: str | Path, entries: Mapping[str, Mapping[str, Any]], origin: str
+) -> dict[str, Vocabulary]:
+    """The vocabularies ``entries`` (:func:`write_vocabularies`) list under ``root``, each checked
+    against its sha256.
+
+    Raises:
+        VocabularyError: a file is missing, or its sha256 differs (``origin`` says what recorded it).
+    """
+    out = {}
+    for name, entry in entries.items():
+        path = Path(root) / entry["path"]
+        if not path.is_file():
+            raise VocabularyError(
+                f"{path}: the vocabulary of table {name!r} ({origin}) is missing; restore it or "
+                f"preprocess again",
+                path=path,
+            )
+        if sha256_file(path) != entry["sha256"]:
+            raise VocabularyError(
+                f"{path}: the vocabulary of table {name!r} does not match its sha256 in {origin} "
+                f"(modified, or preprocessed again); restore it, or preprocess and train again",
+                path=path,
+            )
+        table = pq.read_table(path)
+        out[name] = Vocabulary(
+            name, table.column("value").combine_chunks(), table.column("count").to_numpy()
+        )
+    return out
+
+
+def record_run_vocabularies(
+    run_dir: Path, parquet_dir: str | Path, entries: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Writes ``RUN/vocab.json``: the preprocess output a run streams and its vocabularies
+    (``entries``: :func:`mlet_dist.data.schema_shards.summary_vocabularies`)."""
+    record = {"parquet_dir": str(Path(parquet_dir).resolve()), "vocabularies": dict(entries)}
+    atomic_write_json(run_dir / RUN_VOCAB_FILE, record)
+
+
+def check_resumed_vocabularies(run_dir: Path, entries: Mapping[str, Mapping[str, Any]]) -> None:
+    """Raises ConfigError when a resumed run recorded other vocabularies than ``entries`` (its
+    rows would mean other values)."""
+    path = run_dir / RUN_VOCAB_FILE
+    if not entries or not path.is_file():
+        return
+    had = json.loads(path.read_text()).get("vocabularies", {})
+    if {t: e["sha256"] for t, e in had.items()} != {t: e["sha256"] for t, e in entries.items()}:
+        raise ConfigError(
+            f"{path}: run {run_dir} trained on other vocabularies than data.parquet_dir holds now "
+            f"(preprocessed again?): resume with the shards it trained on, or train a new run"
+        )
+
+
+def run_vocabularies(run_dir: str | Path, schema: FeatureSchema) -> dict[str, Path]:
+    """The vocabulary files a run trained on ({table: path}), each checked against the sha256
+    the run recorded; {} when the schema has no ``ids = 'vocab'`` table.
+
+    Raises:
+        VocabularyError: the run has no record, or a file is missing or changed since training.
+    """
+    if not schema.vocab_tables:
+        return {}
+    path = Path(run_dir) / RUN_VOCAB_FILE
+    if not path.is_file():
+        raise VocabularyError(
+            f"{path} is missing: run {run_dir} has ids = 'vocab' tables but no record of the "
+            f"vocabularies it trained on; train it on the shards of `mlet-dist preprocess`",
+            path=path,
+        )
+    record = json.loads(path.read_text())
+    entries = record.get("vocabularies", {})
+    missing = [t.name for t in schema.vocab_tables if t.name not in entries]
+    if missing:
+        raise VocabularyError(
+            f"{path} records no vocabulary of table {missing[0]!r}; train the run again on the "
+            f"shards of `mlet-dist preprocess`",
+            path=path,
+        )
+    origin = f"{path}, recorded when run {run_dir} trained"
+    read_vocabularies(record["parquet_dir"], entries, origin)  # checks each sha256
+    return {t: Path(record["parquet_dir"]) / e["path"] for t, e in entries.items()}
