@@ -191,7 +191,7 @@ def generate_synthetic(
         The day file paths, in day order.
 
     Raises:
-        ValueError: an invalid config.
+        ConfigError: an invalid config.
 
     Example::
 
