@@ -326,6 +326,12 @@ def test_ensure_generates_once_and_never_over_user_files(tmp_path):
     assert [p.stat().st_mtime_ns for p in generated_files(cfg.data.dir)] == stamp
     changed = config(tmp_path, "--synthetic.rows_per_day=500", "--synthetic.seed=9")
     assert ensure_source_data(changed.data, changed.synthetic, progress=False)
+    # the Criteo generator's data in the same directory is another format: generated anew
+    criteo = load_config(
+        None, [f"--data.dir={cfg.data.dir}", "--synthetic.rows_per_day=500", "--synthetic.seed=9"]
+    )
+    assert ensure_source_data(criteo.data, criteo.synthetic, progress=False)
+    assert [p.name for p in data_files(criteo.data)] == ["day_0.gz", "day_1.gz"]
     # the user's own files ('files'): a missing one is an error, never generated
     missing = tmp_path / "mine" / "events.parquet"
     own = config(tmp_path, "--data.source=files", f'--data.train_files=["{missing}"]')
@@ -338,7 +344,7 @@ def test_ensure_generates_once_and_never_over_user_files(tmp_path):
 @pytest.mark.slow
 def test_shipped_config_end_to_end(tmp_path, capsys):
     """`mlet-dist run` on configs/schema_synthetic.toml (small): generates, trains, collapses and
-    checks; `preprocess` and `generate` take the same config."""
+    checks; `predict` scores a generated file; `preprocess` and `generate` take the same config."""
     small = [
         f"--data.dir={tmp_path / 'data'}",
         f"--train.run_dir={tmp_path / 'run'}",
@@ -350,6 +356,12 @@ def test_shipped_config_end_to_end(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["collapse_check"]["passed"] and summary["serving_check"]["passed"]
     assert (tmp_path / "data" / "part-00001.parquet").is_file()
+    # the served predictor scores a generated file (read as the run's data.source)
+    scores = tmp_path / "p.txt"
+    part = tmp_path / "data" / "part-00001.parquet"
+    argv = ["predict", "--serving", str(tmp_path / "run" / "served"), "--data", str(part)]
+    assert main([*argv, "--out", str(scores)]) == 0
+    assert len(scores.read_text().split()) == 2500
     capsys.readouterr()
     pq_dir = tmp_path / "shards"
     assert main(["preprocess", "--config", str(SHIPPED), *small, "--out", str(pq_dir)]) == 0
