@@ -376,3 +376,11 @@ def test_shipped_config_end_to_end(tmp_path, capsys):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "refusing to write synthetic data" in done.stderr
     assert (other / "part-00000.parquet").read_bytes() == b"mine"
+
+
+def test_one_column_per_feature(tmp_path):
+    cfg = config(tmp_path, "--synthetic.rows_per_day=10")
+    cfg.data.sparse[1].column = "user_id"  # item would be written over user's column
+    with pytest.raises(ConfigError, match=r"column 'user_id'.*data.sparse \(user\) reads too"):
+        generate_source_data(cfg.data, cfg.synthetic, progress=False)
+    assert not Path(cfg.data.dir).exists()

@@ -82,6 +82,7 @@ FORMAT = "parquet-schema"
 # on (seed, schema, file index, rows_per_day); changing it changes every generated file.
 _BLOCK_ROWS = 1 << 16
 _CALIBRATION_ROWS = 20_000
+_MAX_TABLE_ROWS = 1 << 31  # the teacher alone would take rows * teacher_rank * 8 bytes
 _DENSE_WEIGHT_STD = 0.5  # divided by sqrt(dense features): the dense part's spread
 # Seed-sequence tags (own streams, apart from the Criteo generator's).
 _TAG_TABLE, _TAG_DENSE, _TAG_CALIBRATION, _TAG_FILE = 11, 12, 13, 14
@@ -106,8 +107,7 @@ class _TableTeacher:
     offset: int
 
     def ids(self, ranks: np.ndarray) -> np.ndarray:
-        # mult, rank < rows: exact in int64 below 2**31 rows (the teacher of such a table alone
-        # would take rows * rank * 8 bytes, far past any table this generator is meant for)
+        # mult, rank < rows < 2**31 (build_schema_teacher): exact in int64
         return (ranks * self.mult + self.offset) % self.zipf_cdf.shape[0]
 
 
@@ -163,6 +163,12 @@ def build_schema_teacher(schema: FeatureSchema, cfg: SyntheticConfig) -> SchemaT
     for t in schema.tables:
         rng = np.random.default_rng([cfg.seed, _TAG_TABLE, _key(t.name)])
         n = t.num_embeddings
+        if n >= _MAX_TABLE_ROWS:
+            raise ConfigError(
+                f"table {t.name} has {n} rows: the generator draws ids of tables below "
+                f"{_MAX_TABLE_ROWS} rows (its teacher holds a vector per row); declare a smaller "
+                f"num_embeddings for synthetic data"
+            )
         weights = np.arange(1, n + 1, dtype=np.float64) ** -cfg.zipf_exponent
         cdf = np.cumsum(weights)
         mult = int(rng.integers(1, max(n, 2)))
@@ -267,7 +273,7 @@ def _sparse_column(teacher: SchemaTeacher, draw: _Draw, i: int) -> pa.Array:
     schema = teacher.schema
     f = schema.sparse[i]
     table = schema.table_of(f.name)
-    prefix = table.name if len(table.features) > 1 or f.table else f.name
+    prefix = f.table or f.name  # a shared table's features share its tokens
     ids = teacher.tables[table.name].ids(draw.ranks[i])
     lengths, null = draw.lengths[i], draw.null[i]
     if f.max_length == 1:
