@@ -1,7 +1,8 @@
 """Command line: ``mlet-dist <command> [--config FILE] [--section.key=value ...]``.
 
 Commands:
-    generate   write synthetic Criteo-format day files (the built-in default data)
+    generate   write synthetic data: Criteo-format day files (the built-in default data), or
+               Parquet files in a declared schema's columns
     train      train a model (one process, or every rank under torchrun / torchx)
     evaluate   AUC / log loss / NE of a run's latest checkpoint on a split or files
     collapse   collapse a run's MLET tables into a plain d-dim model and its serving artifacts
@@ -140,7 +141,16 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--config", help="TOML config file (see configs/)")
         return sp
 
-    add("generate", "write synthetic Criteo-format day files into data.dir")
+    g = add(
+        "generate",
+        "write synthetic data into data.dir: Criteo-format day files, or with a declared schema "
+        "([[data.sparse]]) Parquet files part-NNNNN.parquet in its columns",
+    )
+    g.epilog = (
+        "synthetic.days files of synthetic.rows_per_day rows, labelled by a hidden low-rank "
+        "teacher, reproducible from synthetic.seed; train on them with data.source = 'synthetic' "
+        "and the same config (`mlet-dist run` generates them itself when missing)"
+    )
     t = add("train", "train a model; resumes the latest checkpoint of train.run_dir")
     t.epilog = (
         "during training: --train.metrics_every=N (TorchRec RecMetrics), --train.eval_every=N "
@@ -293,11 +303,11 @@ def user_error(e: BaseException) -> str | None:
 
 def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "generate":
-        from mlet_dist.data import generate_synthetic
+        from mlet_dist.data.sources import generate_source_data
 
         cfg = load_config(args.config, overrides)
-        files = generate_synthetic(cfg.data.dir, cfg.synthetic, progress=cfg.train.progress)
-        logger.info("wrote %d day files to %s", len(files), cfg.data.dir)
+        files = generate_source_data(cfg.data, cfg.synthetic, progress=cfg.train.progress)
+        logger.info("wrote %d files to %s", len(files), cfg.data.dir)
         return 0
     if args.command == "train":
         from mlet_dist.train import train

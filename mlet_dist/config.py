@@ -44,14 +44,14 @@ class ConfigError(MletError, ValueError):
 
 @dataclass
 class SyntheticConfig:
-    """Synthetic Criteo-format data drawn from a hidden low-rank 'teacher'."""
+    """Synthetic data drawn from a hidden low-rank 'teacher': Criteo-format day files, or Parquet files in a declared schema's columns (README "Your own data")."""
 
     days: int = 2
-    """Number of day files written (day_0 … day_{days-1})."""
+    """Number of files written: day files day_0 … day_{days-1}, or with a declared schema part-00000.parquet …"""
     rows_per_day: int = 20000
-    """Rows in each day file."""
+    """Rows in each file."""
     cardinalities: list[int] = field(default_factory=lambda: list(DEFAULT_SYNTHETIC_CARDINALITIES))
-    """Distinct ids per categorical feature (26 values)."""
+    """Distinct ids per categorical feature (26 values; Criteo format only: a declared schema's features draw from their tables' rows)."""
     zipf_exponent: float = 1.05
     """Exponent of the Zipf distribution of ids: larger means more skew (more rare ids)."""
     teacher_rank: int = 8
@@ -63,11 +63,11 @@ class SyntheticConfig:
     dense_missing_rate: float = 0.1
     """Fraction of integer features left empty (missing)."""
     sparse_missing_rate: float = 0.02
-    """Fraction of categorical features left empty (missing)."""
+    """Fraction of categorical features left empty (missing; in a declared schema's files: null, or for a list half null and half empty)."""
     seed: int = 1234
     """Seed of the teacher and of the sampling."""
     gzip: bool = True
-    """Write day_N.gz (True) or plain day_N (False)."""
+    """Write day_N.gz (True) or plain day_N (False); Criteo format only."""
 
 
 @dataclass
@@ -75,9 +75,9 @@ class DataConfig:
     """Where the data is and how it is batched."""
 
     source: str = "synthetic"
-    """'synthetic' (generated into `dir` by `mlet-dist generate`), 'criteo' (Criteo TSV files in `train_files`), 'avazu' (Avazu CSV files in `train_files`, mapped onto the Criteo layout by `mlet_dist.data.avazu`), 'movielens' (MovieLens-1M `ratings.dat(.gz)` in `train_files` with `users.dat` and `movies.dat` beside it, mapped onto the Criteo layout by `mlet_dist.data.movielens`, rows sorted by time; with a declared schema: its named columns, genres multi-hot), 'parquet' (shards of `mlet-dist preprocess` in `parquet_dir`, streamed) or 'files' (Parquet, CSV or TSV files with named columns in `train_files`, read through the declared schema `dense`/`sparse`/`tables`)."""
+    """'synthetic' (generated into `dir` by `mlet-dist generate`: Criteo-format day files, or with a declared schema Parquet files in its columns), 'criteo' (Criteo TSV files in `train_files`), 'avazu' (Avazu CSV files in `train_files`, mapped onto the Criteo layout by `mlet_dist.data.avazu`), 'movielens' (MovieLens-1M `ratings.dat(.gz)` in `train_files` with `users.dat` and `movies.dat` beside it, mapped onto the Criteo layout by `mlet_dist.data.movielens`, rows sorted by time; with a declared schema: its named columns, genres multi-hot), 'parquet' (shards of `mlet-dist preprocess` in `parquet_dir`, streamed) or 'files' (Parquet, CSV or TSV files with named columns in `train_files`, read through the declared schema `dense`/`sparse`/`tables`)."""
     dir: str = "data/synthetic"
-    """Directory of the synthetic day files (source = 'synthetic')."""
+    """Directory of the synthetic data (source = 'synthetic'), written by `mlet-dist generate` (and by `run` when missing)."""
     train_files: list[str] = field(default_factory=list)
     """Criteo TSV (source = 'criteo'), Avazu CSV (source = 'avazu'), MovieLens ratings (source = 'movielens') or Parquet/CSV/TSV files with named columns (source = 'files'), plain or .gz, used for training, read in this order."""
     eval_files: list[str] = field(default_factory=list)

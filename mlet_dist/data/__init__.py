@@ -4,7 +4,8 @@ format and the synthetic Criteo-format generator.
 Modules: ``sources`` (the one place that reads ``data.source``), ``arrays`` (the in-memory rows),
 ``batching`` (``Batch``/KJT building, :class:`BatchSource`), ``parquet`` (shard schema and
 streaming), ``criteo`` / ``avazu`` / ``movielens`` (raw-file parsers), ``synthetic`` (generator) and
-``synthetic_teacher`` (its labelling model),
+``synthetic_teacher`` (its labelling model), ``synthetic_schema`` (synthetic Parquet files in a
+declared schema's columns),
 ``preprocess`` (``mlet-dist preprocess``: raw TSV into Parquet shards, imported from its package).
 """
 
@@ -46,6 +47,7 @@ from mlet_dist.data.sources import (
     data_files,
     data_inputs,
     ensure_source_data,
+    generate_source_data,
     is_streamed,
     load_splits,
     preprocess_inputs,
@@ -93,6 +95,7 @@ __all__ = [
     "ensure_source_data",
     "ensure_synthetic",
     "format_rows",
+    "generate_source_data",
     "generate_synthetic",
     "is_streamed",
     "iter_line_blocks",

@@ -1,8 +1,11 @@
 """The one place that reads ``data.source``: which files a run reads, how a raw file is parsed,
-the in-memory splits, which batch source a split gets, and what ``mlet-dist preprocess`` reads.
-Every in-memory source gives Criteo-layout arrays (:class:`~mlet_dist.data.arrays.CriteoArrays`).
+the in-memory splits, which batch source a split gets, what ``mlet-dist preprocess`` reads and
+what ``mlet-dist generate`` writes. The in-memory sources give Criteo-layout arrays
+(:class:`~mlet_dist.data.arrays.CriteoArrays`), or with a declared schema its
+:class:`~mlet_dist.data.rows.FeatureRows`.
 
-'synthetic' and 'criteo' are Criteo TSV files, 'avazu' Avazu CSV (:mod:`mlet_dist.data.avazu`),
+'synthetic' and 'criteo' are Criteo TSV files ('synthetic' with a declared schema: the Parquet
+files :mod:`mlet_dist.data.synthetic_schema` generates into ``data.dir``, read like 'files'), 'avazu' Avazu CSV (:mod:`mlet_dist.data.avazu`),
 'movielens' MovieLens ratings with their users/movies files (:mod:`mlet_dist.data.movielens`).
 'parquet' is streamed (:class:`~mlet_dist.data.parquet.ParquetBatchSource`) and has no raw
 reader here.
@@ -35,7 +38,12 @@ from mlet_dist.data.movielens import read_movielens, read_movielens_table
 from mlet_dist.data.parquet import ParquetBatchSource
 from mlet_dist.data.rows import FeatureRows
 from mlet_dist.data.schema_shards import SchemaCodec, summary_vocabularies
-from mlet_dist.data.synthetic import ensure_synthetic
+from mlet_dist.data.synthetic import ensure_synthetic, generate_synthetic
+from mlet_dist.data.synthetic_schema import (
+    ensure_schema_synthetic,
+    generate_schema_synthetic,
+    generated_files,
+)
 from mlet_dist.data.vocab import Vocabulary
 from mlet_dist.schema import FeatureSchema, schema_of
 
@@ -48,6 +56,7 @@ __all__ = [
     "data_files",
     "data_inputs",
     "ensure_source_data",
+    "generate_source_data",
     "is_streamed",
     "load_splits",
     "preprocess_inputs",
@@ -57,7 +66,7 @@ __all__ = [
 ]
 
 FILE_KINDS = {
-    "synthetic": "Criteo TSV",
+    "synthetic": "Criteo TSV (with a declared schema: Parquet files of `mlet-dist generate`)",
     "criteo": "Criteo TSV",
     "avazu": "Avazu CSV",
     "movielens": "MovieLens ratings.dat(.gz), with users.dat and movies.dat beside it",
@@ -117,15 +126,16 @@ def read_source_table(
 ) -> pa.Table:
     """The named columns of one raw file of a declared schema, not encoded yet ('files':
     :mod:`mlet_dist.data.columns`; 'movielens': its named columns)."""
-    # 'parquet': shards preprocessed from such files; raw inputs (predict) are those files
-    if source in ("files", "parquet"):
+    # 'parquet': shards preprocessed from such files; raw inputs (predict) are those files;
+    # 'synthetic': the Parquet files generated in the schema's columns
+    if source in ("files", "parquet", "synthetic"):
         return read_columns_file(path, schema, csv_columns or [], max_rows=max_rows)
     if source == "movielens":
         return read_movielens_table(path, max_rows=max_rows, in_file_order=in_file_order)
     raise ConfigError(
         f"data.source = {source!r} has the fixed Criteo layout and cannot be read through "
-        f"a declared schema ([[data.sparse]]): use data.source = 'files' (Parquet/CSV/TSV) "
-        f"or 'movielens', or remove the schema"
+        f"a declared schema ([[data.sparse]]): use data.source = 'files' (Parquet/CSV/TSV), "
+        f"'movielens' or 'synthetic' (generated data), or remove the schema"
     )
 
 
@@ -146,6 +156,8 @@ class Splits:
 
 def data_files(data_cfg: DataConfig) -> list[Path]:
     """The raw files of the training data, in order (chronological for day files)."""
+    if data_cfg.source == "synthetic" and data_cfg.sparse:  # a declared schema's Parquet files
+        return generated_files(data_cfg.dir)
     if data_cfg.source == "synthetic":
         root = Path(data_cfg.dir)
         files = sorted(
@@ -244,7 +256,7 @@ def check_preprocessable(data_cfg: DataConfig) -> None:
 
 
 def preprocess_inputs(data_cfg: DataConfig) -> list[str | Path]:
-    """The raw files ``mlet-dist preprocess`` reads by default: the synthetic day files in
+    """The raw files ``mlet-dist preprocess`` reads by default: the synthetic files in
     ``data.dir`` (source = 'synthetic', :func:`data_files`) or ``data.train_files``."""
     if data_cfg.source == "synthetic":
         return list(data_files(data_cfg))
@@ -254,13 +266,32 @@ def preprocess_inputs(data_cfg: DataConfig) -> list[str | Path]:
 def ensure_source_data(
     data_cfg: DataConfig, synthetic_cfg: SyntheticConfig, progress: bool = True
 ) -> bool:
-    """Makes the configured data exist where it can be made: generates the synthetic day files
-    into ``data.dir`` unless they are there for this config (``data.source = 'synthetic'``,
-    :func:`~mlet_dist.data.synthetic.ensure_synthetic`); nothing for the other sources. Returns
-    True when it generated."""
+    """Makes the configured data exist where it can be made: generates the synthetic data into
+    ``data.dir`` unless it is there for this config (``data.source = 'synthetic'``: day files,
+    :func:`~mlet_dist.data.synthetic.ensure_synthetic`, or with a declared schema Parquet files,
+    :func:`~mlet_dist.data.synthetic_schema.ensure_schema_synthetic`); nothing for the other
+    sources, whose files are the user's (a missing one stays an error). Returns True when it
+    generated."""
     if data_cfg.source != "synthetic":
         return False
+    if data_cfg.sparse:
+        schema = schema_of(data_cfg)
+        return ensure_schema_synthetic(data_cfg.dir, schema, synthetic_cfg, progress=progress)
     return ensure_synthetic(data_cfg.dir, synthetic_cfg, progress=progress)
+
+
+def generate_source_data(
+    data_cfg: DataConfig, synthetic_cfg: SyntheticConfig, progress: bool = True
+) -> list[Path]:
+    """``mlet-dist generate``: writes synthetic data into ``data.dir`` (whatever ``data.source``):
+    Parquet files in the declared schema's columns
+    (:func:`~mlet_dist.data.synthetic_schema.generate_schema_synthetic`), or Criteo-format day
+    files when none is declared (:func:`~mlet_dist.data.synthetic.generate_synthetic`). Returns
+    the files written."""
+    if data_cfg.sparse:
+        schema = schema_of(data_cfg)
+        return generate_schema_synthetic(data_cfg.dir, schema, synthetic_cfg, progress=progress)
+    return generate_synthetic(data_cfg.dir, synthetic_cfg, progress=progress)
 
 
 def build_batch_source(

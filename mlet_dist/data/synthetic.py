@@ -191,7 +191,7 @@ def generate_synthetic(
         The day file paths, in day order.
 
     Raises:
-        ValueError: an invalid config.
+        ConfigError: an invalid config.
 
     Example::
 
@@ -288,7 +288,10 @@ def ensure_synthetic(data_dir: str | Path, cfg: SyntheticConfig, progress: bool 
     """Generates the day files into ``data_dir`` unless it already holds them for this config
     (its meta file records the config they were made with). Returns True when it generated."""
     meta = Path(data_dir) / META_FILE_NAME
-    saved = json.loads(meta.read_text()).get("config") if meta.is_file() else None
+    saved = json.loads(meta.read_text()) if meta.is_file() else {}
+    # (a declared schema's generator writes the same meta file name with its own format)
+    criteo = saved.get("format", "criteo-tsv") == "criteo-tsv"
+    saved = saved.get("config") if criteo else None
     if saved == dataclasses.asdict(cfg):
         logger.info("using the synthetic data already in %s", data_dir)
         return False

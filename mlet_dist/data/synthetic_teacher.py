@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlet_dist.config import SyntheticConfig
+from mlet_dist.config import ConfigError, SyntheticConfig
 from mlet_dist.data.arrays import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "SyntheticRows",
     "Teacher",
     "build_teacher",
+    "calibrate_intercept",
+    "check_sampling",
     "sample_rows",
     "teacher_logits",
     "teacher_spectrum",
@@ -126,28 +128,37 @@ class SyntheticRows:
 
 def _validate(cfg: SyntheticConfig) -> None:
     if len(cfg.cardinalities) != CAT_FEATURE_COUNT:
-        raise ValueError(
+        raise ConfigError(
             f"synthetic.cardinalities has {len(cfg.cardinalities)} values; give one per "
             f"categorical feature ({CAT_FEATURE_COUNT})"
         )
     if any(c < 1 or c > 1 << 32 for c in cfg.cardinalities):
-        raise ValueError("synthetic.cardinalities must be in [1, 2**32] (ids are 32-bit hashes)")
+        raise ConfigError("synthetic.cardinalities must be in [1, 2**32] (ids are 32-bit hashes)")
+    check_sampling(cfg)
+
+
+def check_sampling(cfg: SyntheticConfig) -> None:
+    """Refuses invalid sampling keys of ``[synthetic]`` (all but the Criteo cardinalities).
+
+    Raises:
+        ConfigError: the message names the key and its valid range.
+    """
     if cfg.days < 0 or cfg.rows_per_day < 0:
-        raise ValueError("synthetic.days and synthetic.rows_per_day must be >= 0")
+        raise ConfigError("synthetic.days and synthetic.rows_per_day must be >= 0")
     if cfg.teacher_rank < 1:
-        raise ValueError(f"synthetic.teacher_rank must be >= 1, got {cfg.teacher_rank}")
+        raise ConfigError(f"synthetic.teacher_rank must be >= 1, got {cfg.teacher_rank}")
     if cfg.teacher_spectrum_decay < 0:
-        raise ValueError(
+        raise ConfigError(
             f"synthetic.teacher_spectrum_decay must be >= 0, got {cfg.teacher_spectrum_decay}"
         )
     if cfg.zipf_exponent < 0:
-        raise ValueError(f"synthetic.zipf_exponent must be >= 0, got {cfg.zipf_exponent}")
+        raise ConfigError(f"synthetic.zipf_exponent must be >= 0, got {cfg.zipf_exponent}")
     for name in ("dense_missing_rate", "sparse_missing_rate"):
         rate = getattr(cfg, name)
         if not 0.0 <= rate < 1.0:
-            raise ValueError(f"synthetic.{name} must be in [0, 1), got {rate}")
+            raise ConfigError(f"synthetic.{name} must be in [0, 1), got {rate}")
     if cfg.seed < 0:
-        raise ValueError(f"synthetic.seed must be >= 0, got {cfg.seed}")
+        raise ConfigError(f"synthetic.seed must be >= 0, got {cfg.seed}")
 
 
 def _dense_log(dense: np.ndarray, missing: np.ndarray) -> np.ndarray:
@@ -191,7 +202,7 @@ def _sample_features(
     return ids, dense, dense_missing
 
 
-def _calibrate_intercept(logits: np.ndarray, target: float) -> float:
+def calibrate_intercept(logits: np.ndarray, target: float) -> float:
     """Intercept c with mean(sigmoid(logits + c)) = target, by bisection (monotone in c)."""
     lo, hi = -50.0, 50.0
     for _ in range(100):
@@ -227,7 +238,7 @@ def build_teacher(cfg: SyntheticConfig) -> Teacher:
         The Teacher, with its intercept calibrated on a fixed-size sample.
 
     Raises:
-        ValueError: an invalid config (wrong number of cardinalities, bad rates, ...).
+        ConfigError: an invalid config (wrong number of cardinalities, bad rates, ...).
     """
     _validate(cfg)
     rank = cfg.teacher_rank
@@ -271,7 +282,7 @@ def build_teacher(cfg: SyntheticConfig) -> Teacher:
     rng = np.random.default_rng([cfg.seed, _TAG_CALIBRATION])
     ids, dense, missing = _sample_features(teacher, cfg, rng, _CALIBRATION_ROWS)
     raw = _raw_logits(teacher, ids, _dense_log(dense, missing))
-    teacher.intercept = _calibrate_intercept(raw, TARGET_POSITIVE_RATE)
+    teacher.intercept = calibrate_intercept(raw, TARGET_POSITIVE_RATE)
     return teacher
 
 
