@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +105,29 @@ def _needed(schema: FeatureSchema) -> list[str]:
 def read_columns_file(
     path: str | Path, schema: FeatureSchema, csv_columns: Sequence[str] = (), max_rows: int = 0
 ) -> pa.Table:
-    """The columns ``schema`` needs from one Parquet/CSV/TSV file (see the module docstring).
+    """The columns ``schema`` needs from one Parquet/CSV/TSV file, all at once (the chunks of
+    :func:`iter_columns_file` joined).
+
+    Raises:
+        ColumnError: the file is missing or unreadable, or lacks a declared column.
+    """
+    return pa.concat_tables(iter_columns_file(path, schema, csv_columns, max_rows))
+
+
+def iter_columns_file(
+    path: str | Path,
+    schema: FeatureSchema,
+    csv_columns: Sequence[str] = (),
+    max_rows: int = 0,
+    chunk_rows: int = 1 << 16,
+) -> Iterator[pa.Table]:
+    """The columns ``schema`` needs from one Parquet/CSV/TSV file (module docstring), in chunks
+    of at most ``chunk_rows`` rows (Parquet record batches; CSV blocks of pyarrow's streaming
+    reader), so a file larger than memory can be processed; at least one (maybe empty) chunk.
+
+    CSV/TSV columns are read with declared types (ids as text or ints as the schema says, label
+    and dense columns as text, parsed as numbers by the encoder), so no block's type guess can
+    contradict another's; the other columns are not parsed at all.
 
     Raises:
         ColumnError: the file is missing or unreadable, or lacks a declared column.
@@ -119,29 +141,8 @@ def read_columns_file(
         if kind == "parquet":
             names = pq.read_schema(path).names
         else:
-            multi = {f.column or f.name for f in schema.sparse if f.max_length > 1}
-            text = {  # read as text: hashed, multi-hot split at "|", or a part taken (chars)
-                f.column or f.name
-                for f in schema.sparse
-                if f.ids in ("hash", "vocab") or f.max_length > 1 or f.chars
-            }
-            int_multi = {
-                f.column or f.name for f in schema.sparse if f.max_length > 1 and f.ids == "int"
-            }
-            skip = int(bool(csv_columns) and _first_line(path, kind) == list(csv_columns))
-            read = pcsv.ReadOptions(column_names=list(csv_columns) or None, skip_rows=skip)
-            parse = pcsv.ParseOptions(delimiter="," if kind == "csv" else "\t")
-            convert = pcsv.ConvertOptions(
-                # text has no types: every id column is read as text (hashed as a string) unless
-                # ids = 'int' (then a plain int column), so a column never changes kind by file
-                column_types={
-                    f.column or f.name: pa.string() if (f.column or f.name) in text else pa.int64()
-                    for f in schema.sparse
-                },
-                strings_can_be_null=True,
-            )
-            table = pcsv.read_csv(path, read, parse, convert)
-            names = table.column_names
+            first = _first_line(path, kind)
+            names = list(csv_columns) or first
     except (pa.ArrowInvalid, OSError) as e:
         raise ColumnError(f"{path}: not a readable {kind} file ({e})", path=path) from e
     missing = [c for c in needed if c not in names]
@@ -151,17 +152,76 @@ def read_columns_file(
             f"{', '.join(names[:20])}: fix the column name in the config (column = ...)",
             path=path,
         )
-    if kind == "parquet":
-        table = pq.read_table(path, columns=needed)
-    else:
-        table = table.select(needed)
-        for c in multi:  # "a|b|c" -> ["a", "b", "c"]
-            i = table.column_names.index(c)
-            split = pc.split_pattern(table.column(c), MULTI_SEPARATOR)
-            if c in int_multi:
-                split = split.cast(pa.list_(pa.int64()))
-            table = table.set_column(i, c, split)
-    return table.slice(0, max_rows) if max_rows else table
+    left = max_rows or -1
+    try:
+        if kind == "parquet":
+            chunks = (
+                pa.Table.from_batches([b])
+                for b in pq.ParquetFile(path).iter_batches(chunk_rows, columns=needed)
+            )
+        else:
+            chunks = _csv_chunks(path, kind, schema, needed, csv_columns, first, chunk_rows)
+        empty = True
+        for chunk in chunks:
+            if left == 0:
+                break
+            if left > 0:
+                chunk = chunk.slice(0, left)
+                left -= chunk.num_rows
+            empty = False
+            yield chunk.select(needed)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ColumnError(f"{path}: not a readable {kind} file ({e})", path=path) from e
+    if empty:  # no row: an empty table of the columns (the readers accept empty files)
+        if kind == "parquet":
+            yield pq.read_schema(path).empty_table().select(needed)
+        else:
+            yield pa.table({c: pa.array([], pa.string()) for c in needed})
+
+
+def _csv_chunks(
+    path: Path,
+    kind: str,
+    schema: FeatureSchema,
+    needed: list[str],
+    csv_columns: Sequence[str],
+    first: list[str],
+    chunk_rows: int,
+) -> Iterator[pa.Table]:
+    multi = {f.column or f.name for f in schema.sparse if f.max_length > 1}
+    text = {  # read as text: hashed, looked up, multi-hot split at "|", or a part taken (chars)
+        f.column or f.name
+        for f in schema.sparse
+        if f.ids in ("hash", "vocab") or f.max_length > 1 or f.chars
+    }
+    int_multi = {f.column or f.name for f in schema.sparse if f.max_length > 1 and f.ids == "int"}
+    # text has no types: an id column is text (hashed as a string) unless ids = 'int' (a plain
+    # int column), so a column never changes kind by file; numbers are parsed by the encoder
+    types = {c: pa.string() for c in needed}
+    for f in schema.sparse:
+        c = f.column or f.name
+        types[c] = pa.string() if c in text else pa.int64()
+    skip = int(bool(csv_columns) and first == list(csv_columns))
+    # ~100 bytes a row: blocks of about chunk_rows rows (at least pyarrow's 1 MiB default)
+    read = pcsv.ReadOptions(
+        column_names=list(csv_columns) or None,
+        skip_rows=skip,
+        block_size=max(1 << 20, 100 * chunk_rows),
+    )
+    parse = pcsv.ParseOptions(delimiter="," if kind == "csv" else "\t")
+    convert = pcsv.ConvertOptions(
+        column_types=types, include_columns=needed, strings_can_be_null=True
+    )
+    with pcsv.open_csv(path, read, parse, convert) as reader:
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            for c in multi:  # "a|b|c" -> ["a", "b", "c"]
+                i = table.column_names.index(c)
+                split = pc.split_pattern(table.column(c), MULTI_SEPARATOR)
+                if c in int_multi:
+                    split = split.cast(pa.list_(pa.int64()))
+                table = table.set_column(i, c, split)
+            yield table
 
 
 def _column(table: pa.Table, name: str) -> pa.Array:
@@ -173,6 +233,14 @@ def _column(table: pa.Table, name: str) -> pa.Array:
 
 def _numbers(col: pa.Array, where: str, path: Path, fix: str) -> np.ndarray:
     t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):  # CSV text: numbers or booleans
+        for target in (pa.float64(), pa.bool_()):
+            try:
+                col = col.cast(target)
+                break
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+        t = col.type
     if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
         raise ColumnError(f"{where}: holds {t} values, expected numbers: {fix}", path=path)
     return pc.fill_null(col.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False)
