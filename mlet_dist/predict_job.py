@@ -8,6 +8,7 @@ Criteo TSV, or Avazu CSV / MovieLens ratings mapped onto the Criteo layout
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -121,7 +122,9 @@ def predict_file(
     sizes = table_sizes(manifest)
     source = data_source(manifest)
     data_cfg = config_from_dict({"data": data_config(manifest)}, "the manifest's config").data
-    schema = schema_of(data_cfg)  # the features the model was trained on
+    # the features the model was trained on; the weight column (data.weight) is no model input:
+    # the inputs need not have it
+    schema = dataclasses.replace(schema_of(data_cfg), weight="")
     parts = [
         require_rows(
             read_source_file(

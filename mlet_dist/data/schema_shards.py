@@ -4,7 +4,8 @@ streaming loader (:class:`~mlet_dist.data.parquet.ParquetBatchSource`, ``data.so
 
 Shard columns: ``label`` int8; one float32 column per dense feature (transformed); one
 ``list<int64>`` column per categorical feature holding its table rows (already hashed, cut to
-``max_length``, rare ids replaced). The schema metadata (key ``mlet_dist``) records the feature
+``max_length``, rare ids replaced); with ``data.weight``, a float32 ``weight`` column of the
+sample weights. The schema metadata (key ``mlet_dist``) records the feature
 schema and the frequency threshold, so a loader refuses shards of another schema.
 
 Preprocessing (:func:`mlet_dist.data.preprocess.schema.preprocess_schema`) reads the inputs through the schema
@@ -41,12 +42,15 @@ FORMAT = "mlet_dist feature-schema shards v1"
 
 
 def _columns(schema: FeatureSchema) -> list[str]:
-    return ["label", *schema.dense_names, *schema.feature_names]
+    weight = ["weight"] if schema.weight else []
+    return ["label", *weight, *schema.dense_names, *schema.feature_names]
 
 
 def rows_to_table(rows: FeatureRows, schema: FeatureSchema, threshold: int = 0) -> pa.Table:
     """Rows as a shard table (see the module docstring)."""
     columns: dict[str, pa.Array] = {"label": pa.array(rows.labels.astype(np.int8))}
+    if schema.weight:
+        columns["weight"] = pa.array(np.ascontiguousarray(rows.weights, dtype=np.float32))
     for j, name in enumerate(schema.dense_names):
         columns[name] = pa.array(np.ascontiguousarray(rows.dense[:, j], dtype=np.float32))
     for name, ids, lengths in zip(schema.feature_names, rows.ids, rows.lengths):
@@ -77,7 +81,8 @@ def table_to_rows(table: pa.Table, schema: FeatureSchema) -> FeatureRows:
             a[has, j] = values[offsets[:-1][has] + j]
         ids.append(a)
         lengths.append(n_ids.astype(np.int32))
-    return FeatureRows(labels, dense, ids, lengths, schema.feature_names)
+    weights = table.column("weight").to_numpy().astype(np.float32) if schema.weight else None
+    return FeatureRows(labels, dense, ids, lengths, schema.feature_names, weights)
 
 
 class SchemaCodec:
@@ -101,5 +106,6 @@ class SchemaCodec:
         if schema_from_dict(meta["schema"]) != self.schema:
             raise ConfigError(
                 f"{path} was preprocessed for another feature schema than the config's "
-                f"(data.dense / data.sparse / data.tables): preprocess again with this config"
+                f"(data.dense / data.sparse / data.tables / data.weight): preprocess again with "
+                f"this config"
             )
