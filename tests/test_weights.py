@@ -158,6 +158,29 @@ def test_shards_keep_the_weights(tmp_path):
         SchemaCodec(schema).check(tmp_path / "u.parquet", pq.read_schema(tmp_path / "u.parquet"))
 
 
+def test_preprocess_and_streamed_batches_keep_the_weights(tmp_path):
+    from mlet_dist.data.preprocess import preprocess_from_config
+    from mlet_dist.data.sources import build_batch_source
+
+    rng = np.random.default_rng(2)
+    weights = rng.choice([0.0, 0.25, 1.0, 3.0], size=60)
+    path = write_rows(tmp_path / "r.parquet", n_copies=10, seed=4)
+    pq.write_table(pq.read_table(path).append_column("w", pa.array(weights)), path)
+    args = [f"--data.train_files=['{path}']", "--data.eval_fraction=0.25"]
+    cfg = weighted_config(tmp_path, *args)
+    preprocess_from_config(cfg.data, out_dir=tmp_path / "shards")
+    streamed = weighted_config(
+        tmp_path, *args, "--data.source='parquet'", f"--data.parquet_dir='{tmp_path / 'shards'}'"
+    )
+    for split, rows in (("train", slice(0, 45)), ("eval", slice(45, 60))):
+        source = build_batch_source(streamed.data, split, rank=0, world_size=1, seed=0,
+                                    training=False)  # fmt: skip
+        batches = list(source.batches(0))  # file order, every row
+        assert all(isinstance(b, WeightedBatch) for b in batches)
+        got = torch.cat([b.weights for b in batches]).numpy()
+        np.testing.assert_array_equal(got, weights[rows].astype(np.float32))
+
+
 def _model_and_rows(tmp_path, n_copies: int = 4):
     cfg = weighted_config(tmp_path)
     schema = schema_of(cfg.data)
