@@ -77,8 +77,12 @@ def weighted_binary_metrics(
     w = weights.detach().double().flatten()
     n = labels.numel()
     total = w.sum().item()
-    if n == 0 or total <= 0:
-        return {"rows": n, "weight_sum": total}
+    if n == 0:
+        return {"rows": 0, "weight_sum": 0.0}
+    if total <= 0:  # every weight 0: no metric is defined
+        nan = float("nan")
+        keys = ("auc", "log_loss", "ne", "positive_rate", "mean_prediction")
+        return {"rows": n, "weight_sum": total, **dict.fromkeys(keys, nan)}
     losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     log_loss = (w * losses).sum().item() / total
     p = (w * labels).sum().item() / total

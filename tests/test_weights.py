@@ -270,6 +270,8 @@ def test_weighted_metrics_equal_a_brute_force_reference():
     plain = binary_metrics(torch.from_numpy(z), torch.from_numpy(y))
     for key in ("auc", "log_loss", "ne", "positive_rate", "mean_prediction"):
         assert ones[key] == pytest.approx(plain[key], rel=1e-7), key
+    zero = binary_metrics(torch.from_numpy(z), torch.from_numpy(y), torch.zeros(n))
+    assert zero["rows"] == n and zero["weight_sum"] == 0 and math.isnan(zero["auc"])
     # per id-frequency bucket: each bucket's rows with their weights
     rarest = rng.integers(0, 2000, n)
     buckets = bucket_metrics(
