@@ -118,6 +118,8 @@ class DataConfig:
     """Declared schema: tables shared by several sparse features."""
     label: str = "label"
     """Declared schema: the label column (0/1, or bool)."""
+    weight: str = ""
+    """Declared schema: a column of non-negative sample weights (numbers, no missing value) that weight each row's loss (mean over the batch of weight x log loss) and the evaluation metrics (README "Your own data"); not a model input. Empty = unweighted."""
     csv_columns: list[str] = field(default_factory=list)
     """source = 'files': the column names of CSV/TSV files without a header line (empty = the first line is the header)."""
 
@@ -434,6 +436,15 @@ def check_feature_count(data: DataConfig) -> None:
         )
 
 
+def check_weight(data: DataConfig) -> None:
+    """Refuses ``data.weight`` without a declared schema (the Criteo preset has no weights)."""
+    if data.weight and not data.sparse:
+        raise ConfigError(
+            f"data.weight = {data.weight!r} needs a declared schema ([[data.sparse]], README "
+            f'"Your own data"): the Criteo preset has no weight column; remove data.weight'
+        )
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key cannot express."""
     m = cfg.model
@@ -497,6 +508,7 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     if t.sync_every < 1 or t.metrics_every < 0 or t.eval_every < 0:
         raise ConfigError("train.sync_every must be >= 1, train.metrics_every/eval_every >= 0")
+    check_weight(cfg.data)
     if cfg.data.source == "parquet" and not cfg.data.parquet_dir:
         raise ConfigError(
             "data.source = 'parquet' needs data.parquet_dir (the output directory of "

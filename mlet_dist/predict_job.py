@@ -10,6 +10,7 @@ it, as in training; :mod:`mlet_dist.data.vocab`); the rows are scored by
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -149,7 +150,9 @@ def predict_file(
     sizes = table_sizes(manifest)
     source = data_source(manifest)
     data_cfg = config_from_dict({"data": data_config(manifest)}, "the manifest's config").data
-    schema = schema_of(data_cfg)  # the features the model was trained on
+    # the features the model was trained on; the weight column (data.weight) is no model input:
+    # the inputs need not have it
+    schema = dataclasses.replace(schema_of(data_cfg), weight="")
     vocabs = serving_vocabularies(serving_dir, manifest, schema, verified=verify == "all")
     parts = [
         require_rows(

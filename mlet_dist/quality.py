@@ -92,11 +92,15 @@ def bucket_metrics(
     labels: torch.Tensor,
     rarest: np.ndarray,
     edges: tuple[int, ...] = DEFAULT_BUCKET_EDGES,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
-    """AUC / log loss / NE of the rows in each frequency bucket (rows = 0 buckets included)."""
+    """AUC / log loss / NE of the rows in each frequency bucket (rows = 0 buckets included),
+    weighted by ``weights`` when given (:func:`mlet_dist.metrics.binary_metrics`)."""
     buckets = torch.from_numpy(bucket_of(rarest, edges))
     out = {}
     for i, name in enumerate(bucket_names(edges)):
         mask = buckets == i
-        out[name] = binary_metrics(logits[mask], labels[mask])
+        out[name] = binary_metrics(
+            logits[mask], labels[mask], None if weights is None else weights[mask]
+        )
     return out

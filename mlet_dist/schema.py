@@ -34,6 +34,7 @@ from mlet_dist.config import (
     DataConfig,
     DenseFeatureConfig,
     SparseFeatureConfig,
+    check_weight,
 )
 
 __all__ = [
@@ -82,6 +83,7 @@ class FeatureSchema:
         sparse: the categorical features in model order (grouped by table).
         tables: the tables in model order.
         label: the label column.
+        weight: the sample-weight column ('' = unweighted; not a model input).
         criteo: the Criteo preset (no schema declared): read by the Criteo-layout fast path.
     """
 
@@ -90,6 +92,7 @@ class FeatureSchema:
     tables: tuple[Table, ...]
     label: str = "label"
     criteo: bool = False
+    weight: str = ""
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -138,6 +141,8 @@ class FeatureSchema:
             ],
             "label": self.label,
             "criteo": self.criteo,
+            # only when set: unweighted schemas write what they wrote before the key existed
+            **({"weight": self.weight} if self.weight else {}),
         }
 
 
@@ -152,6 +157,7 @@ def schema_from_dict(raw: dict) -> FeatureSchema:
         ),
         label=raw.get("label", "label"),
         criteo=bool(raw.get("criteo", False)),
+        weight=raw.get("weight", ""),
     )
 
 
@@ -193,6 +199,7 @@ def schema_of(data: DataConfig) -> FeatureSchema:
         SchemaError: a declared schema is inconsistent; the message names the key
             (``data.sparse[2].table``, ...) and the fix.
     """
+    check_weight(data)
     if not data.sparse:
         if data.dense or data.tables:
             raise SchemaError(
@@ -288,4 +295,24 @@ def schema_of(data: DataConfig) -> FeatureSchema:
         rows, pooling = shared.get(name) or own[name]
         tables.append(Table(name, rows, pooling, tuple(f.name for f in feats)))
     sparse = tuple(f for name in members for f in members[name])
-    return FeatureSchema(tuple(data.dense), sparse, tuple(tables), data.label)
+    _check_weight_column(data)
+    return FeatureSchema(tuple(data.dense), sparse, tuple(tables), data.label, weight=data.weight)
+
+
+def _check_weight_column(data: DataConfig) -> None:
+    """``data.weight`` is neither the label nor named like a shard column of a feature."""
+    if not data.weight:
+        return
+    if data.weight == data.label:
+        raise SchemaError(
+            f"data.weight = {data.weight!r} is the label column (data.label): name the column of "
+            f"sample weights, or leave data.weight empty"
+        )
+    for key, feats in (("data.dense", data.dense), ("data.sparse", data.sparse)):
+        for i, f in enumerate(feats):
+            if f.name == "weight":  # the preprocessed shards' column of the weights
+                raise SchemaError(
+                    f"{key}[{i}].name = 'weight' is reserved when data.weight is set (the "
+                    f"shards' weight column): rename the feature and read it with column = "
+                    f"{f.column or f.name!r}"
+                )

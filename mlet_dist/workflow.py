@@ -146,16 +146,18 @@ def check_collapsed(
     trained = load_unsharded(cfg, latest_checkpoint(run_dir)).eval()
     served, _ = load_served(served_dir)
     served.eval()
-    a_logits, b_logits, labels = [], [], []
+    a_logits, b_logits, labels, weights = [], [], [], []
     with torch.no_grad():
         for batch in make_batches(arrays, cfg.data.eval_batch_size, shuffle=False, seed=0):
             a_logits.append(trained(batch)[1][1])
             b_logits.append(served(batch)[1][1])
             labels.append(batch.labels)
+            weights.append(getattr(batch, "weights", None))
     a, b, y = torch.cat(a_logits), torch.cat(b_logits), torch.cat(labels)
+    w = None if not weights or weights[0] is None else torch.cat(weights)  # data.weight
     max_abs = (a - b).abs().max().item() if len(a) else 0.0
     scale = max(1.0, a.abs().max().item() if len(a) else 1.0)
-    ma, mb = binary_metrics(a, y), binary_metrics(b, y)
+    ma, mb = binary_metrics(a, y, w), binary_metrics(b, y, w)
     passed = max_abs <= 1e-4 * scale and abs(ma.get("auc", 0) - mb.get("auc", 0)) <= 1e-6
     return {
         "rows": len(a),

@@ -408,3 +408,20 @@ def test_vocab_features_get_tokens_that_preprocess_fits_in_the_table(tmp_path):
     vocab = pq.read_table(out / "vocab" / "t_genres.parquet").to_pydict()
     assert sorted(vocab["value"]) == sorted(tokens) and sorted(vocab["row"]) == [1, 2, 3, 4, 5]
     assert summary["splits"]["train"]["rows"] > 0
+
+
+def test_weight_column_is_generated(tmp_path):
+    """data.weight: the generator writes the column (0.5, 1 or 2, each about a third of the
+    rows) and the other columns are byte-identical to the unweighted schema's."""
+    from mlet_dist.data.sources import read_data_file
+
+    plain = config(tmp_path / "plain", "--synthetic.days=1")
+    weighted = config(tmp_path / "weighted", "--synthetic.days=1", "--data.weight=w")
+    (a,) = generate_source_data(plain.data, plain.synthetic, progress=False)
+    (b,) = generate_source_data(weighted.data, weighted.synthetic, progress=False)
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    assert tb.drop_columns(["w"]).equals(ta)
+    w = tb.column("w").to_numpy()
+    values, counts = np.unique(w, return_counts=True)
+    assert values.tolist() == [0.5, 1.0, 2.0] and (abs(counts / len(w) - 1 / 3) < 0.03).all()
+    assert read_data_file(weighted.data, b).weights.tolist() == w.tolist()

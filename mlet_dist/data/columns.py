@@ -16,6 +16,7 @@ column's 5 is the int 5: keep one input format per model).
 Encoding (per declared feature):
 
 - label: 0/1 numbers or booleans, no missing value;
+- weight (``data.weight``, optional): non-negative finite numbers, no missing value; float32;
 - dense: numbers, missing = 0, then ``transform`` ('log1p': ``log(1 + max(x, 0))`` as DLRM);
 - sparse, ``ids = 'hash'``: strings become the little-endian uint64 of the first 8 bytes of
   ``blake2b(utf-8 bytes)`` (Python's ``hashlib``: stable across runs, machines and versions,
@@ -96,10 +97,15 @@ def _first_line(path: Path, kind: str) -> list[str]:
 
 
 def _needed(schema: FeatureSchema) -> list[str]:
-    cols = [schema.label]
+    cols = [schema.label, *([schema.weight] if schema.weight else [])]
     cols += [f.column or f.name for f in schema.dense]
     cols += [f.column or f.name for f in schema.sparse]
     return list(dict.fromkeys(cols))
+
+
+def _key(schema: FeatureSchema, column: str) -> str:
+    """Where ``column`` is named, for messages."""
+    return "data.weight" if column == schema.weight else "declared in the data schema"
 
 
 def read_columns_file(
@@ -148,8 +154,9 @@ def iter_columns_file(
     missing = [c for c in needed if c not in names]
     if missing:
         raise ColumnError(
-            f"{path}: no column {missing[0]!r} (declared in the data schema); its columns are "
-            f"{', '.join(names[:20])}: fix the column name in the config (column = ...)",
+            f"{path}: no column {missing[0]!r} ({_key(schema, missing[0])}); its columns are "
+            f"{', '.join(names[:20])}: fix the column name in the config "
+            f"({'data.weight' if missing[0] == schema.weight else 'column = ...'})",
             path=path,
         )
     left = max_rows or -1
@@ -231,10 +238,10 @@ def _column(table: pa.Table, name: str) -> pa.Array:
     return col
 
 
-def _numbers(col: pa.Array, where: str, path: Path, fix: str) -> np.ndarray:
+def _numbers(col: pa.Array, where: str, path: Path, fix: str, booleans: bool = True) -> np.ndarray:
     t = col.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t):  # CSV text: numbers or booleans
-        for target in (pa.float64(), pa.bool_()):
+    if pa.types.is_string(t) or pa.types.is_large_string(t):  # CSV text: numbers (or booleans)
+        for target in (pa.float64(), pa.bool_()) if booleans else (pa.float64(),):
             try:
                 col = col.cast(target)
                 break
@@ -360,7 +367,7 @@ def encode_table(
     path = Path(path)
     for c in _needed(schema):
         if c not in table.column_names:
-            raise ColumnError(f"{path}: no column {c!r} (declared in the data schema)", path=path)
+            raise ColumnError(f"{path}: no column {c!r} ({_key(schema, c)})", path=path)
     label = _column(table, schema.label)
     where = f"{path}: column {schema.label!r} (data.label)"
     if label.null_count:
@@ -400,4 +407,30 @@ def encode_table(
         a, m = _sparse(col, f, t.num_embeddings, where, path, vocab)
         ids.append(a)
         lengths.append(m)
-    return FeatureRows(labels.astype(np.float32), dense, ids, lengths, schema.feature_names)
+    weights = _weights(table, schema.weight, path) if schema.weight else None
+    return FeatureRows(
+        labels.astype(np.float32), dense, ids, lengths, schema.feature_names, weights
+    )
+
+
+def _weights(table: pa.Table, name: str, path: Path) -> np.ndarray:
+    """float32 (N,) sample weights of the column ``name`` (data.weight): numbers >= 0, finite."""
+    col = _column(table, name)
+    where = f"{path}: column {name!r} (data.weight)"
+    if col.null_count:
+        raise ColumnError(
+            f"{where}: {col.null_count} rows have no weight; fill them (e.g. 1.0) or drop them",
+            path=path,
+        )
+    if pa.types.is_boolean(col.type):
+        raise ColumnError(f"{where}: holds booleans, expected numbers (weights >= 0)", path=path)
+    w = _numbers(col, where, path, "weights must be numbers >= 0", booleans=False)
+    w32 = w.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(w32) | (w < 0))
+    if bad.size:
+        raise ColumnError(
+            f"{where}: data row {bad[0] + 1} has weight {w[bad[0]]}; weights must be finite "
+            f"float32 numbers >= 0: fix or drop those rows",
+            path=path,
+        )
+    return w32

@@ -9,6 +9,9 @@ Layout: a feature's ids are a padded (N, max_length) int64 matrix plus an (N,) i
 row (ids past the length are 0 and ignored). The schema declares the maximum length, so padding
 costs at most that much, and row selection (shuffling, splitting) is one numpy gather per array.
 
+Sample weights (``data.weight``): an optional float32 (N,) array that follows the rows through
+every selection; its batches are :class:`WeightedBatch` (a TorchRec ``Batch`` with ``weights``).
+
 Example::
 
     rows.take(np.array([3, 1])).to_batch()  # a TorchRec Batch of rows 3 and 1
@@ -24,7 +27,33 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-__all__ = ["FeatureRows"]
+__all__ = ["FeatureRows", "WeightedBatch"]
+
+
+@dataclass
+class WeightedBatch(Batch):
+    """A TorchRec ``Batch`` with per-sample ``weights`` (B,) float32 (``data.weight``).
+
+    ``Pipelineable`` as ``Batch`` is: TorchRec's train and eval pipelines copy batches with
+    ``to``, keep them alive on side streams with ``record_stream`` and pin them with
+    ``pin_memory``; each moves the weights with the other tensors.
+    """
+
+    weights: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> WeightedBatch:
+        b = super().to(device, non_blocking=non_blocking)
+        weights = self.weights.to(device=device, non_blocking=non_blocking)
+        return WeightedBatch(b.dense_features, b.sparse_features, b.labels, weights)
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        super().record_stream(stream)
+        self.weights.record_stream(stream)
+
+    def pin_memory(self) -> WeightedBatch:
+        b = super().pin_memory()
+        weights = self.weights.pin_memory()
+        return WeightedBatch(b.dense_features, b.sparse_features, b.labels, weights)
 
 
 @dataclass
@@ -38,6 +67,7 @@ class FeatureRows:
         ids: per categorical feature (model order), int64 (N, max_length), already table rows.
         lengths: per categorical feature, int32 (N,): ids used in each row (0 = empty bag).
         names: the categorical feature names (the KJT keys), in the order of ``ids``.
+        weights: float32 (N,) sample weights (``data.weight``), or None (unweighted).
     """
 
     labels: np.ndarray
@@ -45,6 +75,7 @@ class FeatureRows:
     ids: list[np.ndarray]
     lengths: list[np.ndarray]
     names: tuple[str, ...]
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -57,6 +88,7 @@ class FeatureRows:
             [a[start:stop] for a in self.ids],
             [a[start:stop] for a in self.lengths],
             self.names,
+            None if self.weights is None else self.weights[start:stop],
         )
 
     def take(self, rows: np.ndarray) -> FeatureRows:
@@ -67,6 +99,7 @@ class FeatureRows:
             [a[rows] for a in self.ids],
             [a[rows] for a in self.lengths],
             self.names,
+            None if self.weights is None else self.weights[rows],
         )
 
     @classmethod
@@ -79,12 +112,17 @@ class FeatureRows:
         def pad(a: np.ndarray, w: int) -> np.ndarray:
             return a if a.shape[1] == w else np.pad(a, ((0, 0), (0, w - a.shape[1])))
 
+        weighted = {p.weights is not None for p in parts}
+        if len(weighted) > 1:
+            raise ValueError("concat: some parts have sample weights and others not")
+
         return cls(
             np.concatenate([p.labels for p in parts]),
             np.concatenate([p.dense for p in parts]),
             [np.concatenate([pad(p.ids[j], w) for p in parts]) for j, w in enumerate(width)],
             [np.concatenate([p.lengths[j] for p in parts]) for j in range(len(width))],
             parts[0].names,
+            np.concatenate([p.weights for p in parts]) if weighted == {True} else None,
         )
 
     @property
@@ -109,16 +147,21 @@ class FeatureRows:
         return torch.from_numpy(v.astype(np.int64, copy=False)), torch.from_numpy(n)
 
     def to_batch(self) -> Batch:
-        """A TorchRec ``Batch`` of all rows (dense (B, W), a KJT of the features, labels)."""
+        """A TorchRec ``Batch`` of all rows (dense (B, W), a KJT of the features, labels); a
+        :class:`WeightedBatch` when the rows have weights."""
         values, lengths = self.jagged()
         kjt = KeyedJaggedTensor(
             keys=list(self.names), values=values, lengths=lengths, stride=len(self)
         )
-        return Batch(
+        batch = Batch(
             dense_features=torch.from_numpy(np.ascontiguousarray(self.dense, dtype=np.float32)),
             sparse_features=kjt,
             labels=torch.from_numpy(np.ascontiguousarray(self.labels, dtype=np.float32)),
         )
+        if self.weights is None:
+            return batch
+        weights = torch.from_numpy(np.ascontiguousarray(self.weights, dtype=np.float32))
+        return WeightedBatch(batch.dense_features, kjt, batch.labels, weights)
 
     def serving_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dense, values, lengths): the served predictor's inputs for these rows."""

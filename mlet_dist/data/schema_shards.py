@@ -5,8 +5,9 @@ streaming loader (:class:`~mlet_dist.data.parquet.ParquetBatchSource`, ``data.so
 Shard columns: ``label`` int8; one float32 column per dense feature (transformed); one
 ``list<int64>`` column per categorical feature holding its table rows (already hashed, cut to
 ``max_length``, rare ids replaced, values of ``ids = 'vocab'`` tables mapped through their
-vocabularies). The schema metadata (key ``mlet_dist``) records the feature schema, the frequency
-threshold and the sha256 of each vocabulary (``vocab/<table>.parquet`` beside the splits,
+vocabularies); with ``data.weight``, a float32 ``weight`` column of the sample weights. The
+schema metadata (key ``mlet_dist``) records the feature schema, the frequency threshold and the
+sha256 of each vocabulary (``vocab/<table>.parquet`` beside the splits,
 :mod:`mlet_dist.data.vocab`), so a loader refuses shards of another schema, threshold or
 vocabulary than its config and ``summary.json`` say.
 
@@ -46,7 +47,8 @@ FORMAT = "mlet_dist feature-schema shards v1"
 
 
 def _columns(schema: FeatureSchema) -> list[str]:
-    return ["label", *schema.dense_names, *schema.feature_names]
+    weight = ["weight"] if schema.weight else []
+    return ["label", *weight, *schema.dense_names, *schema.feature_names]
 
 
 def rows_to_table(
@@ -57,6 +59,8 @@ def rows_to_table(
 ) -> pa.Table:
     """Rows as a shard table (see the module docstring); ``vocabularies``: {table: sha256}."""
     columns: dict[str, pa.Array] = {"label": pa.array(rows.labels.astype(np.int8))}
+    if schema.weight:
+        columns["weight"] = pa.array(np.ascontiguousarray(rows.weights, dtype=np.float32))
     for j, name in enumerate(schema.dense_names):
         columns[name] = pa.array(np.ascontiguousarray(rows.dense[:, j], dtype=np.float32))
     for name, ids, lengths in zip(schema.feature_names, rows.ids, rows.lengths):
@@ -92,7 +96,8 @@ def table_to_rows(table: pa.Table, schema: FeatureSchema) -> FeatureRows:
             a[has, j] = values[offsets[:-1][has] + j]
         ids.append(a)
         lengths.append(n_ids.astype(np.int32))
-    return FeatureRows(labels, dense, ids, lengths, schema.feature_names)
+    weights = table.column("weight").to_numpy().astype(np.float32) if schema.weight else None
+    return FeatureRows(labels, dense, ids, lengths, schema.feature_names, weights)
 
 
 def summary_vocabularies(out_dir: str | Path, schema: FeatureSchema) -> dict[str, dict]:
@@ -151,7 +156,8 @@ class SchemaCodec:
         if schema_from_dict(meta["schema"]) != self.schema:
             raise ConfigError(
                 f"{path} was preprocessed for another feature schema than the config's "
-                f"(data.dense / data.sparse / data.tables): preprocess again with this config"
+                f"(data.dense / data.sparse / data.tables / data.weight): preprocess again with "
+                f"this config"
             )
         had = meta.get("frequency_threshold")
         if self.frequency_threshold is not None and had != self.frequency_threshold:

@@ -20,7 +20,9 @@ the columns the schema reads (:mod:`mlet_dist.data.columns`), so ``data.source =
   to rows 1..V and keeps row 0 for unknown values, so it fits the table). A multi-hot feature
   (``max_length`` > 1) is a list of 1..max_length ids (uniform length, drawn independently, so
   an id may repeat). ``synthetic.sparse_missing_rate`` of the values are missing: null, or for a
-  list half null and half an empty list.
+  list half null and half an empty list;
+- the weight column (``data.weight``), if declared: float32 0.5, 1 or 2, uniformly, independent
+  of the label.
 
 The teacher is the one of :mod:`mlet_dist.data.synthetic_teacher` over the schema: each table
 id has a vector in R^rank (``synthetic.teacher_rank``, spectrum ``teacher_spectrum_decay``) and a
@@ -135,9 +137,15 @@ class SchemaTeacher:
     intercept: float = 0.0
 
 
+# Sample weights (data.weight) of generated rows: drawn uniformly, independent of the label.
+_WEIGHTS = np.array([0.5, 1.0, 2.0])
+
+
 def _columns(schema: FeatureSchema) -> list[str]:
     """The columns written, label first; refuses two features declared on one column."""
     owners: dict[str, str] = {schema.label: "data.label"}
+    if schema.weight:
+        owners[schema.weight] = "data.weight"
     for kind, feats in (("dense", schema.dense), ("sparse", schema.sparse)):
         for f in feats:
             c = f.column or f.name
@@ -310,6 +318,8 @@ def sample_block(
         columns[f.column or f.name] = pa.array(draw.dense[j], mask=draw.dense_missing[j])
     for i, f in enumerate(schema.sparse):
         columns[f.column or f.name] = _sparse_column(teacher, draw, i)
+    if schema.weight:  # drawn last: the other columns do not depend on it
+        columns[schema.weight] = pa.array(rng.choice(_WEIGHTS, n).astype(np.float32))
     return pa.table(columns), logits
 
 

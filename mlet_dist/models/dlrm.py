@@ -3,7 +3,8 @@
 The model classes are TorchRec's own (``torchrec.models.dlrm.DLRM`` with the dot interaction and
 ``DLRM_DCN`` with the DCNv2 low-rank cross net, as in MLPerf DLRMv2) wrapped in ``DLRMTrain`` for
 the loss; they take any module with ``embedding_bag_configs()`` and a KeyedTensor output, so the
-MLET module and a plain EBC are interchangeable.
+MLET module and a plain EBC are interchangeable. With sample weights (``data.weight``) the wrapper
+is :class:`WeightedDLRMTrain`; unweighted models are TorchRec's ``DLRMTrain`` itself.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain, SparseArch
@@ -135,6 +137,9 @@ def build_dlrm(
         embedding_device: device of W1; ``meta`` to defer allocation to the sharder (default).
         dense_device: device of W2 and the MLPs (default CPU).
         embedding_module: use this module (e.g. a collapsed plain EBC) instead of building one.
+
+    Returns:
+        ``DLRMTrain``, or :class:`WeightedDLRMTrain` when the schema has a weight column.
     """
     dense_device = dense_device or torch.device("cpu")
     embedding_device = embedding_device or torch.device("meta")
@@ -168,7 +173,30 @@ def build_dlrm(
             )
         if isinstance(embedding_module, MLETEmbeddingBagCollection):
             dlrm.sparse_arch = MLETSparseArch(embedding_module)
-    return DLRMTrain(dlrm)
+    weighted = isinstance(schema, FeatureSchema) and bool(schema.weight)
+    return WeightedDLRMTrain(dlrm) if weighted else DLRMTrain(dlrm)
+
+
+class WeightedDLRMTrain(DLRMTrain):
+    """TorchRec's ``DLRMTrain`` with per-sample weights (``data.weight``).
+
+    The loss of a batch with ``weights`` w (a ``WeightedBatch``) is the mean over its B rows of
+    ``w_i * bce_i`` (``F.binary_cross_entropy_with_logits(..., weight=w)``, PyTorch's and Keras'
+    sample-weight convention): every rank's slice of a global batch has the same size, so the
+    ranks' averaged gradients are those of the global batch's mean. The output carries the
+    weights as a 4th item ``(loss, logits, labels, weights)`` (the training metrics read them).
+    A batch without weights gets ``DLRMTrain``'s loss and output. Same parameters and state-dict
+    keys as ``DLRMTrain``.
+    """
+
+    def forward(self, batch):  # type: ignore[override]
+        weights = getattr(batch, "weights", None)
+        if weights is None:
+            return super().forward(batch)
+        logits = self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        labels = batch.labels.float()
+        loss = F.binary_cross_entropy_with_logits(logits, labels, weight=weights.float())
+        return loss, (loss.detach(), logits.detach(), batch.labels.detach(), weights.detach())
 
 
 class MLETSparseArch(SparseArch):

@@ -5,7 +5,9 @@ Parquet source; either way every rank runs the model on its share of each global
 shares are gathered once, each row carrying its position in the source's batch sequence (global
 batch b is the ranks' slices in rank order) and, for the per-bucket metrics, the training count of
 its rarest id (:mod:`mlet_dist.quality`). For rows in memory the position is the row index, so the
-gathered predictions are put back in row order.
+gathered predictions are put back in row order. Batches with sample weights (``data.weight``)
+carry them to the gather, and every metric, per bucket too, is weighted
+(:func:`mlet_dist.metrics.binary_metrics`).
 
 Rows in memory are all evaluated once: the batch source leaves out the last ``len(arrays) %
 world_size`` rows (fewer than world_size) of the final, partial batch; those are evaluated in one
@@ -53,6 +55,8 @@ class Predictions:
     """(N,) float32."""
     rarest: np.ndarray | None
     """(N,) training count of each row's rarest id (None without id counts)."""
+    weights: torch.Tensor | None = None
+    """(N,) float32 sample weights (None: unweighted)."""
 
 
 def evaluate(
@@ -81,9 +85,11 @@ def evaluate(
         preds = predict_arrays(
             model, arrays, cfg.data.eval_batch_size, env, id_counts, pipelined=pipelined
         )
-    metrics: dict[str, Any] = binary_metrics(preds.logits, preds.labels)
+    metrics: dict[str, Any] = binary_metrics(preds.logits, preds.labels, preds.weights)
     if preds.rarest is not None:
-        metrics["buckets"] = bucket_metrics(preds.logits, preds.labels, preds.rarest)
+        metrics["buckets"] = bucket_metrics(
+            preds.logits, preds.labels, preds.rarest, weights=preds.weights
+        )
     return metrics
 
 
@@ -156,11 +162,12 @@ def predictions(
     order = torch.argsort(merged["position"], stable=True)
     if rows is not None:
         order = order[merged["position"][order] < rows]
-    rarest = merged.get("rarest")
+    rarest, weights = merged.get("rarest"), merged.get("weights")
     return Predictions(
         logits=merged["logits"][order],
         labels=merged["labels"][order],
         rarest=None if rarest is None else rarest[order].numpy(),
+        weights=None if weights is None else weights[order],
     )
 
 
@@ -172,7 +179,8 @@ def local_predictions(
     id_counts: list[np.ndarray] | None = None,
     pipelined: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """This rank's logits, labels and row positions (and rarest-id counts), on the CPU.
+    """This rank's logits, labels and row positions (and rarest-id counts, and the batches'
+    sample weights when they have them), on the CPU.
 
     Position of row i of this rank's batch b (of s rows): ``offset_b + rank * s + i``, where
     ``offset_b`` counts the rows of all ranks' earlier batches.
@@ -195,9 +203,12 @@ def local_predictions(
             if id_counts is not None:
                 rarest = rarest_of_batch(batch.sparse_features, size, id_counts)
                 out["rarest"].append(torch.from_numpy(rarest).long())
-            _, logits, labels = output
+            logits, labels = output[1], output[2]
             out["logits"].append(logits.float().cpu())
             out["labels"].append(labels.float().cpu())
+            weights = getattr(batch, "weights", None)
+            if weights is not None:
+                out.setdefault("weights", [torch.zeros(0)]).append(weights.float().cpu())
     finally:
         model.train(was_training)
     return {k: torch.cat(v) for k, v in out.items()}

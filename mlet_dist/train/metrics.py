@@ -2,8 +2,9 @@
 
 - **RecMetrics** (``train.metrics_every = N``): TorchRec's ``RecMetricModule`` with AUC, NE and
   calibration (each windowed over the last N steps' rows, NE and calibration also lifetime) and
-  throughput, updated with every step's predictions and computed (collectively: the states are
-  reduced to rank 0, which alone gets AUC/NE/calibration back) every N steps; rank 0 logs.
+  throughput, updated with every step's predictions (weighted by the sample weights of
+  ``data.weight``) and computed (collectively: the states are reduced to rank 0, which alone gets
+  AUC/NE/calibration back) every N steps; rank 0 logs.
 - **Validation** (``train.eval_every = N``): the eval split's metrics (AUC, NE, log loss, and
   per id-frequency bucket) every N steps, by :func:`mlet_dist.train.evaluation.evaluate`
   (through TorchRec's eval pipeline under ``train.pipeline = 'sparse_dist'``).
@@ -74,14 +75,20 @@ def build_rec_metrics(batch_size: int, window_steps: int, env: DistEnv) -> RecMe
     )
 
 
-def update_rec_metrics(module: RecMetricModule, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    """Adds one step's predictions (``sigmoid(logits)``) to the metric states."""
+def update_rec_metrics(
+    module: RecMetricModule,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> None:
+    """Adds one step's predictions (``sigmoid(logits)``) to the metric states, weighted by the
+    sample weights (``data.weight``; None: all 1)."""
     labels = labels.float()
     module.update(
         {
             "prediction": torch.sigmoid(logits.detach().float()),
             "label": labels,
-            "weight": torch.ones_like(labels),
+            "weight": torch.ones_like(labels) if weights is None else weights.detach().float(),
         }
     )
 
@@ -134,10 +141,11 @@ class TrainingMonitor:
         self._samples = 0
 
     def step(self, output: Any, data_s: float, step_s: float) -> None:
-        """Every step: its ``(loss, logits, labels)``, its time reading the batch and in all."""
-        _, logits, labels = output
+        """Every step: its ``(loss, logits, labels[, weights])``, its time reading the batch and in
+        all."""
+        logits, labels = output[1], output[2]
         if self.rec is not None:
-            update_rec_metrics(self.rec, logits, labels)
+            update_rec_metrics(self.rec, logits, labels, output[3] if len(output) > 3 else None)
         self._steps += 1
         self._data_s += data_s
         self._step_s += step_s
