@@ -148,6 +148,18 @@ def split_sizes(n: int, eval_fraction: float, test_fraction: float) -> tuple[int
     return n - n_eval - n_test, n_eval, n_test
 
 
+def check_fractions(eval_fraction: float, test_fraction: float) -> None:
+    """Raises ValueError unless both fractions are in [0, 1) and leave training rows."""
+    for name, frac in (("eval_fraction", eval_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {frac}")
+    if eval_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"eval_fraction + test_fraction = {eval_fraction + test_fraction} leaves no training "
+            f"rows; make their sum < 1"
+        )
+
+
 def split_arrays(
     arrays: CriteoArrays, eval_fraction: float, test_fraction: float
 ) -> tuple[CriteoArrays, CriteoArrays, CriteoArrays]:
@@ -167,14 +179,7 @@ def split_arrays(
     Raises:
         ValueError: a fraction outside [0, 1) or fractions summing to 1 or more.
     """
-    for name, frac in (("eval_fraction", eval_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= frac < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {frac}")
-    if eval_fraction + test_fraction >= 1.0:
-        raise ValueError(
-            f"eval_fraction + test_fraction = {eval_fraction + test_fraction} leaves no training "
-            f"rows; make their sum < 1"
-        )
+    check_fractions(eval_fraction, test_fraction)
     n_train, n_eval, _ = split_sizes(len(arrays), eval_fraction, test_fraction)
     n = len(arrays)
     return (

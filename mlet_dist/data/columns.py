@@ -209,11 +209,11 @@ def _csv_chunks(
         c = f.column or f.name
         types[c] = pa.string() if c in text else pa.int64()
     skip = int(bool(csv_columns) and first == list(csv_columns))
-    # ~100 bytes a row: blocks of about chunk_rows rows (at least pyarrow's 1 MiB default)
+    # blocks of about chunk_rows rows of ~64 bytes, at least 256 KiB (a line must fit a block)
     read = pcsv.ReadOptions(
         column_names=list(csv_columns) or None,
         skip_rows=skip,
-        block_size=max(1 << 20, 100 * chunk_rows),
+        block_size=max(1 << 18, 64 * chunk_rows),
     )
     parse = pcsv.ParseOptions(delimiter="," if kind == "csv" else "\t")
     convert = pcsv.ConvertOptions(

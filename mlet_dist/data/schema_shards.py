@@ -18,8 +18,9 @@ frequency threshold T, counts every table's ids over the *training* rows (all fe
 table, every id of a multi-hot bag) and replaces the ids seen fewer than T times by row 0 in every
 split: the vocabulary of a table is its ids seen at least T times. An ``ids = 'vocab'`` table
 maps raw values instead, through the vocabulary built from the same training rows
-(:func:`mlet_dist.data.vocab.build_vocabularies`), so it has no collisions. Unlike the Criteo preprocessing
-(out of core, parallel) it holds the rows in memory.
+(:class:`mlet_dist.data.vocab.VocabularyCounter`), so it has no collisions. Like the Criteo
+preprocessing it is out of core (the inputs are streamed in chunks, in up to four passes), but it
+runs in one process (the Criteo one runs parallel workers and resumes).
 
 Example::
 

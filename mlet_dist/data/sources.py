@@ -21,18 +21,19 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from mlet_dist.config import ConfigError, DataConfig, SyntheticConfig
 from mlet_dist.data.arrays import CriteoArrays, require_rows, split_arrays
 from mlet_dist.data.avazu import read_avazu_csv
 from mlet_dist.data.batching import ArrayBatchSource, BatchSource, divisible_batch_size
-from mlet_dist.data.columns import encode_table, read_columns_file
+from mlet_dist.data.columns import encode_table, iter_columns_file, read_columns_file
 from mlet_dist.data.criteo import read_criteo_tsv
 from mlet_dist.data.movielens import read_movielens, read_movielens_table
 from mlet_dist.data.parquet import ParquetBatchSource
@@ -58,11 +59,13 @@ __all__ = [
     "ensure_source_data",
     "generate_source_data",
     "is_streamed",
+    "iter_source_table",
     "load_splits",
     "preprocess_inputs",
     "read_data_file",
     "read_source_file",
     "read_source_table",
+    "source_table_rows",
 ]
 
 FILE_KINDS = {
@@ -132,7 +135,50 @@ def read_source_table(
         return read_columns_file(path, schema, csv_columns or [], max_rows=max_rows)
     if source == "movielens":
         return read_movielens_table(path, max_rows=max_rows, in_file_order=in_file_order)
-    raise ConfigError(
+    raise _not_a_schema_source(source)
+
+
+def iter_source_table(
+    source: str,
+    path: str | Path,
+    schema: FeatureSchema,
+    csv_columns: list[str] | None = None,
+    max_rows: int = 0,
+    chunk_rows: int = 1 << 16,
+) -> Iterator[pa.Table]:
+    """:func:`read_source_table` in chunks of at most ``chunk_rows`` rows (at least one chunk):
+    files with named columns are streamed (:func:`~mlet_dist.data.columns.iter_columns_file`);
+    MovieLens (a fixed, small dataset sorted by time) is read whole and cut."""
+    if source in ("files", "parquet", "synthetic"):
+        yield from iter_columns_file(path, schema, csv_columns or [], max_rows, chunk_rows)
+        return
+    if source != "movielens":
+        raise _not_a_schema_source(source)
+    table = read_movielens_table(path, max_rows=max_rows)
+    for start in range(0, max(table.num_rows, 1), chunk_rows):
+        yield table.slice(start, chunk_rows)
+
+
+def source_table_rows(
+    source: str,
+    path: str | Path,
+    schema: FeatureSchema,
+    csv_columns: list[str] | None = None,
+    max_rows: int = 0,
+) -> int:
+    """Rows :func:`iter_source_table` yields for a file: a Parquet file's footer, else a pass."""
+    if source in ("files", "parquet", "synthetic") and Path(path).suffix.lower() in (
+        ".parquet",
+        ".pq",
+    ):
+        next(iter_columns_file(path, schema, csv_columns or [], 1))  # checks the columns
+        rows = pq.ParquetFile(path).metadata.num_rows
+        return min(rows, max_rows) if max_rows else rows
+    return sum(t.num_rows for t in iter_source_table(source, path, schema, csv_columns, max_rows))
+
+
+def _not_a_schema_source(source: str) -> ConfigError:
+    return ConfigError(
         f"data.source = {source!r} has the fixed Criteo layout and cannot be read through "
         f"a declared schema ([[data.sparse]]): use data.source = 'files' (Parquet/CSV/TSV), "
         f"'movielens' or 'synthetic' (generated data), or remove the schema"

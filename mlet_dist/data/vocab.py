@@ -45,6 +45,7 @@ __all__ = [
     "RUN_VOCAB_FILE",
     "VOCAB_DIR",
     "Vocabulary",
+    "VocabularyCounter",
     "VocabularyError",
     "build_vocabularies",
     "check_resumed_vocabularies",
@@ -134,6 +135,78 @@ class Vocabulary:
         )
 
 
+class VocabularyCounter:
+    """Counts the raw values of every ``ids = 'vocab'`` table over training rows given in chunks
+    (:meth:`add`), so a training split larger than memory can be counted; :meth:`finish` makes
+    the vocabularies. Memory: the distinct values seen (merged every chunk), not the rows."""
+
+    def __init__(self, schema: FeatureSchema, threshold: int) -> None:
+        self.schema = schema
+        self.minimum = max(1, threshold)
+        self.counted: dict[str, pa.Table] = {}  # table -> {values, counts} (distinct values)
+        self.kinds: dict[str, set[str]] = {t.name: set() for t in schema.vocab_tables}
+
+    def add(self, table: pa.Table) -> None:
+        """Counts the values of a chunk of training rows (raw named columns)."""
+        for t in self.schema.vocab_tables:
+            parts = []
+            for f in t.features:
+                feature = next(s for s in self.schema.sparse if s.name == f)
+                part = _flat(table.column(feature.column or f), feature.max_length)
+                if len(part):
+                    self.kinds[t.name].add(str(part.type))
+                    parts.append(part)
+            if len(self.kinds[t.name]) > 1:
+                raise VocabularyError(
+                    f"the features of table {t.name!r} hold "
+                    f"{' and '.join(sorted(self.kinds[t.name]))} values: one vocabulary holds "
+                    f"one kind; convert the columns to one type"
+                )
+            if not parts:
+                continue
+            counted = pc.value_counts(pa.concat_arrays(parts))
+            chunk = pa.table({"values": counted.field("values"), "counts": counted.field("counts")})
+            if t.name in self.counted:  # merge with the counts so far
+                chunk = (
+                    pa.concat_tables([self.counted[t.name], chunk])
+                    .group_by("values")
+                    .aggregate([("counts", "sum")])
+                    .rename_columns(["values", "counts"])
+                )
+            self.counted[t.name] = chunk
+
+    def finish(self) -> dict[str, Vocabulary]:
+        """The vocabularies (module docstring).
+
+        Raises:
+            ConfigError: a vocabulary (plus row 0) does not fit its table.
+        """
+        out: dict[str, Vocabulary] = {}
+        for t in self.schema.vocab_tables:
+            counted = self.counted.get(t.name)
+            if counted is None:
+                counted = pa.table(
+                    {"values": pa.array([], pa.string()), "counts": pa.array([], pa.int64())}
+                )
+            counts = counted.column("counts").to_numpy().astype(np.int64)
+            keep = np.flatnonzero(counts >= self.minimum)
+            order = pa.table(
+                {"count": counts[keep], "value": counted.column("values").take(pa.array(keep))}
+            ).sort_by([("count", "descending"), ("value", "ascending")])
+            vocab = Vocabulary(
+                t.name, order.column("value").combine_chunks(), order.column("count").to_numpy()
+            )
+            if len(vocab) + 1 > t.num_embeddings:
+                raise ConfigError(
+                    f"table {t.name!r}: its vocabulary needs {len(vocab) + 1} rows ({len(vocab)} "
+                    f"values seen >= {self.minimum} times in the training split, plus row 0), "
+                    f"but num_embeddings = {t.num_embeddings}: raise num_embeddings to at least "
+                    f"{len(vocab) + 1} or raise data.frequency_threshold"
+                )
+            out[t.name] = vocab
+        return out
+
+
 def build_vocabularies(
     tables: Sequence[pa.Table], n_train: int, schema: FeatureSchema, threshold: int
 ) -> dict[str, Vocabulary]:
@@ -144,46 +217,15 @@ def build_vocabularies(
         ConfigError: a vocabulary (plus row 0) does not fit its table.
         VocabularyError: a table's features hold strings in one column and ints in another.
     """
-    minimum = max(1, threshold)
-    out: dict[str, Vocabulary] = {}
-    for t in schema.vocab_tables:
-        parts: list[pa.Array] = []
-        left = n_train
-        for table in tables:
-            if left <= 0:
-                break
-            head = table.slice(0, left)
-            left -= head.num_rows
-            for f in t.features:
-                feature = next(s for s in schema.sparse if s.name == f)
-                parts.append(_flat(head.column(feature.column or f), feature.max_length))
-        kinds = {str(p.type) for p in parts if len(p)}
-        if len(kinds) > 1:
-            raise VocabularyError(
-                f"the features of table {t.name!r} hold {' and '.join(sorted(kinds))} values: "
-                f"one vocabulary holds one kind; convert the columns to one type"
-            )
-        parts = [p for p in parts if len(p)] or [pa.array([], pa.string())]
-        counted = pc.value_counts(pa.concat_arrays(parts))
-        keys = counted.field("values")
-        counts = counted.field("counts").to_numpy(zero_copy_only=False).astype(np.int64)
-        keep = np.flatnonzero(counts >= minimum)
-        keys, counts = keys.take(pa.array(keep)), counts[keep]
-        order = pa.table({"count": counts, "value": keys}).sort_by(
-            [("count", "descending"), ("value", "ascending")]
-        )
-        vocab = Vocabulary(
-            t.name, order.column("value").combine_chunks(), order.column("count").to_numpy()
-        )
-        if len(vocab) + 1 > t.num_embeddings:
-            raise ConfigError(
-                f"table {t.name!r}: its vocabulary needs {len(vocab) + 1} rows ({len(vocab)} "
-                f"values seen >= {minimum} times in the training split, plus row 0), but "
-                f"num_embeddings = {t.num_embeddings}: raise num_embeddings to at least "
-                f"{len(vocab) + 1} or raise data.frequency_threshold"
-            )
-        out[t.name] = vocab
-    return out
+    counter = VocabularyCounter(schema, threshold)
+    left = n_train
+    for table in tables:
+        if left <= 0:
+            break
+        head = table.slice(0, left)
+        left -= head.num_rows
+        counter.add(head)
+    return counter.finish()
 
 
 def write_vocabularies(root: Path, vocabs: Mapping[str, Vocabulary]) -> dict[str, dict[str, Any]]:

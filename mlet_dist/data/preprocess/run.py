@@ -335,7 +335,7 @@ def preprocess_from_config(
     out_dir = out_dir or data_cfg.parquet_dir
     if not out_dir:
         raise ConfigError("no output directory: pass --out DIR or set data.parquet_dir")
-    if data_cfg.sparse:  # a declared feature schema: its own (in-memory) preprocessing
+    if data_cfg.sparse:  # a declared feature schema: its own (streamed, one-process) pass
         return preprocess_schema(data_cfg, inputs, out_dir, progress=progress)
     return preprocess(
         inputs,

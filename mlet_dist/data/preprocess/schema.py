@@ -1,55 +1,172 @@
 """``mlet-dist preprocess`` for a declared feature schema: inputs read through the schema, split,
 rare ids replaced, vocabularies of the ``ids = 'vocab'`` tables built from the training split
 (:mod:`mlet_dist.data.vocab`), written as the shards of :mod:`mlet_dist.data.schema_shards` (see
-there) with ``vocab/<table>.parquet`` beside them."""
+there) with ``vocab/<table>.parquet`` beside them.
+
+Out of core: the inputs are streamed in chunks of ``CHUNK_ROWS`` rows
+(:func:`mlet_dist.data.sources.iter_source_table`: Parquet record batches, pyarrow's streaming CSV
+reader), never held whole, in up to four passes over them:
+
+1. rows per input (a Parquet footer; a reading pass over CSV/TSV), which fixes the split: the
+   first ``train`` rows in input order, then ``eval``, then ``test``, as
+   :func:`~mlet_dist.data.arrays.split_arrays` cuts rows in memory (or ``data.eval_files`` as the
+   eval split);
+2. with vocab tables: their raw values counted over the training rows
+   (:class:`~mlet_dist.data.vocab.VocabularyCounter`);
+3. with ``data.frequency_threshold`` and hashed/int tables: their ids counted over the training
+   rows (one bincount per table: 8 bytes a table row);
+4. every chunk encoded, rare ids replaced, cut at the split boundaries and appended to the split's
+   Parquet file in row groups of ``data.row_group_rows``.
+
+Memory: a chunk, a row group per split, the id counts and the vocabularies. The output is the same
+as encoding every row in memory and splitting (tests/test_schema_dist.py checks it row by row).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from mlet_dist.config import ConfigError, DataConfig
-from mlet_dist.data.arrays import require_rows, split_arrays, split_sizes
+from mlet_dist.data.arrays import CriteoFormatError, check_fractions, split_sizes
 from mlet_dist.data.columns import encode_table
 from mlet_dist.data.parquet import RARE_ID
 from mlet_dist.data.rows import FeatureRows
 from mlet_dist.data.schema_shards import FORMAT, rows_to_table
-from mlet_dist.data.sources import concat_rows, read_source_table
-from mlet_dist.data.vocab import Vocabulary, build_vocabularies, write_vocabularies
+from mlet_dist.data.sources import iter_source_table, source_table_rows
+from mlet_dist.data.vocab import Vocabulary, VocabularyCounter, write_vocabularies
 from mlet_dist.schema import FeatureSchema, schema_of
 from mlet_dist.utils.files import atomic_write_json, remove_path, replace_dir
 
-__all__ = ["preprocess_schema"]
+__all__ = ["CHUNK_ROWS", "preprocess_schema"]
 
 logger = logging.getLogger(__name__)
 
+CHUNK_ROWS = 1 << 16
+"""Rows read and encoded at a time."""
 
-def _rare_to_zero(splits: Sequence[FeatureRows], schema: FeatureSchema, threshold: int) -> None:
-    """Replaces, per table, the ids seen fewer than ``threshold`` times in ``splits[0]`` (the
-    training rows) by :data:`RARE_ID`, in every split (in place)."""
-    index = {f: j for j, f in enumerate(schema.feature_names)}
-    train = splits[0]
-    for t in schema.tables:
-        if t in schema.vocab_tables:  # mapped through a vocabulary of the training rows already
-            continue
-        counts = np.zeros(t.num_embeddings, dtype=np.int64)
-        for f in t.features:
-            a, n = train.ids[index[f]], train.lengths[index[f]]
-            counts += np.bincount(
-                a[np.arange(a.shape[1])[None, :] < n[:, None]], minlength=t.num_embeddings
+SPLITS = ("train", "eval", "test")
+
+
+class _Inputs:
+    """The raw input files of one role (the inputs, or ``data.eval_files``), streamed in order."""
+
+    def __init__(self, data_cfg: DataConfig, schema: FeatureSchema, paths: Sequence, chunk_rows):
+        self.source = data_cfg.source if data_cfg.source != "parquet" else "files"
+        self.cfg, self.schema, self.paths, self.chunk_rows = (
+            data_cfg,
+            schema,
+            list(paths),
+            chunk_rows,
+        )
+        self.rows = [self._count(p) for p in self.paths]
+
+    def _count(self, path) -> int:
+        n = source_table_rows(
+            self.source, path, self.schema, self.cfg.csv_columns, self.cfg.max_rows
+        )
+        if n == 0:
+            raise CriteoFormatError(
+                f"{path}: the file is empty (no data rows); check the path, or remove it from the "
+                f"list of files",
+                path=path,
             )
-        rare = counts < threshold
-        for rows in splits:
+        return n
+
+    def chunks(self, stop: int | None = None) -> Iterator[tuple[pa.Table, Any, int]]:
+        """(raw chunk, its file, position of its first row among all rows) up to row ``stop``."""
+        start = 0
+        for path in self.paths:
+            for table in iter_source_table(
+                self.source, path, self.schema, self.cfg.csv_columns, self.cfg.max_rows,
+                self.chunk_rows,
+            ):  # fmt: skip
+                if stop is not None and start >= stop:
+                    return
+                if stop is not None:
+                    table = table.slice(0, stop - start)
+                if table.num_rows:
+                    yield table, path, start
+                start += table.num_rows
+
+
+class _SplitWriter:
+    """One split's ``part-00000.parquet``, written in row groups of ``group_rows`` rows (chunks
+    are buffered to full groups, so the file is the one writing every row at once gives)."""
+
+    def __init__(self, path: Path, group_rows: int) -> None:
+        self.path, self.group_rows = path, group_rows
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = self.positives = 0
+
+    def add(self, table: pa.Table, positives: int) -> None:
+        self.rows += table.num_rows
+        self.positives += positives
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        if self.buffered >= self.group_rows:
+            self._flush(whole_groups=True)
+
+    def _flush(self, whole_groups: bool) -> None:
+        table = pa.concat_tables(self.buffer)
+        n = (
+            (table.num_rows // self.group_rows) * self.group_rows
+            if whole_groups
+            else table.num_rows
+        )
+        if n:
+            if self.writer is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.writer = pq.ParquetWriter(self.path, table.schema)
+            self.writer.write_table(table.slice(0, n), row_group_size=self.group_rows)
+        rest = table.slice(n)
+        self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        if self.buffered:
+            self._flush(whole_groups=False)
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _id_counts(
+    inputs: _Inputs, n_train: int, vocabs: dict[str, Vocabulary], bar: tqdm
+) -> dict[str, np.ndarray]:
+    """Per hashed/int table, how often each row occurs in the training rows (every feature of a
+    shared table, every id of a bag)."""
+    schema = inputs.schema
+    index = {f: j for j, f in enumerate(schema.feature_names)}
+    tables = [t for t in schema.tables if t not in schema.vocab_tables]
+    counts = {t.name: np.zeros(t.num_embeddings, dtype=np.int64) for t in tables}
+    for raw, path, _ in inputs.chunks(stop=n_train):
+        rows = encode_table(raw, schema, path, vocabs)
+        for t in tables:
+            for f in t.features:
+                a, n = rows.ids[index[f]], rows.lengths[index[f]]
+                valid = np.arange(a.shape[1])[None, :] < n[:, None]
+                counts[t.name] += np.bincount(a[valid], minlength=t.num_embeddings)
+        bar.update(raw.num_rows)
+    return counts
+
+
+def _replace_rare(rows: FeatureRows, schema: FeatureSchema, rare: dict[str, np.ndarray]) -> None:
+    """Replaces the rare rows (``rare[table]``: a mask over the table) by :data:`RARE_ID`."""
+    index = {f: j for j, f in enumerate(schema.feature_names)}
+    for t in schema.tables:
+        if t.name in rare:
             for f in t.features:
                 a = rows.ids[index[f]]
-                a[rare[a]] = RARE_ID
+                a[rare[t.name][a]] = RARE_ID
 
 
 def preprocess_schema(
@@ -57,9 +174,11 @@ def preprocess_schema(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     progress: bool = True,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> dict[str, Any]:
-    """Reads ``inputs`` through the config's declared schema and writes shards to ``out_dir``
-    (``train/``, ``eval/``, ``test/``, ``summary.json``), replacing a previous output atomically.
+    """Streams ``inputs`` through the config's declared schema and writes shards to ``out_dir``
+    (``train/``, ``eval/``, ``test/``, ``vocab/``, ``summary.json``; module docstring), replacing
+    a previous output atomically (nothing is written before every input has been counted).
 
     Raises:
         ConfigError / ColumnError: a bad schema or input (named).
@@ -67,39 +186,7 @@ def preprocess_schema(
     schema = schema_of(data_cfg)
     if not inputs:
         raise ConfigError("no inputs: set data.train_files or pass --input FILES")
-
-    source = data_cfg.source if data_cfg.source != "parquet" else "files"
-    threshold = data_cfg.frequency_threshold
-    vocabs: dict[str, Vocabulary] = {}
-
-    def raw(paths: Sequence[str | Path]) -> list[tuple[pa.Table, str | Path]]:
-        return [
-            (read_source_table(source, p, schema, data_cfg.csv_columns, data_cfg.max_rows), p)
-            for p in paths
-        ]
-
-    def encode(tables: list[tuple[pa.Table, str | Path]]) -> FeatureRows:
-        return concat_rows([require_rows(encode_table(t, schema, p, vocabs), p) for t, p in tables])
-
-    inputs_raw = raw(inputs)
-    fractions = (0.0 if data_cfg.eval_files else data_cfg.eval_fraction, data_cfg.test_fraction)
-    if schema.vocab_tables:  # counted over the raw values of the training rows
-        n_train = split_sizes(sum(t.num_rows for t, _ in inputs_raw), *fractions)[0]
-        vocabs = build_vocabularies([t for t, _ in inputs_raw], n_train, schema, threshold)
-    rows = encode(inputs_raw)
-    del inputs_raw
-    if data_cfg.eval_files:
-        train, _, test = split_arrays(rows, *fractions)
-        splits = {"train": train, "eval": encode(raw(data_cfg.eval_files)), "test": test}
-    else:
-        parts = split_arrays(rows, *fractions)
-        splits = dict(zip(("train", "eval", "test"), parts))
-    # copies: the rare-id replacement must not write into the rows other splits view
-    splits = {k: v.take(np.arange(len(v))) for k, v in splits.items()}
-    if threshold:
-        _rare_to_zero(list(splits.values()), schema, threshold)
     out = Path(out_dir)
-    staging = out.with_name(f".{out.name}.staging")
     previous = out / "summary.json"
     if out.exists() and any(out.iterdir()):
         if not previous.is_file() or json.loads(previous.read_text()).get("format") != FORMAT:
@@ -107,27 +194,74 @@ def preprocess_schema(
                 f"{out} exists and is not a previous output of a feature-schema preprocessing: "
                 f"choose another output directory (--out / data.parquet_dir)"
             )
+    threshold = data_cfg.frequency_threshold
+    main = _Inputs(data_cfg, schema, inputs, chunk_rows)
+    evals = _Inputs(data_cfg, schema, data_cfg.eval_files, chunk_rows)
+    fractions = (0.0 if data_cfg.eval_files else data_cfg.eval_fraction, data_cfg.test_fraction)
+    check_fractions(*fractions)
+    n_train, n_eval, _ = split_sizes(sum(main.rows), *fractions)
+    total = sum(main.rows) + sum(evals.rows)
+
+    def bar(what: str, rows: int) -> tqdm:
+        return tqdm(total=rows, unit="rows", desc=f"preprocess: {what}", disable=not progress)
+
+    vocabs: dict[str, Vocabulary] = {}
+    if schema.vocab_tables:  # counted over the raw values of the training rows
+        counter = VocabularyCounter(schema, threshold)
+        with bar("vocabularies", n_train) as b:
+            for raw, _, _ in main.chunks(stop=n_train):
+                counter.add(raw)
+                b.update(raw.num_rows)
+        vocabs = counter.finish()
+    rare: dict[str, np.ndarray] = {}
+    if threshold and len(schema.vocab_tables) < len(schema.tables):
+        with bar("id counts", n_train) as b:
+            rare = {t: c < threshold for t, c in _id_counts(main, n_train, vocabs, b).items()}
+
+    staging = out.with_name(f".{out.name}.staging")
     remove_path(staging)  # a stale staging directory of an interrupted run
     staging.mkdir(parents=True)
     vocab_entries = write_vocabularies(staging, vocabs)
+    digests = {t: e["sha256"] for t, e in vocab_entries.items()}
+    writers = {
+        name: _SplitWriter(staging / name / "part-00000.parquet", data_cfg.row_group_rows)
+        for name in SPLITS
+    }
+
+    def write(name: str, raw: pa.Table, path: Any) -> None:
+        rows = encode_table(raw, schema, path, vocabs)
+        _replace_rare(rows, schema, rare)
+        writers[name].add(rows_to_table(rows, schema, threshold, digests), int(rows.labels.sum()))
+
+    bounds = (
+        ("train", 0, n_train),
+        ("eval", n_train, n_train + n_eval),
+        ("test", n_train + n_eval, None),
+    )
+    try:
+        with bar("shards", total) as b:
+            for raw, path, start in main.chunks():
+                for name, lo, hi in bounds:  # the chunk's rows in each split
+                    a = max(lo - start, 0)
+                    z = raw.num_rows if hi is None else min(hi - start, raw.num_rows)
+                    if z > a:
+                        write(name, raw.slice(a, z - a), path)
+                b.update(raw.num_rows)
+            for raw, path, _ in evals.chunks():
+                write("eval", raw, path)
+                b.update(raw.num_rows)
+    finally:
+        for w in writers.values():
+            w.close()
     summary: dict[str, Any] = {
         "format": FORMAT,
         "frequency_threshold": threshold,
         "vocabularies": vocab_entries,
         "splits": {},
     }
-    digests = {t: e["sha256"] for t, e in vocab_entries.items()}
-    for name, part in splits.items():
+    for name, w in writers.items():
         (staging / name).mkdir(parents=True, exist_ok=True)
-        if len(part):
-            table = rows_to_table(part, schema, threshold, digests)
-            pq.write_table(
-                table, staging / name / "part-00000.parquet", row_group_size=data_cfg.row_group_rows
-            )
-        summary["splits"][name] = {
-            "rows": len(part),
-            "positives": int(part.labels.sum()),
-        }
+        summary["splits"][name] = {"rows": w.rows, "positives": w.positives}
     summary["rows"] = sum(s["rows"] for s in summary["splits"].values())
     summary["positives"] = sum(s["positives"] for s in summary["splits"].values())
     summary["bad_rows"] = 0
