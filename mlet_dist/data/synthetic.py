@@ -48,6 +48,7 @@ __all__ = [
     "ensure_synthetic",
     "format_rows",
     "generate_synthetic",
+    "previous_output",
     "sample_day",
 ]
 
@@ -157,7 +158,7 @@ def day_file_name(day: int, gzip_output: bool) -> str:
 _write_atomically = atomic_write
 
 
-def _previous_output(out: Path, names: list[str]) -> str | None:
+def previous_output(out: Path, names: list[str]) -> str | None:
     """None when generating into ``out`` replaces nothing but a previous generator's output."""
     if not out.is_dir():
         return f"{out} exists and is not a directory"
@@ -167,7 +168,7 @@ def _previous_output(out: Path, names: list[str]) -> str | None:
     if not clash:
         return None
     return (
-        f"{out} holds {', '.join(clash)} but no {META_FILE_NAME}: not written by `mlet-dist "
+        f"{out} holds {', '.join(clash[:3])} but no {META_FILE_NAME}: not written by `mlet-dist "
         f"generate`, and would be overwritten"
     )
 
@@ -204,7 +205,7 @@ def generate_synthetic(
     check_output(
         out,
         what="synthetic day files",
-        previous=lambda p: _previous_output(p, names),
+        previous=lambda p: previous_output(p, names),
         hint="set data.dir to a new directory",
     )
     out.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mlet_dist.config import ConfigError, SyntheticConfig
-from mlet_dist.data.synthetic import META_FILE_NAME
+from mlet_dist.data.synthetic import META_FILE_NAME, previous_output
 from mlet_dist.data.synthetic_teacher import (
     TARGET_POSITIVE_RATE,
     calibrate_intercept,
@@ -323,21 +323,6 @@ def sample_block(
     return pa.table(columns), logits
 
 
-def _previous_output(out: Path, names: list[str]) -> str | None:
-    """None when generating into ``out`` replaces nothing but a previous generator's output."""
-    if not out.is_dir():
-        return f"{out} exists and is not a directory"
-    if (out / META_FILE_NAME).is_file():
-        return None
-    clash = [n for n in names if (out / n).exists()]
-    if not clash:
-        return None
-    return (
-        f"{out} holds {', '.join(clash[:3])} but no {META_FILE_NAME}: not written by `mlet-dist "
-        f"generate`, and would be overwritten"
-    )
-
-
 def generate_schema_synthetic(
     out_dir: str | Path, schema: FeatureSchema, cfg: SyntheticConfig, *, progress: bool = True
 ) -> list[Path]:
@@ -355,7 +340,7 @@ def generate_schema_synthetic(
     check_output(
         out,
         what="synthetic data",
-        previous=lambda p: _previous_output(p, names),
+        previous=lambda p: previous_output(p, names),
         hint="set data.dir to a new directory",
     )
     teacher = build_schema_teacher(schema, cfg)
