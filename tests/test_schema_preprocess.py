@@ -128,3 +128,23 @@ def test_csv_read_in_blocks_matches_a_hand_parse(tmp_path):
     for i in (0, 1, 12_345, n - 1):
         want = [h(t, 64) for t in lines[i][3].split("|") if t][:3]
         assert tags[i, : tags_len[i]].tolist() == want, i
+
+
+def test_quoted_csv_header_names_the_columns(tmp_path):
+    """A header with quoted names (as pyarrow's and Excel's CSV writers write it) names the
+    columns, and a headless file with quoted fields is read through csv_columns."""
+    data = DataConfig(
+        source="files", label="y", sparse=[SparseFeatureConfig(name="u", num_embeddings=7)],
+        tables=[],
+    )  # fmt: skip
+    schema = schema_of(data)
+    (tmp_path / "q.csv").write_text('"y","u"\n1,"a,b"\n0,c\n')
+    (rows,) = [encode_table(c, schema, "q") for c in iter_columns_file(tmp_path / "q.csv", schema)]
+    h = [
+        int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") % 7
+        for v in ("a,b", "c")
+    ]
+    assert rows.labels.tolist() == [1.0, 0.0] and rows.ids[0][:, 0].tolist() == h
+    (tmp_path / "r.csv").write_text('"y","u"\n1,"a,b"\n')  # the header equals csv_columns: skipped
+    chunks = list(iter_columns_file(tmp_path / "r.csv", schema, csv_columns=["y", "u"]))
+    assert sum(c.num_rows for c in chunks) == 1

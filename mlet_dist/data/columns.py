@@ -36,6 +36,7 @@ an id past its table) raises :class:`ColumnError` naming the file, column and fi
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -89,11 +90,12 @@ def _format(path: Path) -> str:
 
 
 def _first_line(path: Path, kind: str) -> list[str]:
-    """The fields of a CSV/TSV file's first line (to recognize a header equal to csv_columns)."""
+    """The fields of a CSV/TSV file's first line, unquoted as pyarrow reads them (the header's
+    column names, or a line to compare with csv_columns)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
         line = f.readline().rstrip("\r\n")
-    return line.split("," if kind == "csv" else "\t")
+    return next(csv.reader([line], delimiter="," if kind == "csv" else "\t"), [])
 
 
 def _needed(schema: FeatureSchema) -> list[str]:
