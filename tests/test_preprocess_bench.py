@@ -48,3 +48,22 @@ def test_preprocess_bench_quick_output_format(tmp_path):
     assert md.startswith("# Data pipeline: Criteo TSV -> Parquet") and "(quick mode)" in md
     assert "| measure | value |" in md and "loader samples/s, rank 1 of 2" in md
     assert "training samples/s" in md and "other jobs" in md
+
+
+def test_schema_preprocess_bench_quick_output_format(tmp_path):
+    """The schema preprocessing benchmark (quick): both inputs, both modes, every row written,
+    result files named as the other suites'; its scratch data deleted."""
+    import tempfile
+
+    from benchmarks import schema_preprocess_bench
+
+    before = set(Path(tempfile.gettempdir()).glob("schema_preprocess_bench_*"))
+    record = schema_preprocess_bench.main(["--quick", "--out", str(tmp_path)])
+    assert set(Path(tempfile.gettempdir()).glob("schema_preprocess_bench_*")) == before
+    stem = sorted(tmp_path.iterdir())[0].name.rsplit(".", 1)[0]
+    assert re.fullmatch(r"schema-preprocess-quick_[a-z0-9]+_\d{4}-\d{2}-\d{2}", stem), stem
+    assert json.loads((tmp_path / f"{stem}.json").read_text()) == json.loads(json.dumps(record))
+    runs = {(r["input"], r["mode"]) for r in record["results"]}
+    assert runs == {(i, m) for i in ("parquet", "csv") for m in ("streamed", "one chunk")}
+    assert all(r["rows"] == 20_000 and r["peak_rss_mb"] > 0 for r in record["results"])
+    assert "| csv | streamed |" in (tmp_path / f"{stem}.md").read_text()
