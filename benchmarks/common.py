@@ -422,7 +422,16 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far: Linux's VmHWM, else ru_maxrss (KiB on
+    Linux, bytes on macOS). Not ru_maxrss on Linux: a process started by fork + exec (spawned
+    ranks) inherits its parent's high-water mark there, so it would report the parent's RSS."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
