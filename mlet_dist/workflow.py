@@ -25,6 +25,7 @@ from mlet_dist.data import (
     require_rows,
 )
 from mlet_dist.data.sources import concat_rows
+from mlet_dist.data.vocab import load_run_vocabularies
 from mlet_dist.distributed.parallelize import build_sharded_model, init_distributed
 from mlet_dist.export import collapse_run, load_served, load_unsharded
 from mlet_dist.metrics import binary_metrics
@@ -91,17 +92,19 @@ def _evaluate_run(
     sizes = cfg.data.num_embeddings_per_feature
     if files:
         schema = schema_of(cfg.data)
+        vocabs = load_run_vocabularies(run_dir, schema)  # the run's ids = 'vocab' tables
         arrays = concat_rows(
             [
                 require_rows(
                     read_source_file(
-                        cfg.data.source, f, sizes, schema=schema, csv_columns=cfg.data.csv_columns
+                        cfg.data.source, f, sizes, schema=schema,
+                        csv_columns=cfg.data.csv_columns, vocabs=vocabs,
                     ),
                     f,
                 )
                 for f in files
             ]
-        )
+        )  # fmt: skip
         name = "files"
         try:  # the buckets need the training split; new files are scored without it too
             train_rows = load_splits(cfg.data).train

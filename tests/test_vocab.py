@@ -314,6 +314,15 @@ def test_preprocess_train_collapse_predict_on_raw_values(tmp_path):
     # some held-out values are out of vocabulary (row 0), so the mapping is exercised
     assert (preprocessed.ids[2][180:, 0] == 0).any()
 
+    # `mlet-dist evaluate --data` on the raw file maps it through the run's vocabularies too
+    from mlet_dist.metrics import binary_metrics
+    from mlet_dist.workflow import evaluate_run
+
+    ev = evaluate_run(cfg.train.run_dir, files=[str(data)])
+    want = binary_metrics(logits, torch.from_numpy(preprocessed.labels))
+    assert ev["rows"] == 240
+    assert ev["log_loss"] == pytest.approx(want["log_loss"], abs=1e-6)
+
     # a vocabulary changed after the collapse: predict refuses it (checksum), naming the file
     vocab = served / "vocab" / "words.parquet"
     table = pq.read_table(vocab)

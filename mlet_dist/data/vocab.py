@@ -49,6 +49,7 @@ __all__ = [
     "VocabularyError",
     "build_vocabularies",
     "check_resumed_vocabularies",
+    "load_run_vocabularies",
     "read_vocabularies",
     "record_run_vocabularies",
     "run_vocabularies",
@@ -298,15 +299,8 @@ def check_resumed_vocabularies(run_dir: Path, entries: Mapping[str, Mapping[str,
         )
 
 
-def run_vocabularies(run_dir: str | Path, schema: FeatureSchema) -> dict[str, Path]:
-    """The vocabulary files a run trained on ({table: path}), each checked against the sha256
-    the run recorded; {} when the schema has no ``ids = 'vocab'`` table.
-
-    Raises:
-        VocabularyError: the run has no record, or a file is missing or changed since training.
-    """
-    if not schema.vocab_tables:
-        return {}
+def _run_record(run_dir: str | Path, schema: FeatureSchema) -> tuple[Path, dict, str]:
+    """(preprocess output, vocabulary entries, origin) of a run's ``RUN/vocab.json``."""
     path = Path(run_dir) / RUN_VOCAB_FILE
     if not path.is_file():
         raise VocabularyError(
@@ -323,6 +317,31 @@ def run_vocabularies(run_dir: str | Path, schema: FeatureSchema) -> dict[str, Pa
             f"shards of `mlet-dist preprocess`",
             path=path,
         )
-    origin = f"{path}, recorded when run {run_dir} trained"
-    read_vocabularies(record["parquet_dir"], entries, origin)  # checks each sha256
-    return {t: Path(record["parquet_dir"]) / e["path"] for t, e in entries.items()}
+    return Path(record["parquet_dir"]), entries, f"{path}, recorded when run {run_dir} trained"
+
+
+def load_run_vocabularies(run_dir: str | Path, schema: FeatureSchema) -> dict[str, Vocabulary]:
+    """The vocabularies a run trained on, read and checked against the sha256 the run recorded
+    (to encode raw files as its shards were, e.g. ``mlet-dist evaluate --data``); {} when the
+    schema has no ``ids = 'vocab'`` table.
+
+    Raises:
+        VocabularyError: the run has no record, or a file is missing or changed since training.
+    """
+    if not schema.vocab_tables:
+        return {}
+    return read_vocabularies(*_run_record(run_dir, schema))
+
+
+def run_vocabularies(run_dir: str | Path, schema: FeatureSchema) -> dict[str, Path]:
+    """The vocabulary files a run trained on ({table: path}), each checked against the sha256
+    the run recorded; {} when the schema has no ``ids = 'vocab'`` table.
+
+    Raises:
+        VocabularyError: the run has no record, or a file is missing or changed since training.
+    """
+    if not schema.vocab_tables:
+        return {}
+    root, entries, origin = _run_record(run_dir, schema)
+    read_vocabularies(root, entries, origin)  # checks each sha256
+    return {t: root / e["path"] for t, e in entries.items()}
