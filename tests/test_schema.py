@@ -19,8 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mlet_dist.config import ConfigError, DataConfig, load_config
-from mlet_dist.config_features import DenseFeatureConfig, SparseFeatureConfig, TableConfig
+from mlet_dist.config import (
+    ConfigError,
+    DataConfig,
+    DenseFeatureConfig,
+    SparseFeatureConfig,
+    TableConfig,
+    load_config,
+)
 from mlet_dist.data.columns import ColumnError, encode_table
 from mlet_dist.data.sources import read_source_file
 from mlet_dist.models import build_dlrm

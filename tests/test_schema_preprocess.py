@@ -19,8 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_schema import SCHEMA_TOML, write_rows
 
-from mlet_dist.config import DataConfig, load_config
-from mlet_dist.config_features import DenseFeatureConfig, SparseFeatureConfig
+from mlet_dist.config import DataConfig, DenseFeatureConfig, SparseFeatureConfig, load_config
 from mlet_dist.data.columns import encode_table, iter_columns_file
 from mlet_dist.data.preprocess.schema import preprocess_schema
 from mlet_dist.schema import schema_of

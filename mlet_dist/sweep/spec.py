@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from mlet_dist.config import Config, ConfigError, _apply, config_from_dict
+from mlet_dist.config import Config, ConfigError, apply_key, config_from_dict
 
 RESULT_FILE = "result.json"
 RUN_SPEC_FILE = "sweep_run.json"
@@ -168,7 +168,7 @@ def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
     if "." not in dotted:
         raise ConfigError(f"{origin}: override key {dotted!r} must look like section.key")
     section, key = dotted.split(".", 1)
-    _apply(cfg, section, key, value, origin)
+    apply_key(cfg, section, key, value, origin)
 
 
 def variant_config(

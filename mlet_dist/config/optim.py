@@ -1,0 +1,55 @@
+"""``[optim]``: the fused W1 optimizer, the dense optimizer and the LR schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mlet_dist.config.error import ConfigError
+from mlet_dist.config.model import ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    """Optimizers: fused (fbgemm, in backward) for W1, a dense one for W2 and the MLPs."""
+
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    """W1 optimizer: 'rowwise_adagrad', 'adagrad', 'sgd' (fbgemm fused) or 'adam' (GPU only)."""
+    embedding_lr: float = 0.1
+    """Learning rate of single-layer tables, and of W1 (times sqrt(d / k) under w1_lr_scaling). 0.1: the tuned optimum of row-wise Adagrad on the synthetic teacher and MovieLens (README "When does MLET pay off?")."""
+    dense_optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
+    """Optimizer of W2 and the MLPs: 'adagrad', 'adam' or 'sgd'."""
+    dense_lr: float = 0.05
+    """Learning rate of the MLPs."""
+    projection_lr: float = 0.02
+    """Learning rate of W2; 0 means the same as dense_lr."""
+    w1_lr_scaling: Literal["none", "sqrt_d_over_k", "auto"] = "auto"
+    """'sqrt_d_over_k': W1 of MLET(k, d) trains with embedding_lr * sqrt(d / k). With row-wise Adagrad and W2 of orthonormal columns (model.projection_init = 'orthogonal') a W1 step then moves the collapsed rows W1 @ W2 exactly as far as a plain d-dim table's step at embedding_lr (README "When does MLET pay off?"), so one tuned embedding_lr serves both and MLET differs from the plain table only by what W2 learns. Needs one k for every table. 'auto': the same when every table is factorized with one k, else 'none'. 'none': embedding_lr as it is (W1's steps then move the collapsed table about sqrt(k / d) times further than a plain table's)."""
+    eps: float = 1e-8
+    """Epsilon of the Adagrad/Adam optimizers."""
+    warmup_steps: int = 0
+    """Linear warm-up steps of the learning rate."""
+    decay_start_step: int = 0
+    """Step at which polynomial decay starts (0 with decay_steps = 0: no decay)."""
+    decay_steps: int = 0
+    """Steps over which the learning rate decays to 0 (squared polynomial, as MLPerf DLRM)."""
+
+    def check(self, model: ModelConfig) -> None:
+        """Checks of this section (the W1 scaling needs the model's inner dimensions)."""
+        m = model
+        if self.w1_lr_scaling == "sqrt_d_over_k":
+            ks = {m.inner_dim, *m.inner_dim_per_table.values()}
+            if len(ks) > 1:
+                raise ConfigError(
+                    f"optim.w1_lr_scaling = {self.w1_lr_scaling!r} needs one inner dimension for "
+                    f"every table (all W1 tables share one fused optimizer), got k in {sorted(ks)}: "
+                    f"drop model.inner_dim_per_table or set optim.w1_lr_scaling = 'none'"
+                )
+
+
+def w1_learning_rate(cfg) -> float:
+    o, m = cfg.optim, cfg.model
+    uniform = bool(m.inner_dim) and all(k == m.inner_dim for k in m.inner_dim_per_table.values())
+    if o.w1_lr_scaling in ("sqrt_d_over_k", "auto") and uniform:
+        return o.embedding_lr * (m.embedding_dim / m.inner_dim) ** 0.5
+    return o.embedding_lr
