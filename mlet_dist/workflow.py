@@ -9,13 +9,8 @@ from typing import Any
 import torch
 
 from mlet_dist.checkpoint import CheckpointError, latest_checkpoint, load_weights
-from mlet_dist.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    check_feature_count,
-    load_run_config,
-)
+from mlet_dist.config import Config, ConfigError
+from mlet_dist.context import RunContext, load_run_config
 from mlet_dist.data import (
     CriteoArrays,
     ensure_source_data,
@@ -26,14 +21,13 @@ from mlet_dist.data import (
 )
 from mlet_dist.data.sources import concat_rows
 from mlet_dist.data.vocab import load_run_vocabularies
-from mlet_dist.distributed.parallelize import build_sharded_model, init_distributed
+from mlet_dist.distributed.parallelize import build_sharded_model
 from mlet_dist.export import collapse_run, load_served, load_unsharded
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.quality import training_id_counts
-from mlet_dist.schema import schema_of
 from mlet_dist.serving.predict import load_predictor, predict_arrays
 from mlet_dist.train import evaluate, train
-from mlet_dist.utils.files import atomic_write_json, check_output, hold_run
+from mlet_dist.utils.files import atomic_write_json, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +40,18 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Metrics of a run's latest checkpoint on one of its splits or on given raw files.
 
-    Reads the run under its shared lock (refused while a training process writes it); rank 0
-    checks the output ``RUN/eval_<name>.json`` first and writes it atomically. See
-    :func:`_evaluate_run`.
+    Overall and per id-frequency bucket (``"buckets"``: the rarest id of a row, counted in the
+    run's training split; :mod:`mlet_dist.quality`). Files are read as the run's data source
+    reads them (:func:`mlet_dist.data.sources.read_source_file`), through the run's vocabularies.
+
+    Runs on one process or every rank of a launched job (the model is sharded as in training),
+    under the run's shared lock (refused while a training process writes it). Rank 0 checks the
+    output ``RUN/eval_<name>.json`` first and writes it atomically.
     """
-    cfg = apply_overrides(load_run_config(run_dir), overrides or [])
-    env = init_distributed(cfg.dist)
-    out = Path(run_dir) / f"eval_{'files' if files else split}.json"
+    ctx = RunContext.of_run(run_dir, overrides)
+    cfg, schema = ctx.cfg, ctx.schema
+    name = "files" if files else split
+    out = ctx.run_dir / f"eval_{name}.json"
 
     def check() -> None:
         check_output(
@@ -64,77 +63,58 @@ def evaluate_run(
             hint="move the data file elsewhere",
         )
 
-    with hold_run(run_dir, env, command="evaluate", shared=True, check=check):
-        return _evaluate_run(run_dir, split, files, overrides)
-
-
-def _evaluate_run(
-    run_dir: str | Path,
-    split: str = "eval",
-    files: list[str] | None = None,
-    overrides: list[str] | None = None,
-) -> dict[str, Any]:
-    """Metrics of a run's latest checkpoint on one of its splits or on given Criteo files.
-
-    Overall and per id-frequency bucket (``"buckets"``: the rarest id of a row, counted in the
-    run's training split; :mod:`mlet_dist.quality`). Files are read as the run's
-    ``data.source`` says (Avazu CSV for 'avazu', MovieLens ratings for 'movielens', Criteo TSV
-    otherwise; :func:`mlet_dist.data.sources.read_source_file`).
-
-    Runs on one process or every rank of a launched job (the model is sharded as in training).
-    Rank 0 writes ``RUN/eval_<name>.json``.
-    """
-    cfg = apply_overrides(load_run_config(run_dir), overrides or [])
-    check_feature_count(cfg.data)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"run {run_dir} has no complete checkpoint; train it first")
-    sizes = cfg.data.num_embeddings_per_feature
-    if files:
-        schema = schema_of(cfg.data)
-        vocabs = load_run_vocabularies(run_dir, schema)  # the run's ids = 'vocab' tables
-        arrays = concat_rows(
-            [
-                require_rows(
-                    read_source_file(
-                        cfg.data.source, f, sizes, schema=schema,
-                        csv_columns=cfg.data.csv_columns, vocabs=vocabs,
-                    ),
-                    f,
+    with ctx.hold("evaluate", shared=True, check=check):
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"run {run_dir} has no complete checkpoint; train it first")
+        if files:
+            arrays = _read_files(ctx, files)
+            try:  # the buckets need the training split; new files are scored without it too
+                train_rows = load_splits(cfg.data).train
+            except ValueError as e:  # ConfigError / CriteoFormatError: the training data is absent
+                logger.warning("no per-bucket metrics: cannot read the run's training data (%s)", e)
+                train_rows = None
+        else:
+            splits = load_splits(cfg.data)
+            arrays, train_rows = getattr(splits, split), splits.train
+            if arrays is not None and len(arrays) == 0:
+                key = f"{split}_fraction"
+                why = f" (data.{key} = {getattr(cfg.data, key)})" if hasattr(cfg.data, key) else ""
+                raise ConfigError(
+                    f"the {split!r} split of run {run_dir} has no rows{why}; evaluate another "
+                    f"split or pass --data FILE"
                 )
-                for f in files
-            ]
-        )  # fmt: skip
-        name = "files"
-        try:  # the buckets need the training split; new files are scored without it too
-            train_rows = load_splits(cfg.data).train
-        except ValueError as e:  # ConfigError / CriteoFormatError: the training data is not here
-            logger.warning("no per-bucket metrics: cannot read the run's training data (%s)", e)
-            train_rows = None
-    else:
-        splits = load_splits(cfg.data)
-        arrays, train_rows = getattr(splits, split), splits.train
-        name = split
-        if arrays is not None and len(arrays) == 0:
-            key = f"{split}_fraction"
-            why = f" (data.{key} = {getattr(cfg.data, key)})" if hasattr(cfg.data, key) else ""
-            raise ConfigError(
-                f"the {split!r} split of run {run_dir} has no rows{why}; evaluate another split "
-                f"or pass --data FILE"
+        # Per id-frequency bucket, with the ids counted in the training split (as training does).
+        counts = None
+        if train_rows is not None:
+            counts = training_id_counts(train_rows, schema.feature_sizes)
+        model = build_sharded_model(cfg, ctx.env)
+        load_weights(model, ckpt, cfg)
+        metrics = evaluate(model, cfg, ctx.env, arrays, name, counts)
+        metrics["checkpoint"] = str(ckpt)
+        if files:
+            metrics["files"] = list(files)
+        if ctx.env.is_rank0:
+            atomic_write_json(out, metrics)
+        return metrics
+
+
+def _read_files(ctx: RunContext, files: list[str]) -> CriteoArrays:
+    """Raw files read as the run's source reads them, mapped through the run's vocabularies."""
+    data = ctx.cfg.data
+    vocabs = load_run_vocabularies(ctx.run_dir, ctx.schema)  # the run's ids = 'vocab' tables
+    return concat_rows(
+        [
+            require_rows(
+                read_source_file(
+                    data.source, f, data.num_embeddings_per_feature, schema=ctx.schema,
+                    csv_columns=data.csv_columns, vocabs=vocabs,
+                ),
+                f,
             )
-    # Per id-frequency bucket, with the ids counted in the training split (as training reports).
-    feature_sizes = schema_of(cfg.data).feature_sizes
-    counts = None if train_rows is None else training_id_counts(train_rows, feature_sizes)
-    env = init_distributed(cfg.dist)
-    model = build_sharded_model(cfg, env)
-    load_weights(model, ckpt, cfg)
-    metrics = evaluate(model, cfg, env, arrays, name, counts)
-    metrics["checkpoint"] = str(ckpt)
-    if files:
-        metrics["files"] = list(files)
-    if env.is_rank0:
-        atomic_write_json(Path(run_dir) / f"eval_{name}.json", metrics)
-    return metrics
+            for f in files
+        ]
+    )  # fmt: skip
 
 
 def check_collapsed(
@@ -211,14 +191,13 @@ def check_serving(
 
 def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
     """The main job: data (generated if absent), training, evaluation, collapse and its check."""
-    check_feature_count(cfg.data)
-    env = init_distributed(cfg.dist)
+    ctx = RunContext.of_config(cfg)
+    env, run_dir = ctx.env, ctx.run_dir
     if env.is_rank0:
         ensure_source_data(cfg.data, cfg.synthetic, progress=cfg.train.progress)
     if env.world_size > 1:
         torch.distributed.barrier()
-    metrics = train(cfg, resume=resume)
-    run_dir = Path(cfg.train.run_dir)
+    metrics = train(ctx, resume=resume)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.json")}
     for split in ("eval", "test"):
         if split in metrics:

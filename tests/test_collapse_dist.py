@@ -230,7 +230,7 @@ def _sharded_served_load(run_cfg, out_dir: Path, env) -> dict[str, list]:
 
 
 def _rank_main(run_dir: str, out_dir: str) -> dict[str, Any]:
-    from mlet_dist.config import load_run_config
+    from mlet_dist.context import load_run_config
     from mlet_dist.export import collapse_run
 
     env = init_distributed(DistConfig(device="cpu"))

@@ -31,7 +31,6 @@ from mlet_dist.config.load import (
     apply_overrides,
     config_from_dict,
     load_config,
-    load_run_config,
     parse_overrides,
     validate,
 )
@@ -61,7 +60,6 @@ __all__ = [
     "check_weight",
     "config_from_dict",
     "load_config",
-    "load_run_config",
     "parse_overrides",
     "validate",
     "w1_learning_rate",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,13 +190,3 @@ def validate(cfg: Config) -> None:
     cfg.data.check()
     cfg.train.check()
     cfg.synthetic.check()
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    """The config a training run was trained with (``RUN/config.json``)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"{run_dir} is not a run directory (no config.json); pass --run RUN_DIR of a training run"
-        )
-    return config_from_dict(json.loads(path.read_text()), origin=str(path))

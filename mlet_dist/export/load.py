@@ -11,7 +11,8 @@ from torchrec.models.dlrm import DLRMTrain
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from mlet_dist.checkpoint import dcp_load, verify_checkpoint
-from mlet_dist.config import Config, load_run_config
+from mlet_dist.config import Config
+from mlet_dist.context import load_run_config
 from mlet_dist.models import SPARSE_PREFIX, build_dlrm, schema_tables
 from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS, collapse
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, served_tables

@@ -24,7 +24,8 @@ from mlet_dist.checkpoint import (
     load_weights,
     verify_checkpoint,
 )
-from mlet_dist.config import Config, ConfigError, load_run_config
+from mlet_dist.config import Config, ConfigError
+from mlet_dist.context import load_run_config
 from mlet_dist.data import divisible_batch_size
 from mlet_dist.data.vocab import run_vocabularies
 from mlet_dist.distributed.collapse import (

@@ -16,8 +16,9 @@ from mlet_dist.checkpoint import (
     resume_checkpoint,
     saved_plan,
 )
-from mlet_dist.config import Config, check_feature_count
-from mlet_dist.data import load_splits
+from mlet_dist.config import Config
+from mlet_dist.context import RunContext
+from mlet_dist.data import Splits, load_splits
 from mlet_dist.data.schema_shards import summary_vocabularies
 from mlet_dist.data.sources import data_inputs, is_streamed
 from mlet_dist.data.vocab import (
@@ -25,15 +26,11 @@ from mlet_dist.data.vocab import (
     check_resumed_vocabularies,
     record_run_vocabularies,
 )
-from mlet_dist.distributed.elastic import check_agent_store
-from mlet_dist.distributed.parallelize import DistEnv, init_distributed
 from mlet_dist.quality import training_id_counts
-from mlet_dist.schema import schema_of
 from mlet_dist.train.loop import Trainer, remove_stale_checkpoints
 from mlet_dist.utils.files import (
     atomic_write_json,
     check_output,
-    hold_run,
     is_run_dir,
     is_serving_dir,
 )
@@ -41,7 +38,7 @@ from mlet_dist.utils.files import (
 logger = logging.getLogger(__name__)
 
 
-def train(cfg: Config, resume: bool = True, fallback: bool = True) -> dict[str, Any]:
+def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) -> dict[str, Any]:
     """Trains a model as configured; returns (and on rank 0 writes) the run's metrics.
 
     Writes ``RUN/config.json``, ``RUN/metrics.json`` and checkpoints under ``RUN/checkpoints``.
@@ -55,6 +52,10 @@ def train(cfg: Config, resume: bool = True, fallback: bool = True) -> dict[str, 
     written into the run directory before the data, the config and a resumed checkpoint are
     checked, and what is written is written atomically.
 
+    Args:
+        run: the config of the run, or its :class:`~mlet_dist.context.RunContext` when the caller
+            (e.g. `mlet-dist run`) has resolved it already.
+
     Raises:
         OutputPathError: ``train.run_dir`` is refused.
         RunLockedError: another process holds the run (its pid and host are named).
@@ -63,10 +64,8 @@ def train(cfg: Config, resume: bool = True, fallback: bool = True) -> dict[str, 
         TrainingDiverged: the loss became NaN/inf (nothing is saved after that step).
         NoSpaceError: a checkpoint could not be written (the half-written one is removed).
     """
-    check_feature_count(cfg.data)
-    check_agent_store()  # fail fast where torchrun's restart would hang (elastic.py)
-    env = init_distributed(cfg.dist)
-    run_dir = Path(cfg.train.run_dir)
+    ctx = run if isinstance(run, RunContext) else RunContext.of_config(run)
+    cfg, env, run_dir = ctx.cfg, ctx.env, ctx.run_dir
 
     def check() -> None:
         check_output(
@@ -78,8 +77,55 @@ def train(cfg: Config, resume: bool = True, fallback: bool = True) -> dict[str, 
             hint="set train.run_dir to a new directory",
         )
 
-    with hold_run(run_dir, env, command="train", shared=False, check=check):
-        return _train(cfg, env, run_dir, resume, fallback)
+    with ctx.hold("train", shared=False, check=check):
+        splits = load_splits(cfg.data)
+        _log_data(ctx, splits)
+        last = resume_checkpoint(run_dir, fallback) if resume else None  # verified
+        plan = None  # the saved plan when it fits: TorchRec's planning is not reproducible
+        if last is not None:
+            check_model_config(last, read_train_state(last)["config"], cfg)  # before any write
+            plan = saved_plan(last, cfg.to_dict()["dist"], env.world_size, env.device.type)
+        trainer = Trainer(cfg, env, plan=plan)
+        if last is not None:
+            trainer.load(last, verify=False)
+        vocabs = {}  # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with
+        if is_streamed(cfg.data):
+            vocabs = summary_vocabularies(cfg.data.parquet_dir, ctx.schema)
+            if last is not None:
+                check_resumed_vocabularies(run_dir, vocabs)
+
+        def start() -> None:  # every check passed: from here on the run directory is written
+            if env.is_rank0:
+                remove_stale_checkpoints(run_dir)
+                atomic_write_json(run_dir / "config.json", cfg.to_dict())
+                if vocabs:  # where `mlet-dist collapse` finds them
+                    record_run_vocabularies(run_dir, cfg.data.parquet_dir, vocabs)
+
+        counts = None
+        if splits.train is not None:
+            counts = training_id_counts(splits.train, ctx.schema.feature_sizes)
+
+        def validate() -> dict[str, Any]:  # during training, every train.eval_every steps
+            return trainer.evaluate(splits.eval, "eval", counts)
+
+        has_eval = splits.has(cfg.data, "eval")
+        train_stats = trainer.fit(
+            splits.train, on_start=start, validate=validate if has_eval else None
+        )
+        trainer.save()
+        metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
+        for split in ("eval", "test"):
+            if splits.has(cfg.data, split):
+                metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)
+        if env.is_rank0:
+            atomic_write_json(run_dir / "metrics.json", metrics)
+            if "eval" in metrics:
+                e = metrics["eval"]
+                logger.info(
+                    "eval: AUC %.4f  log loss %.4f  NE %.4f  (%d rows)",
+                    e["auc"], e["log_loss"], e["ne"], e["rows"],
+                )  # fmt: skip
+        return metrics
 
 
 # What training writes into its run directory (besides RUN/.lock and eval_*.json).
@@ -111,64 +157,15 @@ def _previous_run(path: Path) -> str | None:
     return None
 
 
-def _train(
-    cfg: Config, env: DistEnv, run_dir: Path, resume: bool, fallback: bool = True
-) -> dict[str, Any]:
-    splits = load_splits(cfg.data)
+def _log_data(ctx: RunContext, splits: Splits) -> None:
+    env = ctx.env
     if splits.train is None:
         logger.info(
             "data: streaming Parquet from %s; world size %d on %s",
-            cfg.data.parquet_dir, env.world_size, env.device,
+            ctx.cfg.data.parquet_dir, env.world_size, env.device,
         )  # fmt: skip
     else:
         logger.info(
             "data: %d train / %d eval / %d test rows; world size %d on %s",
             len(splits.train), len(splits.eval), len(splits.test), env.world_size, env.device,
         )  # fmt: skip
-    last = resume_checkpoint(run_dir, fallback) if resume else None  # verified
-    plan = None  # the saved plan when it fits: TorchRec's planning is not reproducible
-    if last is not None:
-        check_model_config(last, read_train_state(last)["config"], cfg)  # before any write
-        plan = saved_plan(last, cfg.to_dict()["dist"], env.world_size, env.device.type)
-    trainer = Trainer(cfg, env, plan=plan)
-    if last is not None:
-        trainer.load(last, verify=False)
-    vocabs = {}  # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with
-    if is_streamed(cfg.data):
-        vocabs = summary_vocabularies(cfg.data.parquet_dir, schema_of(cfg.data))
-        if last is not None:
-            check_resumed_vocabularies(run_dir, vocabs)
-
-    def start() -> None:  # every check passed: from here on the run directory is written
-        if env.is_rank0:
-            remove_stale_checkpoints(run_dir)
-            atomic_write_json(run_dir / "config.json", cfg.to_dict())
-            if vocabs:  # where `mlet-dist collapse` finds them
-                record_run_vocabularies(run_dir, cfg.data.parquet_dir, vocabs)
-
-    counts = None
-    if splits.train is not None:
-        counts = training_id_counts(splits.train, schema_of(cfg.data).feature_sizes)
-
-    def validate() -> dict[str, Any]:  # during training, every train.eval_every steps
-        return trainer.evaluate(splits.eval, "eval", counts)
-
-    has_eval = splits.has(cfg.data, "eval")
-    train_stats = trainer.fit(splits.train, on_start=start, validate=validate if has_eval else None)
-    trainer.save()
-    metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
-    for split in ("eval", "test"):
-        if splits.has(cfg.data, split):
-            metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)
-    if env.is_rank0:
-        atomic_write_json(run_dir / "metrics.json", metrics)
-        if "eval" in metrics:
-            e = metrics["eval"]
-            logger.info(
-                "eval: AUC %.4f  log loss %.4f  NE %.4f  (%d rows)",
-                e["auc"],
-                e["log_loss"],
-                e["ne"],
-                e["rows"],
-            )
-    return metrics
