@@ -584,7 +584,8 @@ def report(measured: dict[str, Any] | None, static: StaticCounts, info: dict[str
     """The markdown report."""
     v = info["versions"]
     out = [
-        f"# The two walks and the re-derivations of a run ({info['commit']}, {info['date']})",
+        f"# The two walks and the re-derivations of a run (`mlet_dist/` at "
+        f"{info['package_commit']}, {info['date']})",
         "",
         f"`python -m benchmarks.walk` on commit {info['commit']} (`mlet_dist/` last changed in "
         f"{info['package_commit']}); {info['cpu']}, "
