@@ -53,7 +53,10 @@ class W1Optimizer:
             (row-wise Adagrad: one per row of each shard; Adagrad: one per weight).
         uses_eps: the kind takes ``optim.eps``.
         cuda_only: fbgemm has no CPU kernel for it.
-        extra: further fused params given to fbgemm as they are (e.g. weight decay).
+        extra: further fused params given to fbgemm as they are, over the ones from the config.
+            Check each on the device it is meant for: fbgemm's CPU row-wise Adagrad, for one,
+            drops ``weight_decay`` on every table read by a single feature (fbgemm-gpu 1.8: its
+            fast path, embedding_backward_split_cpu_template.cpp, passes weight_decay = 0).
     """
 
     fbgemm_type: EmbOptimType
