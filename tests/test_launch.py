@@ -536,8 +536,8 @@ def test_schedule_restores_on_a_rank_with_other_param_groups():
     from types import SimpleNamespace
 
     from mlet_dist.config import OptimConfig
+    from mlet_dist.optim import lr_lambda
     from mlet_dist.train import Trainer
-    from mlet_dist.train.optim import lr_lambda
 
     cfg = OptimConfig(warmup_steps=10, decay_start_step=12, decay_steps=20)
 

@@ -35,12 +35,12 @@ from dist_utils import run_ranks
 from test_checkpoint_dist import full_tensors
 
 from mlet_dist.checkpoint import list_checkpoints
-from mlet_dist.config import load_config, w1_learning_rate
+from mlet_dist.config import load_config
 from mlet_dist.data import CriteoArrays, Splits
 from mlet_dist.distributed.elastic import TrainingGuard, TrainingStopped
 from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.metrics import binary_metrics
-from mlet_dist.train.optim import lr_lambda
+from mlet_dist.optim import lr_lambda, w1_learning_rate
 
 pytestmark = pytest.mark.slow
 
@@ -330,7 +330,10 @@ def test_tensorboard_events_hold_the_listed_scalars(tmp_path, monkeypatch):
     assert series("train/loss") == pytest.approx({p["step"]: p["loss"] for p in curve}, rel=1e-6)
     assert sorted(series("train/loss")) == [2, 4, 6, 8]
     f = lr_lambda(cfg.optim)
-    for tag, base in [("lr/w1", w1_learning_rate(cfg)), ("lr/dense", cfg.optim.dense_lr)]:
+    for tag, base in [
+        ("lr/w1", w1_learning_rate(cfg.optim, cfg.model)),
+        ("lr/dense", cfg.optim.dense_lr),
+    ]:
         assert series(tag) == pytest.approx({s: base * f(s) for s in (2, 4, 6, 8)}, rel=1e-6)
     validation = metrics["train"]["validation"]
     assert [v["step"] for v in validation] == [4]  # (the last step's is metrics.json's eval)

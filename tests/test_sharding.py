@@ -45,7 +45,7 @@ from mlet_dist.distributed.sharding import (
 )
 from mlet_dist.models import build_dlrm
 from mlet_dist.modules import MLETEmbeddingBagCollection, MLETEmbeddingBagConfig
-from mlet_dist.train.optim import build_optimizer
+from mlet_dist.optim import build_optimizer
 
 WORLD_SIZE = 2
 D = 8

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlet_dist.config import ConfigError, config_from_dict, load_config, w1_learning_rate
+from mlet_dist.config import ConfigError, config_from_dict, load_config
+from mlet_dist.optim import w1_learning_rate
 from mlet_dist.sweep import (
     bootstrap_reduction,
     equal_auc_dim,
@@ -106,7 +107,8 @@ def test_mlet_lr_scaling_and_init(swept):
                 o["embedding_lr"] == cfg.optim.embedding_lr
                 and o["w1_lr_scaling"] == "sqrt_d_over_k"
             )
-            lr = w1_learning_rate(config_from_dict(r["cfg"]))
+            run_cfg = config_from_dict(r["cfg"])
+            lr = w1_learning_rate(run_cfg.optim, run_cfg.model)
             assert lr == pytest.approx(cfg.optim.embedding_lr * math.sqrt(d / k))
             assert m["projection_init"] == "orthogonal"
             assert m["dense_arch_layer_sizes"][-1] == d

@@ -35,7 +35,7 @@ from mlet_dist.config.load import (
     validate,
 )
 from mlet_dist.config.model import ModelConfig
-from mlet_dist.config.optim import OptimConfig, w1_learning_rate
+from mlet_dist.config.optim import OptimConfig
 from mlet_dist.config.synthetic import SyntheticConfig
 from mlet_dist.config.train import TrainConfig
 
@@ -62,5 +62,4 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "validate",
-    "w1_learning_rate",
 ]

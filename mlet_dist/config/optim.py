@@ -45,11 +45,3 @@ class OptimConfig:
                     f"every table (all W1 tables share one fused optimizer), got k in {sorted(ks)}: "
                     f"drop model.inner_dim_per_table or set optim.w1_lr_scaling = 'none'"
                 )
-
-
-def w1_learning_rate(cfg) -> float:
-    o, m = cfg.optim, cfg.model
-    uniform = bool(m.inner_dim) and all(k == m.inner_dim for k in m.inner_dim_per_table.values())
-    if o.w1_lr_scaling in ("sqrt_d_over_k", "auto") and uniform:
-        return o.embedding_lr * (m.embedding_dim / m.inner_dim) ** 0.5
-    return o.embedding_lr

@@ -5,7 +5,7 @@ constraints, topology and planner): the model files stay plain PyTorch. The wide
 placed by TorchRec's ``EmbeddingShardingPlanner`` and sharded by ``DistributedModelParallel``
 with fbgemm's fused (in-backward) optimizers; W2 and the MLPs are replicated with DDP by DMP (on
 more than one rank: one rank has nothing to all-reduce, see :class:`NoDataParallel`). The dense
-optimizer and the LR schedule are training's (:mod:`mlet_dist.train.optim`).
+optimizer and the LR schedule are built by training (:mod:`mlet_dist.optim`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
-from mlet_dist.config import Config, ConfigError, DistConfig, OptimConfig, w1_learning_rate
+from mlet_dist.config import Config, ConfigError, DistConfig, OptimConfig
 from mlet_dist.distributed.sharding import (
     annotate_fused_optimizer,
     check_plan,
@@ -32,6 +32,7 @@ from mlet_dist.distributed.sharding import (
     make_topology,
 )
 from mlet_dist.models import build_dlrm
+from mlet_dist.optim import w1_learning_rate
 from mlet_dist.schema import schema_of
 
 logger = logging.getLogger(__name__)
@@ -175,9 +176,9 @@ def build_sharded_model(
     """The one road from a config to a sharded model: build on meta, plan (or take ``plan``), shard.
 
     Used by training, evaluation, collapse and the benchmarks. W1 lives in fbgemm's TBEs with its
-    fused optimizer (rate: :func:`mlet_dist.config.w1_learning_rate`); the dense optimizer and the
+    fused optimizer (rate: :func:`mlet_dist.optim.w1_learning_rate`); the dense optimizer and the
     LR schedule are built separately, only by training
-    (:func:`mlet_dist.train.optim.build_optimizer`). Seeds torch with
+    (:func:`mlet_dist.optim.build_optimizer`). Seeds torch with
     ``train.seed`` first, so every rank initializes the replicated parameters identically.
 
     Args:
@@ -197,7 +198,7 @@ def build_sharded_model(
         dense_device=env.device,
     )
     # W1's effective rate (optim.w1_lr_scaling) is given to fbgemm as the fused base LR.
-    optim_cfg = dataclasses.replace(cfg.optim, embedding_lr=w1_learning_rate(cfg))
+    optim_cfg = dataclasses.replace(cfg.optim, embedding_lr=w1_learning_rate(cfg.optim, cfg.model))
     return parallelize(
         model, env, cfg.dist, optim_cfg, cfg.data.batch_size // env.world_size, plan=plan
     )

@@ -9,7 +9,6 @@ per-table constraints and topology, one :func:`make_planner`.
 from __future__ import annotations
 
 import torch
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -17,10 +16,10 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, Stats, StorageReservation
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.optim import RowWiseAdagrad
 
 from mlet_dist.config import ConfigError, DistConfig, OptimConfig
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection
+from mlet_dist.optim import fused_params, w1_optimizer
 
 ALL_SHARDING_TYPES = (
     ShardingType.TABLE_WISE.value,
@@ -68,31 +67,8 @@ class MLETEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         return types
 
 
-def fused_params(optim_cfg: OptimConfig, device: torch.device) -> dict:
-    """fbgemm TBE fused-optimizer parameters for W1."""
-    kinds = {
-        "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-        "adagrad": EmbOptimType.EXACT_ADAGRAD,
-        "sgd": EmbOptimType.EXACT_SGD,
-        "adam": EmbOptimType.ADAM,
-    }
-    if optim_cfg.embedding_optimizer == "adam" and device.type != "cuda":
-        raise ConfigError(
-            "optim.embedding_optimizer = 'adam' is not supported by fbgemm's CPU kernels "
-            "('Optimizer adam is not supported in CPU mode'); use 'rowwise_adagrad' (default), "
-            "'adagrad' or 'sgd' on CPU, or run on GPU"
-        )
-    params = {
-        "optimizer": kinds[optim_cfg.embedding_optimizer],
-        "learning_rate": optim_cfg.embedding_lr,
-    }
-    if optim_cfg.embedding_optimizer != "sgd":
-        params["eps"] = optim_cfg.eps
-    return params
-
-
 def make_sharder(optim_cfg: OptimConfig, device: torch.device) -> MLETEmbeddingBagCollectionSharder:
-    """The sharder of W1, with its fused optimizer (:func:`fused_params`)."""
+    """The sharder of W1, with its fused optimizer (:func:`mlet_dist.optim.fused_params`)."""
     return MLETEmbeddingBagCollectionSharder(fused_params=fused_params(optim_cfg, device))
 
 
@@ -101,15 +77,11 @@ def annotate_fused_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> None:
 
     The optimizer itself is given to fbgemm as ``fused_params``; the planner's storage estimate
     only sees optimizers recorded in a parameter's ``_optimizer_classes`` (as set by
-    ``apply_optimizer_in_backward``). The classes chosen map to the same fbgemm type as
-    :func:`fused_params`, so the sharder derives an identical fused optimizer from them.
+    ``apply_optimizer_in_backward``). The class is the registered kind's ``planner_class``
+    (:data:`mlet_dist.optim.W1_OPTIMIZERS`), which maps to the same fbgemm type as
+    ``fused_params``, so the sharder derives an identical fused optimizer from it.
     """
-    cls = {
-        "rowwise_adagrad": RowWiseAdagrad,
-        "adagrad": torch.optim.Adagrad,
-        "sgd": torch.optim.SGD,
-        "adam": torch.optim.Adam,
-    }[optim_cfg.embedding_optimizer]
+    cls = w1_optimizer(optim_cfg).planner_class
     for m in model.modules():
         if isinstance(m, MLETEmbeddingBagCollection):
             for p in m.w1.parameters():

@@ -2,8 +2,8 @@
 
 - :mod:`~mlet_dist.train.run`: ``train(cfg)``, a whole run (run-directory checks, resume,
   training, evaluation, metrics).
-- :mod:`~mlet_dist.train.loop`: :class:`Trainer` (fit, checkpoints, LR sync, divergence stop).
-- :mod:`~mlet_dist.train.optim`: the optimizer and LR schedule (built only by training).
+- :mod:`~mlet_dist.train.loop`: :class:`Trainer` (fit, checkpoints, LR sync, divergence stop),
+  with the optimizer and LR schedule of :mod:`mlet_dist.optim`.
 - :mod:`~mlet_dist.train.evaluation`: ``evaluate`` / ``predict``, one loop and one gather.
 """
 

@@ -1,7 +1,7 @@
 """The training loop of (MLET) DLRM models: one code path for 1 or N ranks.
 
 :class:`Trainer` owns the sharded model (:func:`mlet_dist.distributed.parallelize.
-build_sharded_model`), the optimizer and LR schedule (:mod:`mlet_dist.train.optim`); it trains
+build_sharded_model`), the optimizer and LR schedule (:mod:`mlet_dist.optim`); it trains
 from a batch source through the step runner of ``train.pipeline`` (:mod:`mlet_dist.train.pipeline`:
 TorchRec's ``TrainPipelineSparseDist`` by default), shows RecMetrics, validation and TensorBoard
 scalars while it trains (:mod:`mlet_dist.train.metrics`), saves and loads checkpoints and stops
@@ -37,9 +37,9 @@ from mlet_dist.distributed.elastic import TrainingGuard
 from mlet_dist.distributed.parallelize import DistEnv, build_sharded_model
 from mlet_dist.distributed.shards import plan_layout
 from mlet_dist.errors import MletError
+from mlet_dist.optim import build_optimizer
 from mlet_dist.train.evaluation import evaluate, predict
 from mlet_dist.train.metrics import TrainingMonitor, learning_rates
-from mlet_dist.train.optim import build_optimizer
 from mlet_dist.train.pipeline import PositionedBatches, build_steps, pipelined_modules
 from mlet_dist.utils.files import is_no_space, no_space_error, remove_path
 

@@ -1,5 +1,5 @@
-"""Byte accounting of a sharding plan: W1 shards, their fused optimizer state, the replicated
-W2 and MLPs, and the collapsed (served) table."""
+"""Byte accounting of a sharding plan: W1 shards, the replicated W2 and MLPs, and the collapsed
+(served) table; the optimizers' state sizes are their registry's (:mod:`mlet_dist.optim`)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,10 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from mlet_dist.config import Config
+from mlet_dist.optim import dense_state_values
 
 GIB = 1024**3
-# Optimizer state in fp32 values per parameter (fbgemm and torch.optim keep it in fp32, also for
-# an fp16 W1 (model.w1_dtype): checked against the sharded model in tests/test_fp16_w1.py).
-# Row-wise Adagrad is not a multiple: one float per row of each shard (see fused_state_bytes).
-FUSED_STATE_MULTIPLIER = {"adagrad": 1, "sgd": 0, "adam": 2}
-DENSE_STATE_MULTIPLIER = {"adagrad": 1, "sgd": 0, "adam": 2}
-STATE_BYTES = 4
 SERVED_BYTES = 4  # the collapsed table served in fp32 (int8/fp16 serving is 4x/2x smaller)
-
-
-def fused_state_bytes(optimizer: str, rows: int, cols: int) -> int:
-    """Fused (fbgemm) optimizer state of one W1 shard of rows × cols."""
-    if optimizer == "rowwise_adagrad":
-        return rows * STATE_BYTES  # one fp32 accumulator per row of each shard
-    return FUSED_STATE_MULTIPLIER[optimizer] * rows * cols * STATE_BYTES
 
 
 def served_cols(col_offset: int, cols: int, k: int, d: int) -> int:
@@ -64,7 +52,7 @@ def replicated_bytes(cfg: Config, model: nn.Module) -> dict[str, int]:
             w2 += p.numel() * p.element_size()
         else:
             mlp += p.numel() * p.element_size()
-    mult = DENSE_STATE_MULTIPLIER[cfg.optim.dense_optimizer]
+    mult = dense_state_values(cfg.optim.dense_optimizer)
     return {
         "w2_bytes": w2,
         "w2_grad_bytes": w2,

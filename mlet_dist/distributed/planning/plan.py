@@ -30,7 +30,7 @@ from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagC
 
 from mlet_dist.config import Config, ConfigError
 from mlet_dist.distributed.parallelize import check_batch_divisible
-from mlet_dist.distributed.planning.memory import GIB, fused_state_bytes
+from mlet_dist.distributed.planning.memory import GIB
 from mlet_dist.distributed.planning.text import gib
 from mlet_dist.distributed.sharding import (
     SPLITTING_TYPES,
@@ -44,6 +44,7 @@ from mlet_dist.distributed.sharding import (
 from mlet_dist.errors import MletError
 from mlet_dist.models.dlrm import build_dlrm
 from mlet_dist.modules.mlet import inner_dim_of
+from mlet_dist.optim import fused_state_bytes
 from mlet_dist.schema import schema_of
 
 # TorchRec's default (EmbeddingShardingPlanner's heuristical_storage_reservation_percentage):

@@ -13,7 +13,6 @@ from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 from mlet_dist.config import Config
 from mlet_dist.distributed.planning.memory import (
     SERVED_BYTES,
-    fused_state_bytes,
     replicated_bytes,
     served_cols,
     table_shards,
@@ -27,6 +26,7 @@ from mlet_dist.distributed.planning.plan import (
 )
 from mlet_dist.distributed.sharding import embedding_tables
 from mlet_dist.modules.mlet import inner_dim_of
+from mlet_dist.optim import fused_state_bytes
 from mlet_dist.utils.files import atomic_write_json
 
 
