@@ -417,7 +417,8 @@ def link_problems(path: Path, text: str) -> list[str]:
 # -- references from the code -----------------------------------------------------------------
 
 REF_DIRS = ("mlet_dist", "launch", "benchmarks", "tests", "configs", ".ci")
-README_REF = re.compile(r"README\s+([\"'])([^\"'\n]*)\1|README\s+[\"']")
+# README "X" (also split over two comment lines: README / # "X"), or an unreadable README "…
+README_REF = re.compile(r"README\s+(?:#\s*)?([\"'])([^\"'\n]*)\1|README\s+(?:#\s*)?[\"']")
 
 
 def reference_problems(name: str, text: str) -> list[str]:
