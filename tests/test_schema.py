@@ -271,9 +271,9 @@ def test_table_config_is_typed():
     assert TableConfig(name="w", num_embeddings=3).pooling == ""
 
 
-def test_readme_worked_example_is_a_valid_schema(tmp_path):
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Your own data") :]
+def test_docs_worked_example_is_a_valid_schema(tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "own-data.md").read_text()
+    section = text[text.index("## Worked example") :]
     block = section[section.index("```toml\n") + 8 :]
     path = tmp_path / "events.toml"
     path.write_text(block[: block.index("```")])
