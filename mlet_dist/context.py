@@ -11,7 +11,7 @@ Example::
 
     ctx = RunContext.of_run("runs/synthetic_small")
     with ctx.hold("evaluate", shared=True):
-        model = build_sharded_model(ctx.cfg, ctx.env, ctx.schema)
+        model = build_sharded_model(ctx.cfg, ctx.env, schema=ctx.schema)
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def evaluate_run(
         counts = None
         if train_rows is not None:
             counts = training_id_counts(train_rows, schema.feature_sizes)
-        model = build_sharded_model(cfg, ctx.env)
+        model = build_sharded_model(cfg, ctx.env, schema=schema)
         load_weights(model, ckpt, cfg)
         metrics = evaluate(model, cfg, ctx.env, arrays, name, counts)
         metrics["checkpoint"] = str(ckpt)

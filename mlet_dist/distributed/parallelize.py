@@ -33,7 +33,7 @@ from mlet_dist.distributed.sharding import (
 )
 from mlet_dist.models import build_dlrm
 from mlet_dist.optim import w1_learning_rate
-from mlet_dist.schema import schema_of
+from mlet_dist.schema import FeatureSchema, schema_of
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,10 @@ def check_batch_divisible(
 
 
 def build_sharded_model(
-    cfg: Config, env: DistEnv, plan: ShardingPlan | None = None
+    cfg: Config,
+    env: DistEnv,
+    plan: ShardingPlan | None = None,
+    schema: FeatureSchema | None = None,
 ) -> DistributedModelParallel:
     """The one road from a config to a sharded model: build on meta, plan (or take ``plan``), shard.
 
@@ -185,6 +188,8 @@ def build_sharded_model(
         cfg: the run's config.
         env: from :func:`init_distributed`.
         plan: shard with this TorchRec plan (a resumed run's saved one) instead of planning.
+        schema: the run's feature schema (a job's ``RunContext.schema``); None derives it from
+            ``cfg.data`` (for callers outside a job, e.g. tests and benchmarks).
 
     Raises:
         ConfigError: ``data.batch_size`` is not divisible by the world size, or no plan fits.
@@ -193,7 +198,7 @@ def build_sharded_model(
     torch.manual_seed(cfg.train.seed)
     model = build_dlrm(
         cfg.model,
-        schema_of(cfg.data),
+        schema if schema is not None else schema_of(cfg.data),
         embedding_device=torch.device("meta"),
         dense_device=env.device,
     )

@@ -38,6 +38,7 @@ from mlet_dist.distributed.parallelize import DistEnv, build_sharded_model
 from mlet_dist.distributed.shards import plan_layout
 from mlet_dist.errors import MletError
 from mlet_dist.optim import build_optimizer
+from mlet_dist.schema import FeatureSchema
 from mlet_dist.train.evaluation import evaluate, predict
 from mlet_dist.train.metrics import TrainingMonitor, learning_rates
 from mlet_dist.train.pipeline import PositionedBatches, build_steps, pipelined_modules
@@ -53,11 +54,14 @@ class TrainingDiverged(MletError, RuntimeError):
 class Trainer:
     """Owns the sharded model, optimizer and schedule of one run."""
 
-    def __init__(self, cfg: Config, env: DistEnv, plan: Any = None) -> None:
-        """``plan``: a TorchRec ``ShardingPlan`` to shard with (a resumed run's saved one)."""
+    def __init__(
+        self, cfg: Config, env: DistEnv, plan: Any = None, schema: FeatureSchema | None = None
+    ) -> None:
+        """``plan``: a TorchRec ``ShardingPlan`` to shard with (a resumed run's saved one);
+        ``schema``: the run's (``RunContext.schema``), None = derived from ``cfg.data``."""
         self.cfg = cfg
         self.env = env
-        self.model = build_sharded_model(cfg, env, plan=plan)
+        self.model = build_sharded_model(cfg, env, plan=plan, schema=schema)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim)
         self._sync_fused_lr()
         self.step = 0

@@ -85,7 +85,7 @@ def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) 
         if last is not None:
             check_model_config(last, read_train_state(last)["config"], cfg)  # before any write
             plan = saved_plan(last, cfg.to_dict()["dist"], env.world_size, env.device.type)
-        trainer = Trainer(cfg, env, plan=plan)
+        trainer = Trainer(cfg, env, plan=plan, schema=ctx.schema)
         if last is not None:
             trainer.load(last, verify=False)
         vocabs = {}  # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from mlet_dist.config import Config
+from mlet_dist.config import OptimConfig
 from mlet_dist.optim import dense_state_values
 
 GIB = 1024**3
@@ -41,7 +41,7 @@ def table_shards(ps: Any, table: EmbeddingBagConfig, k: int) -> list[dict[str, A
     ]
 
 
-def replicated_bytes(cfg: Config, model: nn.Module) -> dict[str, int]:
+def replicated_bytes(optim: OptimConfig, model: nn.Module) -> dict[str, int]:
     """Per-rank memory of the data-parallel parameters: W2 and the MLPs, each with its gradient
     and its dense optimizer state (fp32)."""
     w2 = mlp = 0
@@ -52,7 +52,7 @@ def replicated_bytes(cfg: Config, model: nn.Module) -> dict[str, int]:
             w2 += p.numel() * p.element_size()
         else:
             mlp += p.numel() * p.element_size()
-    mult = dense_state_values(cfg.optim.dense_optimizer)
+    mult = dense_state_values(optim.dense_optimizer)
     return {
         "w2_bytes": w2,
         "w2_grad_bytes": w2,

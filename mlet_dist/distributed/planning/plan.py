@@ -28,7 +28,7 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
 
-from mlet_dist.config import Config, ConfigError
+from mlet_dist.config import Config, ConfigError, DistConfig
 from mlet_dist.distributed.parallelize import check_batch_divisible
 from mlet_dist.distributed.planning.memory import GIB
 from mlet_dist.distributed.planning.text import gib
@@ -249,7 +249,7 @@ def _run_planner(
     sharder = make_sharder(cfg.optim, torch.device(target.device))
     annotate_fused_optimizer(model, cfg.optim)
     with quiet_planner():
-        topology = planner_topology(cfg, target)
+        topology = planner_topology(cfg.dist, target)
         stats.cap_per_rank = getattr(topology.devices[0].storage, target.memory_kind)
         # The planner's default reservation, built here so that its public
         # `last_reserved_topology` tells the capacity left for the tables (also after a failure).
@@ -271,15 +271,15 @@ def _run_planner(
             )
 
 
-def planner_topology(cfg: Config, target: PlanTarget) -> Topology:
+def planner_topology(dist_cfg: DistConfig, target: PlanTarget) -> Topology:
     """The planner's Topology for the target, built by training's own :func:`make_topology`."""
     with quiet_planner():
-        return make_topology(cfg.dist, target.world_size, target.local_world_size, target.device)
+        return make_topology(dist_cfg, target.world_size, target.local_world_size, target.device)
 
 
-def device_cap(cfg: Config, target: PlanTarget) -> int:
+def device_cap(dist_cfg: DistConfig, target: PlanTarget) -> int:
     """Bytes per rank of the target's memory tier (HBM on cuda, DDR on cpu) as planned."""
-    return getattr(planner_topology(cfg, target).devices[0].storage, target.memory_kind)
+    return getattr(planner_topology(dist_cfg, target).devices[0].storage, target.memory_kind)
 
 
 def _plans_with(

@@ -62,7 +62,7 @@ def plan_report(
     target = plan_target(cfg, world_size, device, local_world_size, batch_size_per_rank)
     model = meta_model(cfg)
     tables = {t.name: t for t in embedding_tables(model)}
-    replicated = replicated_bytes(cfg, model)
+    replicated = replicated_bytes(cfg.optim, model)
     replicated_total = sum(replicated.values())
     optimizer = cfg.optim.embedding_optimizer
     ranks = [
@@ -113,7 +113,7 @@ def plan_report(
             rank["planner_hbm_bytes"] = stats.hbm_per_rank[rank["rank"]]
             rank["planner_ddr_bytes"] = stats.ddr_per_rank[rank["rank"]]
     busiest = max(ranks, key=lambda r: r["training_bytes"])
-    cap = device_cap(cfg, target)
+    cap = device_cap(cfg.dist, target)
     w1_total = sum(r["w1_bytes"] for r in ranks)
     opt_total = sum(r["w1_optimizer_bytes"] for r in ranks)
     served_total = sum(r["served_bytes"] for r in ranks)
