@@ -21,10 +21,9 @@ from mlet_dist.data import (
     ensure_source_data,
     load_splits,
     make_batches,
-    read_source_file,
     require_rows,
 )
-from mlet_dist.data.sources import concat_rows
+from mlet_dist.data.sources import concat_rows, source_of
 from mlet_dist.data.vocab import load_run_vocabularies
 from mlet_dist.distributed.parallelize import build_sharded_model, init_distributed
 from mlet_dist.export import collapse_run, load_served, load_unsharded
@@ -79,7 +78,7 @@ def _evaluate_run(
     Overall and per id-frequency bucket (``"buckets"``: the rarest id of a row, counted in the
     run's training split; :mod:`mlet_dist.quality`). Files are read as the run's
     ``data.source`` says (Avazu CSV for 'avazu', MovieLens ratings for 'movielens', Criteo TSV
-    otherwise; :func:`mlet_dist.data.sources.read_source_file`).
+    otherwise; :meth:`mlet_dist.data.sources.DataSource.read`).
 
     Runs on one process or every rank of a launched job (the model is sharded as in training).
     Rank 0 writes ``RUN/eval_<name>.json``.
@@ -89,22 +88,10 @@ def _evaluate_run(
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"run {run_dir} has no complete checkpoint; train it first")
-    sizes = cfg.data.num_embeddings_per_feature
     if files:
-        schema = schema_of(cfg.data)
-        vocabs = load_run_vocabularies(run_dir, schema)  # the run's ids = 'vocab' tables
-        arrays = concat_rows(
-            [
-                require_rows(
-                    read_source_file(
-                        cfg.data.source, f, sizes, schema=schema,
-                        csv_columns=cfg.data.csv_columns, vocabs=vocabs,
-                    ),
-                    f,
-                )
-                for f in files
-            ]
-        )  # fmt: skip
+        source = source_of(cfg.data)
+        vocabs = load_run_vocabularies(run_dir, source.schema)  # the run's ids = 'vocab' tables
+        arrays = concat_rows([require_rows(source.read(f, vocabs=vocabs), f) for f in files])
         name = "files"
         try:  # the buckets need the training split; new files are scored without it too
             train_rows = load_splits(cfg.data).train

@@ -18,8 +18,7 @@ from mlet_dist.checkpoint import (
 )
 from mlet_dist.config import Config, check_feature_count
 from mlet_dist.data import load_splits
-from mlet_dist.data.schema_shards import summary_vocabularies
-from mlet_dist.data.sources import data_inputs, is_streamed
+from mlet_dist.data.sources import source_of
 from mlet_dist.data.vocab import (
     RUN_VOCAB_FILE,
     check_resumed_vocabularies,
@@ -72,7 +71,7 @@ def train(cfg: Config, resume: bool = True, fallback: bool = True) -> dict[str, 
         check_output(
             run_dir,
             what="the training run",
-            inputs=data_inputs(cfg.data),
+            inputs=source_of(cfg.data).inputs(),
             previous=_previous_run,
             run_output=True,
             hint="set train.run_dir to a new directory",
@@ -133,11 +132,10 @@ def _train(
     trainer = Trainer(cfg, env, plan=plan)
     if last is not None:
         trainer.load(last, verify=False)
-    vocabs = {}  # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with
-    if is_streamed(cfg.data):
-        vocabs = summary_vocabularies(cfg.data.parquet_dir, schema_of(cfg.data))
-        if last is not None:
-            check_resumed_vocabularies(run_dir, vocabs)
+    # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with
+    vocabs = source_of(cfg.data).vocabularies()
+    if last is not None:
+        check_resumed_vocabularies(run_dir, vocabs)
 
     def start() -> None:  # every check passed: from here on the run directory is written
         if env.is_rank0:
@@ -153,12 +151,12 @@ def _train(
     def validate() -> dict[str, Any]:  # during training, every train.eval_every steps
         return trainer.evaluate(splits.eval, "eval", counts)
 
-    has_eval = splits.has(cfg.data, "eval")
+    has_eval = splits.has("eval")
     train_stats = trainer.fit(splits.train, on_start=start, validate=validate if has_eval else None)
     trainer.save()
     metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
     for split in ("eval", "test"):
-        if splits.has(cfg.data, split):
+        if splits.has(split):
             metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)
     if env.is_rank0:
         atomic_write_json(run_dir / "metrics.json", metrics)
