@@ -81,58 +81,6 @@ class _Columns(RowSource):
         return min(rows, self.cfg.max_rows) if self.cfg.max_rows else rows
 
 
-@register_source("criteo")
-class CriteoSource(_CriteoTsv):
-    """Criteo TSV files (``data.train_files``)."""
-
-
-@register_source("avazu")
-class AvazuSource(RowSource):
-    """Avazu CSV files, mapped onto the Criteo layout."""
-
-    file_kind = "Avazu CSV"
-
-    def read_rows(
-        self, path: str | Path, *, max_rows: int = 0, in_file_order: bool = False
-    ) -> CriteoArrays:
-        return read_avazu_csv(path, self.cfg.num_embeddings_per_feature, max_rows=max_rows)
-
-
-@register_source("movielens")
-class MovieLensSource(RowSource):
-    """MovieLens ratings with the users/movies files beside them, sorted by time unless
-    ``in_file_order``: mapped onto the Criteo layout, or a declared schema's named columns (read
-    whole, a fixed small dataset)."""
-
-    file_kind = "MovieLens ratings.dat(.gz), with users.dat and movies.dat beside it"
-
-    def read_rows(
-        self, path: str | Path, *, max_rows: int = 0, in_file_order: bool = False
-    ) -> CriteoArrays:
-        sizes = self.cfg.num_embeddings_per_feature
-        return read_movielens(path, sizes, max_rows=max_rows, in_file_order=in_file_order)
-
-    def read_table(
-        self, path: str | Path, *, max_rows: int = 0, in_file_order: bool = False
-    ) -> pa.Table:
-        return read_movielens_table(path, max_rows=max_rows, in_file_order=in_file_order)
-
-
-@register_source("files")
-class FilesSource(_Columns):
-    """Parquet, CSV or TSV files with named columns, read through the declared schema."""
-
-    file_kind = "Parquet, CSV or TSV files with the declared schema's columns"
-
-    def read_rows(
-        self, path: str | Path, *, max_rows: int = 0, in_file_order: bool = False
-    ) -> CriteoArrays:
-        raise ConfigError(
-            "data.source = 'files' reads named columns through a declared schema: declare the "
-            'features ([[data.sparse]], README "Your own data")'
-        )
-
-
 @register_source("synthetic")
 class SyntheticSource(_Columns, _CriteoTsv):
     """Generated into ``data.dir``: Criteo-format day files, or with a declared schema Parquet
@@ -169,6 +117,43 @@ class SyntheticSource(_Columns, _CriteoTsv):
         if self.schema.criteo:
             return ensure_synthetic(self.cfg.dir, synthetic_cfg, progress=progress)
         return ensure_schema_synthetic(self.cfg.dir, self.schema, synthetic_cfg, progress=progress)
+
+
+@register_source("criteo")
+class CriteoSource(_CriteoTsv):
+    """Criteo TSV files (``data.train_files``)."""
+
+
+@register_source("avazu")
+class AvazuSource(RowSource):
+    """Avazu CSV files, mapped onto the Criteo layout."""
+
+    file_kind = "Avazu CSV"
+
+    def read_rows(
+        self, path: str | Path, *, max_rows: int = 0, in_file_order: bool = False
+    ) -> CriteoArrays:
+        return read_avazu_csv(path, self.cfg.num_embeddings_per_feature, max_rows=max_rows)
+
+
+@register_source("movielens")
+class MovieLensSource(RowSource):
+    """MovieLens ratings with the users/movies files beside them, sorted by time unless
+    ``in_file_order``: mapped onto the Criteo layout, or a declared schema's named columns (read
+    whole, a fixed small dataset)."""
+
+    file_kind = "MovieLens ratings.dat(.gz), with users.dat and movies.dat beside it"
+
+    def read_rows(
+        self, path: str | Path, *, max_rows: int = 0, in_file_order: bool = False
+    ) -> CriteoArrays:
+        sizes = self.cfg.num_embeddings_per_feature
+        return read_movielens(path, sizes, max_rows=max_rows, in_file_order=in_file_order)
+
+    def read_table(
+        self, path: str | Path, *, max_rows: int = 0, in_file_order: bool = False
+    ) -> pa.Table:
+        return read_movielens_table(path, max_rows=max_rows, in_file_order=in_file_order)
 
 
 @register_source("parquet")
@@ -226,4 +211,19 @@ class ParquetSource(_Columns, _CriteoTsv):
             world_size=world_size,
             seed=seed,
             **common,
+        )
+
+
+@register_source("files")
+class FilesSource(_Columns):
+    """Parquet, CSV or TSV files with named columns, read through the declared schema."""
+
+    file_kind = "Parquet, CSV or TSV files with the declared schema's columns"
+
+    def read_rows(
+        self, path: str | Path, *, max_rows: int = 0, in_file_order: bool = False
+    ) -> CriteoArrays:
+        raise ConfigError(
+            "data.source = 'files' reads named columns through a declared schema: declare the "
+            'features ([[data.sparse]], README "Your own data")'
         )
