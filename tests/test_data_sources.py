@@ -51,8 +51,12 @@ def test_unknown_source_and_a_second_registration_are_refused():
 
 
 def test_parquet_source_checks_its_directory(tmp_path):
+    nowhere = source_of(DataConfig(source="parquet"))
+    for use in (nowhere.check, nowhere.splits, nowhere.vocabularies):
+        with pytest.raises(ConfigError, match="data.source = 'parquet' needs data.parquet_dir"):
+            use()
     with pytest.raises(ConfigError, match="needs data.parquet_dir"):
-        source_of(DataConfig(source="parquet")).check()
+        build_batch_source(nowhere.cfg, "train", rank=0, world_size=1, seed=0)
     source_of(DataConfig(source="parquet", parquet_dir=str(tmp_path))).check()
     for name in SOURCES:  # the others need no such key
         if name != "parquet":

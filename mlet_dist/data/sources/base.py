@@ -86,6 +86,9 @@ class DataSource(Protocol):
     cfg: DataConfig
     schema: FeatureSchema
 
+    def __init__(self, cfg: DataConfig, schema: FeatureSchema) -> None:
+        """A source of this ``[data]`` section's files, read through the run's feature schema."""
+
     def check(self) -> None:
         """Raises ConfigError when a ``[data]`` key this source needs is missing or wrong."""
 

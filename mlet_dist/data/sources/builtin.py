@@ -164,7 +164,7 @@ class ParquetSource(_Columns, _CriteoTsv):
     file_kind = "Criteo TSV (with a declared schema: Parquet, CSV or TSV files), preprocessed"
     streamed = True
 
-    def check(self) -> None:
+    def check(self) -> None:  # on every use of the shards
         if not self.cfg.parquet_dir:
             raise ConfigError(
                 "data.source = 'parquet' needs data.parquet_dir (the output directory of "
@@ -175,9 +175,11 @@ class ParquetSource(_Columns, _CriteoTsv):
         return [self.cfg.parquet_dir] if self.cfg.parquet_dir else []
 
     def splits(self) -> Splits:
+        self.check()
         return Splits(None, None, None, shards=Path(self.cfg.parquet_dir))
 
     def vocabularies(self) -> dict[str, dict[str, Any]]:
+        self.check()
         return summary_vocabularies(self.cfg.parquet_dir, self.schema)
 
     def batch_source(
