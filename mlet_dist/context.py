@@ -29,6 +29,7 @@ from mlet_dist.config import (
     check_feature_count,
     config_from_dict,
 )
+from mlet_dist.data.sources import DataSource, source_of
 from mlet_dist.distributed.elastic import check_agent_store
 from mlet_dist.distributed.parallelize import DistEnv, init_distributed
 from mlet_dist.schema import FeatureSchema, schema_of
@@ -58,12 +59,14 @@ class RunContext:
     Attributes:
         cfg: the run's configuration.
         schema: ``schema_of(cfg.data)``, validated; the only derivation of it in a job.
+        source: the data source ``data.source`` names, built with that schema.
         env: this process's rank, world, device and backend (the process group is joined).
         run_dir: the run directory (``train.run_dir`` of a new run, or the run read).
     """
 
     cfg: Config
     schema: FeatureSchema
+    source: DataSource
     env: DistEnv
     run_dir: Path
 
@@ -77,8 +80,10 @@ class RunContext:
         """
         check_feature_count(cfg.data)
         schema = schema_of(cfg.data)
+        source = source_of(cfg.data, schema)
+        source.check()  # what the data source needs (e.g. 'parquet': data.parquet_dir)
         check_agent_store()  # fail fast where torchrun's restart would hang (elastic.py)
-        return cls(cfg, schema, init_distributed(cfg.dist), Path(cfg.train.run_dir))
+        return cls(cfg, schema, source, init_distributed(cfg.dist), Path(cfg.train.run_dir))
 
     @classmethod
     def of_run(cls, run_dir: str | Path, overrides: list[str] | None = None) -> RunContext:
@@ -88,7 +93,9 @@ class RunContext:
         if overrides:
             apply_overrides(cfg, overrides)
         check_feature_count(cfg.data)
-        return cls(cfg, schema_of(cfg.data), init_distributed(cfg.dist), Path(run_dir))
+        schema = schema_of(cfg.data)
+        source = source_of(cfg.data, schema)
+        return cls(cfg, schema, source, init_distributed(cfg.dist), Path(run_dir))
 
     @contextmanager
     def hold(

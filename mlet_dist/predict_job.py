@@ -2,7 +2,7 @@
 
 Input files are read in the raw format of the run's ``data.source`` (recorded in the manifest):
 Criteo TSV, or Avazu CSV / MovieLens ratings mapped onto the Criteo layout
-(:func:`mlet_dist.data.sources.read_source_file`), always in file order, with a declared schema's
+(:meth:`mlet_dist.data.sources.DataSource.read`), always in file order, with a declared schema's
 ``ids = 'vocab'`` values mapped through the vocabularies the serving directory holds (0 = not in
 it, as in training; :mod:`mlet_dist.data.vocab`); the rows are scored by
 :mod:`mlet_dist.serving.predict` and the probabilities written atomically.
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from mlet_dist.config import ConfigError, config_from_dict
 from mlet_dist.data import require_rows
 from mlet_dist.data.movielens import MOVIES_FILE, USERS_FILE
-from mlet_dist.data.sources import concat_rows, read_source_file
+from mlet_dist.data.sources import concat_rows, source_of
 from mlet_dist.data.vocab import read_vocabularies
 from mlet_dist.schema import schema_of
 from mlet_dist.serving.manifest import MANIFEST, ServingError, verify_manifest
@@ -147,23 +147,17 @@ def predict_file(
         hint="choose another --out file",
     )
     predictor, manifest = load_predictor(serving_dir, verify, kind)
-    sizes = table_sizes(manifest)
-    source = data_source(manifest)
     data_cfg = config_from_dict({"data": data_config(manifest)}, "the manifest's config").data
     # the features the model was trained on; the weight column (data.weight) is no model input:
     # the inputs need not have it
     schema = dataclasses.replace(schema_of(data_cfg), weight="")
     vocabs = serving_vocabularies(serving_dir, manifest, schema, verified=verify == "all")
-    parts = [
-        require_rows(
-            read_source_file(
-                source, f, sizes, in_file_order=True, schema=schema,
-                csv_columns=data_cfg.csv_columns, vocabs=vocabs,
-            ),
-            f,
-        )
-        for f in files
-    ]  # fmt: skip
+    # the raw format of the run's source; Criteo-layout ids reduced modulo the served tables' rows
+    raw = dataclasses.replace(
+        data_cfg, source=data_source(manifest), num_embeddings_per_feature=table_sizes(manifest)
+    )
+    source = source_of(raw, schema)
+    parts = [require_rows(source.read(f, in_file_order=True, vocabs=vocabs), f) for f in files]
     arrays = concat_rows(parts)
     probs = predict_arrays(predictor, arrays, batch_size).numpy()
     bad = np.flatnonzero(~np.isfinite(probs))

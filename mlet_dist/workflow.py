@@ -16,7 +16,6 @@ from mlet_dist.data import (
     ensure_source_data,
     load_splits,
     make_batches,
-    read_source_file,
     require_rows,
 )
 from mlet_dist.data.sources import concat_rows
@@ -70,12 +69,12 @@ def evaluate_run(
         if files:
             arrays = _read_files(ctx, files)
             try:  # the buckets need the training split; new files are scored without it too
-                train_rows = load_splits(cfg.data).train
+                train_rows = load_splits(cfg.data, schema).train
             except ValueError as e:  # ConfigError / CriteoFormatError: the training data is absent
                 logger.warning("no per-bucket metrics: cannot read the run's training data (%s)", e)
                 train_rows = None
         else:
-            splits = load_splits(cfg.data)
+            splits = load_splits(cfg.data, schema)
             arrays, train_rows = getattr(splits, split), splits.train
             if arrays is not None and len(arrays) == 0:
                 key = f"{split}_fraction"
@@ -101,20 +100,8 @@ def evaluate_run(
 
 def _read_files(ctx: RunContext, files: list[str]) -> CriteoArrays:
     """Raw files read as the run's source reads them, mapped through the run's vocabularies."""
-    data = ctx.cfg.data
     vocabs = load_run_vocabularies(ctx.run_dir, ctx.schema)  # the run's ids = 'vocab' tables
-    return concat_rows(
-        [
-            require_rows(
-                read_source_file(
-                    data.source, f, data.num_embeddings_per_feature, schema=ctx.schema,
-                    csv_columns=data.csv_columns, vocabs=vocabs,
-                ),
-                f,
-            )
-            for f in files
-        ]
-    )  # fmt: skip
+    return concat_rows([require_rows(ctx.source.read(f, vocabs=vocabs), f) for f in files])
 
 
 def check_collapsed(

@@ -59,7 +59,7 @@ def rows() -> CriteoArrays:
     )
 
 
-def splits(_data_cfg=None):
+def splits(_data_cfg=None, _schema=None):
     from mlet_dist.data import Splits
 
     r = rows()

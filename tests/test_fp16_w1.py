@@ -127,7 +127,7 @@ def test_plan_bytes_are_half_and_match_the_sharded_model(tmp_path, optimizer):
 
 def test_fp16_run_resumes_bit_identically_and_collapses_exactly(tmp_path, monkeypatch):
     rows = random_arrays(512, seed=11)
-    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda _: _splits(rows))
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda *_: _splits(rows))
     common = ["--model.w1_dtype=fp16", "--data.batch_size=32", "--train.log_every=1", *MIXED_K]
     full = tiny_config(tmp_path / "a", *common, "--train.max_steps=12")
     m_full = train(full)

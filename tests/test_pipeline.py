@@ -301,7 +301,7 @@ def test_tensorboard_events_hold_the_listed_scalars(tmp_path, monkeypatch):
         all_rows.slice(TRAIN_ROWS, len(all_rows)),
         all_rows.slice(0, 0),
     )
-    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda _: data)
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda *_: data)
     cfg = config(
         tmp_path / "run", "--train.max_steps=8", "--train.log_every=2",
         "--train.metrics_every=4", "--train.eval_every=4", "--train.tensorboard=true",

@@ -365,7 +365,7 @@ def test_training_stops_at_the_first_non_finite_loss(tmp_path, monkeypatch, caps
         rng.integers(0, 2, n).astype(np.float32), dense, rng.integers(0, 50, (n, 26))
     )
     none = rows.slice(0, 0)
-    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda _: Splits(rows, none, none))
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda *_: Splits(rows, none, none))
     run = tmp_path / "run"
     args = overrides(run, tmp_path / "unused.tsv", "--train.max_steps=6", "--data.shuffle=false")
     assert cli.main(["train", *args, "--train.checkpoint_every=1"]) == 2

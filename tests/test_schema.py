@@ -28,7 +28,7 @@ from mlet_dist.config import (
     load_config,
 )
 from mlet_dist.data.columns import ColumnError, encode_table
-from mlet_dist.data.sources import read_source_file
+from mlet_dist.data.sources import source_of
 from mlet_dist.models import build_dlrm
 from mlet_dist.schema import SchemaError, criteo_schema, schema_from_dict, schema_of
 
@@ -75,6 +75,12 @@ ROWS = {
 }
 
 
+def read_file(source: str, path, *, schema, csv_columns=(), **kw):
+    """One raw file of ``source`` read through ``schema`` (the registry's source class)."""
+    data = DataConfig(source=source, csv_columns=list(csv_columns))
+    return source_of(data, schema).read(path, **kw)
+
+
 def write_config(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "schema.toml"
     path.write_text(SCHEMA_TOML + extra)
@@ -113,7 +119,7 @@ def test_made_up_schema_is_encoded_as_documented(tmp_path):
     assert schema.table_of("query").features == ("tags", "query")
     assert schema.feature_sizes == [50, 40, 40]
     path = write_rows(tmp_path / "rows.parquet")
-    rows = read_source_file("files", path, [], schema=schema)
+    rows = read_file("files", path, schema=schema)
     np.testing.assert_array_equal(rows.labels, [1, 0, 1, 0, 1, 1])
     want_dense = [
         [math.log1p(max(p or 0.0, 0.0)), s or 0.0] for p, s in zip(ROWS["price"], ROWS["score"])
@@ -147,7 +153,7 @@ def test_made_up_schema_is_encoded_as_documented(tmp_path):
 def test_csv_and_tsv_give_the_parquet_encoding(tmp_path):
     cfg = load_config(write_config(tmp_path))
     schema = schema_of(cfg.data)
-    want = read_source_file("files", write_rows(tmp_path / "rows.parquet"), [], schema=schema)
+    want = read_file("files", write_rows(tmp_path / "rows.parquet"), schema=schema)
 
     def field(v):
         if v is None:
@@ -160,8 +166,8 @@ def test_csv_and_tsv_give_the_parquet_encoding(tmp_path):
         ",".join(names) + "\n" + "\n".join(",".join(r) for r in lines) + "\n"
     )
     (tmp_path / "rows.tsv").write_text("\n".join("\t".join(r) for r in lines) + "\n")
-    got_csv = read_source_file("files", tmp_path / "rows.csv", [], schema=schema)
-    got_tsv = read_source_file("files", tmp_path / "rows.tsv", [], schema=schema, csv_columns=names)
+    got_csv = read_file("files", tmp_path / "rows.csv", schema=schema)
+    got_tsv = read_file("files", tmp_path / "rows.tsv", schema=schema, csv_columns=names)
     for got in (got_csv, got_tsv):
         np.testing.assert_array_equal(got.labels, want.labels)
         np.testing.assert_allclose(got.dense, want.dense)
@@ -248,7 +254,7 @@ def test_bad_columns_name_the_column_and_the_fix(tmp_path, change, match):
     path = tmp_path / "bad.parquet"
     pq.write_table(change(pa.table(ROWS)), path)
     with pytest.raises(ColumnError, match=match) as e:
-        read_source_file("files", path, [], schema=schema)
+        read_file("files", path, schema=schema)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -309,7 +315,7 @@ def test_chars_derive_a_feature_from_part_of_a_value(tmp_path):
     lines = ["label,hour,zip", "0,14102100,02139", "1,14102123,9", "1,14102207,", "0,,94110-1234"]
     (tmp_path / "f.csv").write_text("\n".join(lines) + "\n")
     for name in ("f.parquet", "f.csv"):
-        rows = read_source_file("files", tmp_path / name, [], schema=schema)
+        rows = read_file("files", tmp_path / name, schema=schema)
         j, k = schema.feature_names.index("hod"), schema.feature_names.index("zip3")
         assert list(zip(rows.ids[j][:, 0].tolist(), rows.lengths[j].tolist())) == want_hod, name
         assert list(zip(rows.ids[k][:, 0].tolist(), rows.lengths[k].tolist())) == want_zip3, name

@@ -17,7 +17,7 @@ from test_data_movielens import EXPECTED, MOVIES, RATINGS, REPO, USERS, needs_da
 
 from mlet_dist.config import load_config
 from mlet_dist.data.movielens import read_movielens_table
-from mlet_dist.data.sources import read_source_file
+from mlet_dist.data.sources import source_of
 from mlet_dist.schema import schema_of
 
 PRESET = REPO / "configs/movielens_features.toml"
@@ -56,8 +56,9 @@ def test_hand_made_rows_as_named_columns(tmp_path):
         assert [row["hour"], row["weekday"], row["year"]] == ids[8:11]
         assert row["genres"] == HAND_GENRES[i + 1]
     # through the preset's schema: genres a multi-hot bag, the other features one id each
-    schema = schema_of(load_config(PRESET).data)
-    rows = read_source_file("movielens", path, [], in_file_order=True, schema=schema)
+    data = load_config(PRESET).data
+    schema = schema_of(data)
+    rows = source_of(data, schema).read(path, in_file_order=True)
     g = schema.feature_names.index("genres")
     assert rows.lengths[g].tolist() == [3, 2, 2, 2]
     assert rows.ids[g][0, :3].tolist() == [3, 4, 5]

@@ -79,7 +79,7 @@ def final_state(cfg) -> dict[str, torch.Tensor]:
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     rows = random_arrays(512, seed=1)
-    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda _: _splits(rows))
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda *_: _splits(rows))
     common = [
         "--data.batch_size=32",
         "--train.log_every=1",
@@ -109,7 +109,7 @@ def _splits(rows):
 
 def test_changed_model_config_is_refused_naming_keys(tmp_path, monkeypatch):
     rows = random_arrays(512, seed=2)
-    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda _: _splits(rows))
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda *_: _splits(rows))
     train(tiny_config(tmp_path, "--train.max_steps=3", "--data.batch_size=32"))
     changed = tiny_config(
         tmp_path, "--train.max_steps=6", "--data.batch_size=32", "--model.inner_dim=64"
@@ -120,7 +120,7 @@ def test_changed_model_config_is_refused_naming_keys(tmp_path, monkeypatch):
 
 def test_partial_checkpoints_are_never_latest(tmp_path, monkeypatch):
     rows = random_arrays(512, seed=3)
-    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda _: _splits(rows))
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda *_: _splits(rows))
     cfg = tiny_config(tmp_path, "--train.max_steps=4", "--data.batch_size=32")
     train(cfg)
     good = latest_checkpoint(cfg.train.run_dir)
@@ -180,7 +180,7 @@ def test_end_to_end_on_real_criteo_sample(tmp_path):
 def test_metrics_match_for_sharded_and_unsharded_model(tmp_path, monkeypatch):
     """The DMP evaluation equals a plain forward of the unsharded model loaded from its checkpoint."""
     rows = random_arrays(512, seed=4)
-    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda _: _splits(rows))
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda *_: _splits(rows))
     cfg = tiny_config(tmp_path, "--train.max_steps=5", "--data.batch_size=32")
     metrics = train(cfg)
     model = load_unsharded(cfg, latest_checkpoint(cfg.train.run_dir)).eval()

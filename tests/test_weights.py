@@ -29,13 +29,19 @@ from mlet_dist.config import ConfigError, DataConfig, load_config
 from mlet_dist.data.columns import ColumnError
 from mlet_dist.data.rows import FeatureRows, WeightedBatch
 from mlet_dist.data.schema_shards import SchemaCodec, rows_to_table, table_to_rows
-from mlet_dist.data.sources import read_source_file
+from mlet_dist.data.sources import source_of
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.models import WeightedDLRMTrain, build_dlrm
 from mlet_dist.quality import bucket_metrics
 from mlet_dist.schema import SchemaError, schema_from_dict, schema_of
 
 WEIGHTS = [1.0, 2.0, 0.0, 0.5, 3.0, 1.25]
+
+
+def read_file(source: str, path, *, schema, csv_columns=(), **kw):
+    """One raw file of ``source`` read through ``schema`` (the registry's source class)."""
+    data = DataConfig(source=source, csv_columns=list(csv_columns))
+    return source_of(data, schema).read(path, **kw)
 
 
 def weighted_config(tmp_path, *extra: str):
@@ -66,7 +72,7 @@ def test_weight_column_is_read_from_parquet_and_csv(tmp_path):
     old = {k: v for k, v in schema.to_dict().items() if k != "weight"}
     assert schema_from_dict(old).weight == ""
     assert "weight" not in schema_of(load_config(write_config(tmp_path)).data).to_dict()
-    rows = read_source_file("files", write_weighted(tmp_path / "r.parquet"), [], schema=schema)
+    rows = read_file("files", write_weighted(tmp_path / "r.parquet"), schema=schema)
     assert rows.weights.dtype == np.float32
     np.testing.assert_array_equal(rows.weights, WEIGHTS)
     names = [*ROWS, "w"]
@@ -79,7 +85,7 @@ def test_weight_column_is_read_from_parquet_and_csv(tmp_path):
             fields.append("" if v is None else "|".join(v) if isinstance(v, list) else str(v))
         lines.append(",".join(fields))
     (tmp_path / "r.csv").write_text(",".join(names) + "\n" + "\n".join(lines) + "\n")
-    csv = read_source_file("files", tmp_path / "r.csv", [], schema=schema)
+    csv = read_file("files", tmp_path / "r.csv", schema=schema)
     np.testing.assert_array_equal(csv.weights, WEIGHTS)
     # selections keep the weights row by row
     np.testing.assert_array_equal(rows.take(np.array([4, 1])).weights, [3.0, 2.0])
@@ -92,7 +98,7 @@ def test_weight_column_is_read_from_parquet_and_csv(tmp_path):
     moved = batch.to(torch.device("cpu"))
     assert isinstance(moved, WeightedBatch) and moved.weights.tolist() == [0.5, 1.0]
     # unweighted rows keep TorchRec's plain Batch
-    plain = read_source_file("files", tmp_path / "r.parquet", [], schema=schema_of(DataConfig(
+    plain = read_file("files", tmp_path / "r.parquet", schema=schema_of(DataConfig(
         source="files", sparse=cfg.data.sparse, dense=cfg.data.dense, tables=cfg.data.tables,
         label="clicked",
     )))  # fmt: skip
@@ -113,7 +119,7 @@ def test_bad_weight_column_names_the_column(tmp_path, weights, match):
     schema = schema_of(weighted_config(tmp_path).data)
     path = write_weighted(tmp_path / "bad.parquet", weights)
     with pytest.raises(ColumnError, match=match) as e:
-        read_source_file("files", path, [], schema=schema)
+        read_file("files", path, schema=schema)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -121,11 +127,11 @@ def test_missing_weight_column_is_named(tmp_path):
     schema = schema_of(weighted_config(tmp_path).data)
     path = write_rows(tmp_path / "no_w.parquet")
     with pytest.raises(ColumnError, match=r"no column 'w' \(data\.weight\).*data\.weight") as e:
-        read_source_file("files", path, [], schema=schema)
+        read_file("files", path, schema=schema)
     assert "\n" not in str(e.value)
     (tmp_path / "r.csv").write_text("clicked,price,score,user,tags,query\n1,1,1,a,b,c\n")
     with pytest.raises(ColumnError, match=r"no column 'w' \(data\.weight\)"):
-        read_source_file("files", tmp_path / "r.csv", [], schema=schema)
+        read_file("files", tmp_path / "r.csv", schema=schema)
 
 
 def test_weight_key_is_refused_without_a_declared_schema(tmp_path):
@@ -140,7 +146,7 @@ def test_weight_key_is_refused_without_a_declared_schema(tmp_path):
 
 def test_shards_keep_the_weights(tmp_path):
     schema = schema_of(weighted_config(tmp_path).data)
-    rows = read_source_file("files", write_weighted(tmp_path / "r.parquet"), [], schema=schema)
+    rows = read_file("files", write_weighted(tmp_path / "r.parquet"), schema=schema)
     table = rows_to_table(rows, schema)
     assert table.schema.field("weight").type == pa.float32()
     pq.write_table(table, tmp_path / "s.parquet")
@@ -188,7 +194,7 @@ def _model_and_rows(tmp_path, n_copies: int = 4):
     weights = rng.integers(0, 4, 6 * n_copies).astype(float)  # integers 0..3, zeros included
     path = write_rows(tmp_path / "r.parquet", n_copies=n_copies, seed=1)
     pq.write_table(pq.read_table(path).append_column("w", pa.array(weights)), path)
-    rows = read_source_file("files", path, [], schema=schema)
+    rows = read_file("files", path, schema=schema)
     torch.manual_seed(0)
     model = build_dlrm(cfg.model, schema, embedding_device=torch.device("cpu"))
     return cfg, schema, model, rows

@@ -98,11 +98,8 @@ class DataConfig:
         if self.shuffle_buffer_rows < 0 or self.prefetch_batches < 0:
             raise ConfigError("data.shuffle_buffer_rows and data.prefetch_batches must be >= 0")
         check_weight(self)
-        if self.source == "parquet" and not self.parquet_dir:
-            raise ConfigError(
-                "data.source = 'parquet' needs data.parquet_dir (the output directory of "
-                "`mlet-dist preprocess`)"
-            )
+        # What a source needs (e.g. 'parquet' needs parquet_dir) its class checks:
+        # mlet_dist.data.sources (RunContext runs the check at a job's entry).
 
 
 CATEGORICAL_FEATURES = 26

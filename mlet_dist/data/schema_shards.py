@@ -12,7 +12,7 @@ sha256 of each vocabulary (``vocab/<table>.parquet`` beside the splits,
 vocabulary than its config and ``summary.json`` say.
 
 Preprocessing (:func:`mlet_dist.data.preprocess.schema.preprocess_schema`) reads the inputs through the schema
-(:func:`mlet_dist.data.sources.read_source_file`), splits them as training does
+(:meth:`mlet_dist.data.sources.DataSource.iter_table`), splits them as training does
 (:func:`~mlet_dist.data.arrays.split_arrays`, or ``eval_files`` as the eval split) and, with a
 frequency threshold T, counts every table's ids over the *training* rows (all features of a shared
 table, every id of a multi-hot bag) and replaces the ids seen fewer than T times by row 0 in every

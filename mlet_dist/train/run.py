@@ -19,8 +19,6 @@ from mlet_dist.checkpoint import (
 from mlet_dist.config import Config
 from mlet_dist.context import RunContext
 from mlet_dist.data import Splits, load_splits
-from mlet_dist.data.schema_shards import summary_vocabularies
-from mlet_dist.data.sources import data_inputs, is_streamed
 from mlet_dist.data.vocab import (
     RUN_VOCAB_FILE,
     check_resumed_vocabularies,
@@ -71,14 +69,14 @@ def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) 
         check_output(
             run_dir,
             what="the training run",
-            inputs=data_inputs(cfg.data),
+            inputs=ctx.source.inputs(),
             previous=_previous_run,
             run_output=True,
             hint="set train.run_dir to a new directory",
         )
 
     with ctx.hold("train", shared=False, check=check):
-        splits = load_splits(cfg.data)
+        splits = load_splits(cfg.data, ctx.schema)
         _log_data(ctx, splits)
         last = resume_checkpoint(run_dir, fallback) if resume else None  # verified
         plan = None  # the saved plan when it fits: TorchRec's planning is not reproducible
@@ -88,11 +86,10 @@ def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) 
         trainer = Trainer(cfg, env, plan=plan, schema=ctx.schema)
         if last is not None:
             trainer.load(last, verify=False)
-        vocabs = {}  # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with
-        if is_streamed(cfg.data):
-            vocabs = summary_vocabularies(cfg.data.parquet_dir, ctx.schema)
-            if last is not None:
-                check_resumed_vocabularies(run_dir, vocabs)
+        # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with
+        vocabs = ctx.source.vocabularies()
+        if last is not None:
+            check_resumed_vocabularies(run_dir, vocabs)
 
         def start() -> None:  # every check passed: from here on the run directory is written
             if env.is_rank0:
@@ -108,14 +105,14 @@ def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) 
         def validate() -> dict[str, Any]:  # during training, every train.eval_every steps
             return trainer.evaluate(splits.eval, "eval", counts)
 
-        has_eval = splits.has(cfg.data, "eval")
+        has_eval = splits.has("eval")
         train_stats = trainer.fit(
             splits.train, on_start=start, validate=validate if has_eval else None
         )
         trainer.save()
         metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
         for split in ("eval", "test"):
-            if splits.has(cfg.data, split):
+            if splits.has(split):
                 metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)
         if env.is_rank0:
             atomic_write_json(run_dir / "metrics.json", metrics)

@@ -32,7 +32,8 @@ from mlet_dist.data.preprocess.parts import (
 from mlet_dist.data.preprocess.pool import Workers
 from mlet_dist.data.preprocess.schema import preprocess_schema
 from mlet_dist.data.preprocess.write import write_part
-from mlet_dist.data.sources import check_preprocessable, preprocess_inputs
+from mlet_dist.data.sources import source_of
+from mlet_dist.schema import FeatureSchema
 from mlet_dist.utils.files import atomic_write_json, check_output
 
 logger = logging.getLogger(__name__)
@@ -317,8 +318,10 @@ def preprocess_from_config(
     out_dir: str | Path | None = None,
     workers: int = 0,
     progress: bool = True,
+    schema: FeatureSchema | None = None,
 ) -> dict[str, Any]:
-    """Runs :func:`preprocess` with the settings of a [data] section.
+    """Runs :func:`preprocess` with the settings of a [data] section (through its declared
+    ``schema`` when there is one; :func:`~mlet_dist.schema.schema_of` when not given).
 
     Inputs default to the configured raw data: the synthetic day files in ``data.dir`` (source =
     'synthetic') or ``data.train_files``; ``data.eval_files`` become the eval split. The output
@@ -328,15 +331,21 @@ def preprocess_from_config(
         ConfigError: no inputs or no output directory; a source other than Criteo TSV;
             not 26 table sizes.
     """
-    check_preprocessable(data_cfg)
+    source = source_of(data_cfg, schema)
+    if source.schema.criteo and not source.preprocessable:
+        raise ConfigError(
+            f"mlet-dist preprocess reads Criteo TSV only, not data.source = {source.name!r}: "
+            f"train, run and evaluate read that source into memory (no preprocessing needed); "
+            f"for Criteo TSV inputs set --data.source=criteo"
+        )
     check_feature_count(data_cfg)
     if inputs is None:
-        inputs = preprocess_inputs(data_cfg)
+        inputs = source.preprocess_inputs()
     out_dir = out_dir or data_cfg.parquet_dir
     if not out_dir:
         raise ConfigError("no output directory: pass --out DIR or set data.parquet_dir")
     if data_cfg.sparse:  # a declared feature schema: its own (streamed, one-process) pass
-        return preprocess_schema(data_cfg, inputs, out_dir, progress=progress)
+        return preprocess_schema(data_cfg, inputs, out_dir, progress, schema=source.schema)
     return preprocess(
         inputs,
         out_dir,

@@ -4,7 +4,7 @@ rare ids replaced, vocabularies of the ``ids = 'vocab'`` tables built from the t
 there) with ``vocab/<table>.parquet`` beside them.
 
 Out of core: the inputs are streamed in chunks of ``CHUNK_ROWS`` rows
-(:func:`mlet_dist.data.sources.iter_source_table`: Parquet record batches, pyarrow's streaming CSV
+(:meth:`mlet_dist.data.sources.DataSource.iter_table`: Parquet record batches, pyarrow's streaming CSV
 reader), never held whole, in up to four passes over them:
 
 1. rows per input (a Parquet footer; a reading pass over CSV/TSV), which fixes the split: the
@@ -41,9 +41,9 @@ from mlet_dist.data.columns import encode_table
 from mlet_dist.data.parquet import RARE_ID
 from mlet_dist.data.rows import FeatureRows
 from mlet_dist.data.schema_shards import FORMAT, rows_to_table
-from mlet_dist.data.sources import iter_source_table, source_table_rows
+from mlet_dist.data.sources import DataSource, source_of
 from mlet_dist.data.vocab import Vocabulary, VocabularyCounter, write_vocabularies
-from mlet_dist.schema import FeatureSchema, schema_of
+from mlet_dist.schema import FeatureSchema
 from mlet_dist.utils.files import atomic_write_json, remove_path, replace_dir
 
 __all__ = ["CHUNK_ROWS", "preprocess_schema"]
@@ -59,20 +59,12 @@ SPLITS = ("train", "eval", "test")
 class _Inputs:
     """The raw input files of one role (the inputs, or ``data.eval_files``), streamed in order."""
 
-    def __init__(self, data_cfg: DataConfig, schema: FeatureSchema, paths: Sequence, chunk_rows):
-        self.source = data_cfg.source if data_cfg.source != "parquet" else "files"
-        self.cfg, self.schema, self.paths, self.chunk_rows = (
-            data_cfg,
-            schema,
-            list(paths),
-            chunk_rows,
-        )
+    def __init__(self, source: DataSource, paths: Sequence, chunk_rows: int) -> None:
+        self.source, self.paths, self.chunk_rows = source, list(paths), chunk_rows
         self.rows = [self._count(p) for p in self.paths]
 
     def _count(self, path) -> int:
-        n = source_table_rows(
-            self.source, path, self.schema, self.cfg.csv_columns, self.cfg.max_rows
-        )
+        n = self.source.table_rows(path)
         if n == 0:
             raise CriteoFormatError(
                 f"{path}: the file is empty (no data rows); check the path, or remove it from the "
@@ -85,10 +77,7 @@ class _Inputs:
         """(raw chunk, its file, position of its first row among all rows) up to row ``stop``."""
         start = 0
         for path in self.paths:
-            for table in iter_source_table(
-                self.source, path, self.schema, self.cfg.csv_columns, self.cfg.max_rows,
-                self.chunk_rows,
-            ):  # fmt: skip
+            for table in self.source.iter_table(path, self.chunk_rows):
                 if stop is not None and start >= stop:
                     return
                 if stop is not None:
@@ -144,7 +133,7 @@ def _id_counts(
 ) -> dict[str, np.ndarray]:
     """Per hashed/int table, how often each row occurs in the training rows (every feature of a
     shared table, every id of a bag)."""
-    schema = inputs.schema
+    schema = inputs.source.schema
     index = {f: j for j, f in enumerate(schema.feature_names)}
     tables = [t for t in schema.tables if t not in schema.vocab_tables]
     counts = {t.name: np.zeros(t.num_embeddings, dtype=np.int64) for t in tables}
@@ -175,15 +164,19 @@ def preprocess_schema(
     out_dir: str | Path,
     progress: bool = True,
     chunk_rows: int = CHUNK_ROWS,
+    schema: FeatureSchema | None = None,
 ) -> dict[str, Any]:
     """Streams ``inputs`` through the config's declared schema and writes shards to ``out_dir``
     (``train/``, ``eval/``, ``test/``, ``vocab/``, ``summary.json``; module docstring), replacing
     a previous output atomically (nothing is written before every input has been counted).
 
+    ``schema``: the run's feature schema (:func:`~mlet_dist.schema.schema_of` when not given).
+
     Raises:
         ConfigError / ColumnError: a bad schema or input (named).
     """
-    schema = schema_of(data_cfg)
+    source = source_of(data_cfg, schema)
+    schema = source.schema
     if not inputs:
         raise ConfigError("no inputs: set data.train_files or pass --input FILES")
     out = Path(out_dir)
@@ -195,8 +188,8 @@ def preprocess_schema(
                 f"choose another output directory (--out / data.parquet_dir)"
             )
     threshold = data_cfg.frequency_threshold
-    main = _Inputs(data_cfg, schema, inputs, chunk_rows)
-    evals = _Inputs(data_cfg, schema, data_cfg.eval_files, chunk_rows)
+    main = _Inputs(source, inputs, chunk_rows)
+    evals = _Inputs(source, data_cfg.eval_files, chunk_rows)
     fractions = (0.0 if data_cfg.eval_files else data_cfg.eval_fraction, data_cfg.test_fraction)
     check_fractions(*fractions)
     n_train, n_eval, _ = split_sizes(sum(main.rows), *fractions)
