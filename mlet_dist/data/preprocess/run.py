@@ -223,27 +223,7 @@ def preprocess(
             mode,
             out,
         )
-        frequent_per_feature = None
-        count_stats: list[dict[str, Any]] = []
-        count_seconds = 0.0
-        if settings.frequency_threshold:
-            counter_bytes = sum(settings.num_embeddings_per_feature) * (
-                1 if settings.frequency_threshold <= 255 else 2
-            )
-            logger.info(
-                "frequency threshold %d: counting ids of the training lines (%.2f GB of counters "
-                "per process)",
-                settings.frequency_threshold,
-                counter_bytes / 1e9,
-            )
-            train_parts = [p for p in parts if p.split == "train"]
-            jobs = [
-                (p, str(out), settings) for p in train_parts if not counts_path(out, p).is_file()
-            ]
-            t_count = time.perf_counter()
-            count_stats = pool.run(count_part, jobs, "count ids")
-            count_seconds = time.perf_counter() - t_count
-            frequent_per_feature = merge_counts(out, train_parts, settings)
+        frequent_per_feature, count_stats, count_seconds = _count_ids(pool, out, parts, settings)
 
         todo = [(p, str(out), settings) for p in parts if not is_done(out, p)]
         if len(todo) < len(parts):
@@ -257,6 +237,68 @@ def preprocess(
         write_seconds = time.perf_counter() - t_write
 
     part_stats = [json.loads(part_state_path(out, p).read_text()) for p in parts]
+    done_now = {t[0].key for t in todo}
+    summary = _summary(
+        out, settings, inputs, eval_files, mode, parts, part_stats, frequent_per_feature
+    )
+    summary["run"] = {
+        "workers": min(workers, max(len(todo), 1)),
+        "parts_written": len(todo),
+        "parts_skipped": len(parts) - len(todo),
+        "seconds": time.perf_counter() - t0,
+        "count": _throughput(count_stats, count_seconds),
+        "write": _throughput(
+            [st for p, st in zip(parts, part_stats) if p.key in done_now], write_seconds
+        ),
+    }
+    summary["parts"] = part_stats
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    logger.info(
+        "preprocessed %d rows (%d bad) into %s: %s",
+        summary["rows"],
+        summary["bad_rows"],
+        out,
+        ", ".join(f"{k} {v['rows']}" for k, v in summary["splits"].items()),
+    )
+    return summary
+
+
+def _count_ids(
+    pool: Workers, out: Path, parts: list[Any], settings: PreprocessSettings
+) -> tuple[list[Any] | None, list[dict[str, Any]], float]:
+    """Under ``data.frequency_threshold``: counts the training parts' ids (resumable, per part)
+    and merges the counts; returns (frequent ids per feature, per-part stats, seconds)."""
+    if not settings.frequency_threshold:
+        return None, [], 0.0
+    counter_bytes = sum(settings.num_embeddings_per_feature) * (
+        1 if settings.frequency_threshold <= 255 else 2
+    )
+    logger.info(
+        "frequency threshold %d: counting ids of the training lines (%.2f GB of counters "
+        "per process)",
+        settings.frequency_threshold,
+        counter_bytes / 1e9,
+    )
+    train_parts = [p for p in parts if p.split == "train"]
+    jobs = [(p, str(out), settings) for p in train_parts if not counts_path(out, p).is_file()]
+    t_count = time.perf_counter()
+    count_stats = pool.run(count_part, jobs, "count ids")
+    count_seconds = time.perf_counter() - t_count
+    return merge_counts(out, train_parts, settings), count_stats, count_seconds
+
+
+def _summary(
+    out: Path,
+    settings: PreprocessSettings,
+    inputs: list[str],
+    eval_files: list[str],
+    mode: str,
+    parts: list[Any],
+    part_stats: list[dict[str, Any]],
+    frequent_per_feature: list[Any] | None,
+) -> dict[str, Any]:
+    """``OUT/summary.json`` without its "run" and "parts" entries: rows, positives and bad rows
+    per split, the schema, distinct and frequent ids per feature."""
     splits: dict[str, dict[str, Any]] = {}
     for part, st in zip(parts, part_stats):
         s = splits.setdefault(part.split, {"rows": 0, "positives": 0, "bad_rows": 0, "files": []})
@@ -264,9 +306,8 @@ def preprocess(
         s["positives"] += st["positives"]
         s["bad_rows"] += st["bad_rows"]
         s["files"].append(st["file"])
-    done_now = {t[0].key for t in todo}
-    fresh = [st for p, st in zip(parts, part_stats) if p.key in done_now]
-    summary = {
+    sparse_type = parquet_schema(settings.num_embeddings_per_feature).field("cat_0").type
+    return {
         "format": "mlet_dist criteo parquet",
         "format_version": FORMAT_VERSION,
         "split_mode": mode,
@@ -279,7 +320,7 @@ def preprocess(
         "schema": {
             "label": "int8",
             "dense": f"float32 x{len(DEFAULT_INT_NAMES)} ({DEFAULT_INT_NAMES[0]}..{DEFAULT_INT_NAMES[-1]}), log(1 + max(x, 0))",
-            "sparse": f"{parquet_schema(settings.num_embeddings_per_feature).field('cat_0').type} x{CAT_FEATURE_COUNT} ({DEFAULT_CAT_NAMES[0]}..{DEFAULT_CAT_NAMES[-1]})",
+            "sparse": f"{sparse_type} x{CAT_FEATURE_COUNT} ({DEFAULT_CAT_NAMES[0]}..{DEFAULT_CAT_NAMES[-1]})",
         },
         "rows": sum(s["rows"] for s in splits.values()),
         "positives": sum(s["positives"] for s in splits.values()),
@@ -290,25 +331,7 @@ def preprocess(
         "frequent_ids_per_feature": (
             dict(zip(DEFAULT_CAT_NAMES, frequent_per_feature)) if frequent_per_feature else None
         ),
-        "run": {
-            "workers": min(workers, max(len(todo), 1)),
-            "parts_written": len(todo),
-            "parts_skipped": len(parts) - len(todo),
-            "seconds": time.perf_counter() - t0,
-            "count": _throughput(count_stats, count_seconds),
-            "write": _throughput(fresh, write_seconds),
-        },
-        "parts": part_stats,
     }
-    atomic_write_json(out / SUMMARY_FILE, summary)
-    logger.info(
-        "preprocessed %d rows (%d bad) into %s: %s",
-        summary["rows"],
-        summary["bad_rows"],
-        out,
-        ", ".join(f"{k} {v['rows']}" for k, v in splits.items()),
-    )
-    return summary
 
 
 def preprocess_from_config(
