@@ -29,7 +29,13 @@ from mlet_dist.checkpoint import latest_checkpoint
 from mlet_dist.config import DistConfig, load_config
 from mlet_dist.data import CriteoArrays, make_batches, read_criteo_tsv
 from mlet_dist.distributed.parallelize import init_distributed
-from mlet_dist.export import CollapseError, collapse_run, load_served, load_unsharded
+from mlet_dist.export import (
+    CollapseError,
+    CollapseOptions,
+    collapse_run,
+    load_served,
+    load_unsharded,
+)
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.modules.quantize import dequantize_rows, quantize_rows
 from mlet_dist.predict_job import predict_file
@@ -99,7 +105,11 @@ def run(tmp_path_factory):
     held_out = write_criteo_tsv(tmp / "held_out.tsv", 150, seed=1)
     served = tmp / "served_fp32"
     # the default torch.export program and, with --torchscript, the TorchScript one
-    collapse_run(cfg.train.run_dir, served, chunk_rows=16, quantize="fp32", torchscript=True)
+    collapse_run(
+        cfg.train.run_dir,
+        served,
+        CollapseOptions(chunk_rows=16, quantize="fp32", artifacts=("torchscript",)),
+    )
     return {"cfg": cfg, "tmp": tmp, "held_out": held_out, "served": served}
 
 
@@ -208,7 +218,11 @@ def test_aoti_package_matches_trained_model_or_is_refused_in_one_line(
     it cannot lower the program the collapse is refused with a one-line reason."""
     out = tmp_path / "served_aoti"
     try:
-        collapse_run(run["cfg"].train.run_dir, out, chunk_rows=16, quantize="fp32", aoti=True)
+        collapse_run(
+            run["cfg"].train.run_dir,
+            out,
+            CollapseOptions(chunk_rows=16, quantize="fp32", artifacts=("aoti",)),
+        )
     except AOTIError as e:
         assert "\n" not in str(e) and str(e).startswith("AOTInductor"), str(e)
         assert not out.exists()
@@ -346,13 +360,17 @@ def test_default_path_emits_no_torch_jit_deprecation_warning(run, tmp_path) -> N
         warnings.filterwarnings("error", category=DeprecationWarning, module="torch.jit")
         with pytest.raises(DeprecationWarning, match="torch.jit.script"):  # the filter catches it
             torch.jit.script(torch.nn.Linear(2, 2))
-        collapse_run(run["cfg"].train.run_dir, out, chunk_rows=16, quantize="int8")
+        collapse_run(run["cfg"].train.run_dir, out, CollapseOptions(chunk_rows=16, quantize="int8"))
         predictor, manifest = load_predictor(out)
         predict_arrays(predictor, read_criteo_tsv(run["held_out"], SIZES))
         assert predict_file(out, run["held_out"], tmp_path / "p.txt")["predictor"] == "export"
         # and the TorchScript path would have been caught
         with pytest.raises(DeprecationWarning, match="torch.jit"):
-            collapse_run(run["cfg"].train.run_dir, tmp_path / "ts", chunk_rows=16, torchscript=True)
+            collapse_run(
+                run["cfg"].train.run_dir,
+                tmp_path / "ts",
+                CollapseOptions(chunk_rows=16, artifacts=("torchscript",)),
+            )
     assert manifest["predictor_used"] == "export"
     assert sorted(p.name for p in (out / "serving").iterdir()) == ["predictor.pt2", "tables"]
 
@@ -420,7 +438,7 @@ def test_checksum_mismatch_is_refused_naming_the_file(run, tmp_path, capsys) -> 
 
 def test_collapsing_twice_never_corrupts_the_first_result(run, monkeypatch) -> None:
     cfg, out = run["cfg"], run["tmp"] / "twice"
-    collapse_run(cfg.train.run_dir, out, chunk_rows=16, quantize="fp32")
+    collapse_run(cfg.train.run_dir, out, CollapseOptions(chunk_rows=16, quantize="fp32"))
     first = verify_manifest(out)
 
     def fail(*args, **kwargs):
@@ -428,10 +446,10 @@ def test_collapsing_twice_never_corrupts_the_first_result(run, monkeypatch) -> N
 
     monkeypatch.setattr("mlet_dist.export.finish.build_predictor", fail)
     with pytest.raises(RuntimeError, match="injected failure"):
-        collapse_run(cfg.train.run_dir, out, chunk_rows=16, quantize="int8")
+        collapse_run(cfg.train.run_dir, out, CollapseOptions(chunk_rows=16, quantize="int8"))
     assert verify_manifest(out) == first  # untouched, and still matches its checksums
     monkeypatch.undo()
-    collapse_run(cfg.train.run_dir, out, chunk_rows=16, quantize="int8")
+    collapse_run(cfg.train.run_dir, out, CollapseOptions(chunk_rows=16, quantize="int8"))
     second = verify_manifest(out)
     assert second["serving"]["dtype"] == "int8" and (out / "serving/tables/.metadata").is_file()
     assert sorted(p.name for p in out.parent.iterdir() if "twice" in p.name) == ["twice"]
@@ -445,7 +463,7 @@ def test_plain_run_is_refused_clearly_and_exported_when_allowed(tmp_path, capsys
     code = cli.main(["collapse", "--run", cfg.train.run_dir, "--out", str(out)])
     assert code == 2 and "no factorized tables" in capsys.readouterr().err
     assert not out.exists()
-    report = collapse_run(cfg.train.run_dir, out, allow_plain=True)
+    report = collapse_run(cfg.train.run_dir, out, CollapseOptions(allow_plain=True))
     assert report["factorized_tables"] == []
     trained = load_unsharded(cfg, latest_checkpoint(cfg.train.run_dir))
     served, _ = load_served(out)
@@ -526,7 +544,9 @@ def test_int8_serving_auc_within_0_001_of_fp32_on_criteo_sample(tmp_path) -> Non
     auc, probs = {}, {}
     for dtype in ("fp32", "int8"):
         out = tmp_path / f"served_{dtype}"
-        collapse_run(cfg.train.run_dir, out, quantize=dtype, torchscript=True)
+        collapse_run(
+            cfg.train.run_dir, out, CollapseOptions(quantize=dtype, artifacts=("torchscript",))
+        )
         for kind in ("export", "torchscript"):
             predictor, manifest = load_predictor(out, kind=kind)
             assert manifest["predictor_used"] == kind
