@@ -26,7 +26,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mlet_dist import cli
 from mlet_dist.checkpoint import latest_checkpoint
-from mlet_dist.config import DistConfig, load_config
+from mlet_dist.config import ConfigError, DistConfig, load_config
 from mlet_dist.data import CriteoArrays, make_batches, read_criteo_tsv
 from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.export import (
@@ -39,7 +39,7 @@ from mlet_dist.export import (
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.modules.quantize import dequantize_rows, quantize_rows
 from mlet_dist.predict_job import predict_file
-from mlet_dist.serving import ServingError, verify_manifest
+from mlet_dist.serving import ServingError, artifacts, verify_manifest
 from mlet_dist.serving.manifest import MANIFEST, file_entries
 from mlet_dist.serving.predict import load_predictor, predict_arrays, serving_inputs
 from mlet_dist.serving.predictor import AOTIError, quant_embedding_bag_collection
@@ -261,6 +261,85 @@ def test_aoti_lowering_failure_is_refused_in_one_line_and_publishes_nothing(
     assert "--aoti" in err
     assert (out / MANIFEST).read_bytes() == before and verify_manifest(out)  # untouched
     assert not (tmp_path / ".served.tmp").exists()
+
+
+@pytest.fixture
+def extra_kind():
+    """A serving format registered by this test only: a second copy of the torch.export program
+    in its own file, with its own collapse flag, written and loaded by the registry alone."""
+
+    def build(b: artifacts.ServingBuild, path: Path) -> None:
+        artifacts.write_serialized(path, lambda f: torch.export.save(b.exported(), f))
+
+    kind = artifacts.register(
+        artifacts.Artifact(
+            kind="export_copy",
+            path="serving/predictor_copy.pt2",
+            format="torch.export ExportedProgram, a copy (test)",
+            load_hint="torch.export.load(path).module()",
+            build=build,
+            load=lambda path: torch.export.load(path).module(),
+            flag="--export-copy",
+            help="also write a copy of the exported program (test)",
+        )
+    )
+    yield kind
+    del artifacts.ARTIFACTS[kind.kind]
+
+
+def test_a_new_serving_format_is_one_registration(run, extra_kind, tmp_path, capsys) -> None:
+    """collapse writes the registered kind when its flag is given, the manifest lists it with its
+    checksum, predict --predictor loads it, and its answers are the trained model's."""
+    out, held = tmp_path / "served", run["held_out"]
+    run_dir = str(run["cfg"].train.run_dir)
+    assert cli.main(["collapse", "--run", run_dir, "--out", str(out), "--export-copy"]) == 0
+    manifest = verify_manifest(out)
+    listed = manifest["serving"]["artifacts"]
+    assert list(listed) == ["export", "export_copy"]
+    data = (out / "serving/predictor_copy.pt2").read_bytes()
+    assert listed["export_copy"] == {
+        "path": "serving/predictor_copy.pt2",
+        "format": "torch.export ExportedProgram, a copy (test)",
+        "load": "torch.export.load(path).module()",
+        "device": "cpu",
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    capsys.readouterr()
+    argv = ["predict", "--serving", str(out), "--data", str(held), "--out", str(tmp_path / "p.txt")]
+    assert cli.main([*argv, "--predictor", "export_copy"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictor"] == "export_copy"
+    expected = trained_probabilities(run["cfg"], read_criteo_tsv(held, SIZES))
+    np.testing.assert_allclose(
+        np.loadtxt(tmp_path / "p.txt"), expected.double().numpy(), atol=1e-5, rtol=0
+    )
+    from mlet_dist.workflow import check_serving
+
+    check = check_serving(run_dir, out, read_criteo_tsv(held, SIZES), kind="export_copy")
+    assert check["predictor"] == "export_copy" and check["passed"], check
+    # the registry's flags are checked like the built-in ones
+    bad = ["collapse", "--run", run_dir, "--out", str(tmp_path / "x"), "--no-predictor"]
+    assert cli.main([*bad, "--export-copy"]) == 2
+    assert "drop it, or drop --aoti / --torchscript / --export-copy" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_collapse_options_are_checked_in_one_place(run, tmp_path, capsys) -> None:
+    run_dir = str(run["cfg"].train.run_dir)
+    bad = ["collapse", "--run", run_dir, "--out", str(tmp_path / "x"), "--no-predictor"]
+    assert cli.main([*bad, "--aoti"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--no-predictor (predictor=False) writes no predictor, so there is nothing to compile or "
+        "script: drop it, or drop --aoti / --torchscript" in err
+    ), err
+    with pytest.raises(ConfigError, match=r"unknown optional serving artifact 'export'"):
+        CollapseOptions(artifacts=("export",)).check()
+    with pytest.raises(ConfigError, match="chunk_rows must be positive, got 0"):
+        collapse_run(run_dir, tmp_path / "x", CollapseOptions(chunk_rows=0))
+    with pytest.raises(ValueError, match="unknown serving dtype 'int4'"):
+        CollapseOptions(quantize="int4").check()
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.tmp").exists()
 
 
 def test_manifest_records_the_programs_signature_schema_and_checksums(run) -> None:
