@@ -57,7 +57,7 @@ class StagedCollapse:
             (:func:`mlet_dist.data.vocab.run_vocabularies`), copied to ``vocab/<table>.parquet``.
     """
 
-    run_dir: Path
+    run_dir: str | Path
     checkpoint: Path
     staging: Path
     out: Path

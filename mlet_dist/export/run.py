@@ -167,7 +167,7 @@ def collapse_run(
     with hold_run(run_dir, env, command="collapse", shared=True, check=check):
         try:
             options.check()
-            staged = _collapse_shards(Path(run_dir), out, cfg, schema, env, options)
+            staged = _collapse_shards(run_dir, out, cfg, schema, env, options)
             return _finish_on_rank0(staged, cfg, schema, env, options)
         except BaseException as e:
             # DCP's CheckpointException is a BaseException; the free space as it failed
@@ -180,7 +180,7 @@ def collapse_run(
 
 
 def _source(
-    run_dir: Path, cfg: Config, schema: FeatureSchema, allow_plain: bool
+    run_dir: str | Path, cfg: Config, schema: FeatureSchema, allow_plain: bool
 ) -> tuple[Path, list[EmbeddingBagConfig], list[str], dict[str, Path]]:
     """(checkpoint, tables, factorized table names, vocabulary files) of the run, checked before
     any work.
@@ -212,7 +212,7 @@ def _source(
 
 
 def _collapse_shards(
-    run_dir: Path,
+    run_dir: str | Path,
     out: Path,
     cfg: Config,
     schema: FeatureSchema,
@@ -237,27 +237,9 @@ def _collapse_shards(
     state = model.state_dict()
     t_load = time.perf_counter() - t0
 
-    # -- one pass over this rank's W1 shards ------------------------------------------------
     t0 = time.perf_counter()
-    dims = {t.name: t.embedding_dim for t in tables}
-    layouts, local = layouts_from_state_dict(state, W1_PREFIX, dims)
-    groups = make_groups(list(layouts.values()))
     tracker = MemoryTracker()
-    sink = ParquetSink(staging / "parquet", options.row_group_rows)
-    collapsed: dict[str, list[CollapsedBlock]] = {}
-    for name, layout in layouts.items():
-        collapsed[name] = collapse_table(
-            layout,
-            local[name],
-            state.get(W2_PREFIX + name),
-            groups,
-            chunk_rows=options.chunk_rows,
-            serving_dtype=options.quantize,
-            tracker=tracker,
-            sink=sink,
-            rank=env.rank,
-        )
-    sink.close()
+    layouts, collapsed = _collapse_pass(state, tables, staging, env.rank, tracker, options)
     t_collapse = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -266,7 +248,7 @@ def _collapse_shards(
     t_save = time.perf_counter() - t0
     # Free the sharded model before rank 0 assembles the predictor's tables.
     dense_state = {k: v.detach().cpu().clone() for k, v in dense_state.items()}
-    del collapsed, state, local, model
+    del collapsed, state, model
     gc.collect()
 
     rank_stats = {
@@ -292,6 +274,37 @@ def _collapse_shards(
         rank_stats=all_stats,
         vocab_files=vocab_files,
     )
+
+
+def _collapse_pass(
+    state: dict[str, Any],
+    tables: list[EmbeddingBagConfig],
+    staging: Path,
+    rank: int,
+    tracker: MemoryTracker,
+    options: CollapseOptions,
+) -> tuple[dict[str, TableLayout], dict[str, list[CollapsedBlock]]]:
+    """One pass over this rank's W1 shards: (layouts, the collapsed blocks this rank owns); the
+    owned rows are also written to ``staging/parquet``."""
+    dims = {t.name: t.embedding_dim for t in tables}
+    layouts, local = layouts_from_state_dict(state, W1_PREFIX, dims)
+    groups = make_groups(list(layouts.values()))
+    sink = ParquetSink(staging / "parquet", options.row_group_rows)
+    collapsed: dict[str, list[CollapsedBlock]] = {}
+    for name, layout in layouts.items():
+        collapsed[name] = collapse_table(
+            layout,
+            local[name],
+            state.get(W2_PREFIX + name),
+            groups,
+            chunk_rows=options.chunk_rows,
+            serving_dtype=options.quantize,
+            tracker=tracker,
+            sink=sink,
+            rank=rank,
+        )
+    sink.close()
+    return layouts, collapsed
 
 
 def _save_checkpoints(
