@@ -324,6 +324,20 @@ def test_a_new_serving_format_is_one_registration(run, extra_kind, tmp_path, cap
     assert not (tmp_path / "x").exists()
 
 
+def test_the_command_line_reads_the_registry_without_importing_torch() -> None:
+    """The collapse flags and --predictor choices come from the registry, which the parser reads
+    before any command imports torch (--help must not wait for it)."""
+    code = (
+        "import sys\nfrom mlet_dist import cli\ntry:\n    cli.main(['predict', '--help'])\n"
+        "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "{auto,export,aoti,torchscript}" in done.stdout
+
+
 def test_collapse_options_are_checked_in_one_place(run, tmp_path, capsys) -> None:
     run_dir = str(run["cfg"].train.run_dir)
     bad = ["collapse", "--run", run_dir, "--out", str(tmp_path / "x"), "--no-predictor"]
