@@ -326,7 +326,7 @@ def run_one(cfg: Any, held_out: Any, keep: bool = False) -> dict[str, Any]:
 
     A run directory holding a record of the same config is reused (an interrupted study resumes).
     """
-    from mlet_dist.export import collapse_run
+    from mlet_dist.export import CollapseOptions, collapse_run
     from mlet_dist.train import train
     from mlet_dist.workflow import check_collapsed
 
@@ -343,7 +343,7 @@ def run_one(cfg: Any, held_out: Any, keep: bool = False) -> dict[str, Any]:
     t_train = time.perf_counter() - t0
     served = run_dir / "served"
     t0 = time.perf_counter()
-    collapse_run(run_dir, served, allow_plain=True, predictor=False)
+    collapse_run(run_dir, served, CollapseOptions(allow_plain=True, predictor=False))
     check = check_collapsed(run_dir, served, held_out)
     t_check = time.perf_counter() - t0
     split = "test" if "test" in metrics else "eval"

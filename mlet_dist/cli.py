@@ -31,6 +31,7 @@ from typing import Any
 import mlet_dist
 from mlet_dist.config import ConfigError, load_config
 from mlet_dist.errors import MletError
+from mlet_dist.serving.artifacts import optional_artifacts, predictor_choices
 from mlet_dist.utils.files import check_output, is_no_space
 
 # The commands' own modules are imported inside _dispatch, each where it is used: they pull in
@@ -195,18 +196,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--no-predictor", action="store_true", help="write no predictor (no serving/predictor*)"
     )
-    c.add_argument(
-        "--aoti",
-        action="store_true",
-        help="also compile the predictor with AOTInductor (serving/predictor_aoti.pt2); refused "
-        "with the reason if it cannot be compiled",
-    )
-    c.add_argument(
-        "--torchscript",
-        action="store_true",
-        help="also write the TorchScript predictor serving/predictor.pt (deprecated in torch "
-        "2.13; for torchrec.inference's C++ server)",
-    )
+    for artifact in optional_artifacts():  # --aoti, --torchscript (mlet_dist.serving.artifacts)
+        c.add_argument(
+            artifact.flag,
+            action="append_const",
+            const=artifact.kind,
+            dest="artifacts",
+            help=artifact.help,
+        )
     pr = add("predict", "score raw rows with a serving directory", config=False)
     pr.add_argument("--serving", required=True, help="output directory of `mlet-dist collapse`")
     pr.add_argument("--data", required=True, nargs="+", help="files as the run's data.source")
@@ -221,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--predictor",
         default="auto",
-        choices=["auto", "export", "aoti", "torchscript"],
+        choices=predictor_choices(),
         help="auto (default): the torch.export program serving/predictor.pt2, or TorchScript "
         "where that is all the directory has",
     )
@@ -323,20 +320,18 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
             print(json.dumps(metrics, indent=1))
         return 0
     if args.command == "collapse":
-        from mlet_dist.export import collapse_run
+        from mlet_dist.export import CollapseOptions, collapse_run
 
         if overrides:
             raise ConfigError(f"collapse takes no config overrides (got {overrides})")
-        collapse_run(
-            args.run,
-            args.out,
+        options = CollapseOptions(
             **({"chunk_rows": args.chunk_rows} if args.chunk_rows else {}),
             quantize=args.quantize,
             allow_plain=args.allow_plain,
             predictor=not args.no_predictor,
-            torchscript=args.torchscript,
-            aoti=args.aoti,
+            artifacts=args.artifacts or (),
         )
+        collapse_run(args.run, args.out, options)
         return 0
     if args.command == "predict":
         from mlet_dist.predict_job import predict_file

@@ -21,7 +21,7 @@ from mlet_dist.data import (
 from mlet_dist.data.sources import concat_rows
 from mlet_dist.data.vocab import load_run_vocabularies
 from mlet_dist.distributed.parallelize import build_sharded_model
-from mlet_dist.export import collapse_run, load_served, load_unsharded
+from mlet_dist.export import CollapseOptions, collapse_run, load_served, load_unsharded
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.quality import training_id_counts
 from mlet_dist.serving.predict import load_predictor, predict_arrays
@@ -139,18 +139,18 @@ def check_collapsed(
 
 
 def check_serving(
-    run_dir: str | Path, served_dir: str | Path, arrays: CriteoArrays
+    run_dir: str | Path, served_dir: str | Path, arrays: CriteoArrays, kind: str = "auto"
 ) -> dict[str, Any]:
-    """Compares the serving predictor's probabilities with the trained MLET model's on ``arrays``.
+    """Compares a serving predictor's probabilities with the trained MLET model's on ``arrays``.
 
-    The default predictor (the torch.export program ``serving/predictor.pt2``) is loaded as a
-    consumer would (manifest checksums first, ``torch.export.load``). With fp32 tables the check
-    passes when every probability agrees to 1e-5; with fp16/int8 tables when the AUCs agree to
-    1e-3.
+    The predictor (``kind``; by default the torch.export program ``serving/predictor.pt2``) is
+    loaded as a consumer would (manifest checksums first, then its loader in
+    :mod:`mlet_dist.serving.artifacts`). With fp32 tables the check passes when every probability
+    agrees to 1e-5; with fp16/int8 tables when the AUCs agree to 1e-3.
     """
     cfg = load_run_config(run_dir)
     trained = load_unsharded(cfg, latest_checkpoint(run_dir)).eval()
-    predictor, manifest = load_predictor(served_dir)
+    predictor, manifest = load_predictor(served_dir, kind=kind)
     logits, labels = [], []
     with torch.no_grad():
         for batch in make_batches(arrays, cfg.data.eval_batch_size, shuffle=False, seed=0):
@@ -192,7 +192,7 @@ def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
             summary[f"{split}_log_loss"] = metrics[split]["log_loss"]
     served_dir = run_dir / "served"
     # Every rank collapses its own shards (collective); a baseline run is exported as it is.
-    report = collapse_run(run_dir, served_dir, allow_plain=True)
+    report = collapse_run(run_dir, served_dir, CollapseOptions(allow_plain=True))
     if env.is_rank0:
         splits = load_splits(cfg.data)
         held_out = splits.test if len(splits.test) else splits.eval

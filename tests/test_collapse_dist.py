@@ -231,7 +231,7 @@ def _sharded_served_load(run_cfg, out_dir: Path, env) -> dict[str, list]:
 
 def _rank_main(run_dir: str, out_dir: str) -> dict[str, Any]:
     from mlet_dist.context import load_run_config
-    from mlet_dist.export import collapse_run
+    from mlet_dist.export import CollapseOptions, collapse_run
 
     env = init_distributed(DistConfig(device="cpu"))
     result: dict[str, Any] = {}
@@ -241,7 +241,7 @@ def _rank_main(run_dir: str, out_dir: str) -> dict[str, Any]:
         except Exception:
             result[case.name] = {"error": traceback.format_exc()}
     result["report"] = collapse_run(
-        run_dir, out_dir, chunk_rows=16, quantize="int8", row_group_rows=20
+        run_dir, out_dir, CollapseOptions(chunk_rows=16, quantize="int8", row_group_rows=20)
     )
     result["sharded_load"] = _sharded_served_load(load_run_config(run_dir), Path(out_dir), env)
     return result
@@ -307,7 +307,7 @@ def train_run(tmp: Path) -> Any:
     import mlet_dist.train.run as train_module
 
     saved = train_module.load_splits
-    train_module.load_splits = lambda _: Splits(
+    train_module.load_splits = lambda *_: Splits(
         rows.slice(0, 256), rows.slice(256, n), rows.slice(n, n)
     )
     try:

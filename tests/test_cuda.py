@@ -84,7 +84,7 @@ def _train_collapse(tmp: str) -> dict[str, Any]:
     """Trains the tiny serving run on CUDA, collapses it on CUDA (fp32 and int8), and scores the
     held-out rows with the sharded CUDA model (weights of the run's checkpoint)."""
     from mlet_dist.checkpoint import latest_checkpoint, read_train_state
-    from mlet_dist.export import collapse_run
+    from mlet_dist.export import CollapseOptions, collapse_run
     from mlet_dist.train import Trainer
 
     env = init_distributed(DistConfig(device=DEVICE))  # the group the run then joins
@@ -92,7 +92,9 @@ def _train_collapse(tmp: str) -> dict[str, Any]:
     cfg = serving_tests.tiny_run(tmp_path, f"--dist.device={DEVICE}")
     ckpt = latest_checkpoint(cfg.train.run_dir)
     reports = {
-        q: collapse_run(cfg.train.run_dir, tmp_path / f"served_{q}", chunk_rows=16, quantize=q)
+        q: collapse_run(
+            cfg.train.run_dir, tmp_path / f"served_{q}", CollapseOptions(chunk_rows=16, quantize=q)
+        )
         for q in ("fp32", "int8")
     }
     held_out = serving_tests.write_criteo_tsv(tmp_path / "held_out.tsv", 150, seed=1)

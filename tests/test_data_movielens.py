@@ -279,7 +279,7 @@ def test_train_collapse_predict_end_to_end(tmp_path):
     from mlet_dist.checkpoint import latest_checkpoint
     from mlet_dist.data import load_splits, make_batches
     from mlet_dist.distributed.parallelize import init_distributed
-    from mlet_dist.export import collapse_run, load_unsharded
+    from mlet_dist.export import CollapseOptions, collapse_run, load_unsharded
     from mlet_dist.metrics import binary_metrics
     from mlet_dist.predict_job import predict_file
     from mlet_dist.train import train
@@ -304,7 +304,7 @@ def test_train_collapse_predict_end_to_end(tmp_path):
     metrics = train(cfg)
     test = load_splits(cfg.data).test
     served = tmp_path / "served"
-    collapse_run(cfg.train.run_dir, served, quantize="fp32")
+    collapse_run(cfg.train.run_dir, served, CollapseOptions(quantize="fp32"))
     check = check_collapsed(cfg.train.run_dir, served, test)
     assert check["passed"] and check["rows"] == 2000, check
     assert abs(check["trained_auc"] - metrics["test"]["auc"]) <= 1e-5

@@ -18,7 +18,13 @@ from mlet_dist.checkpoint import CheckpointError, latest_checkpoint, model_confi
 from mlet_dist.config import Config, ConfigError, load_config
 from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.distributed.planning import PlannerStats, format_report, make_plan, plan_report
-from mlet_dist.export import SERVED_TABLE_KEY, collapse_run, load_served, load_unsharded
+from mlet_dist.export import (
+    SERVED_TABLE_KEY,
+    CollapseOptions,
+    collapse_run,
+    load_served,
+    load_unsharded,
+)
 from mlet_dist.export.load import served_config
 from mlet_dist.models import W1_PREFIX, W2_PREFIX, build_dlrm, build_tables
 from mlet_dist.modules import collapse
@@ -152,7 +158,7 @@ def test_fp16_run_resumes_bit_identically_and_collapses_exactly(tmp_path, monkey
 
     # The served table is float64(W1_fp16) @ float64(W2) in fp32; the plain table W1 exactly.
     served_dir = tmp_path / "served"
-    collapse_run(full.train.run_dir, served_dir, chunk_rows=16)
+    collapse_run(full.train.run_dir, served_dir, CollapseOptions(chunk_rows=16))
     served, served_cfg = load_served(served_dir)
     assert served_cfg.model.w1_dtype == "fp32"
     got = served.state_dict()

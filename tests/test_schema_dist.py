@@ -123,13 +123,13 @@ def test_collapse_is_exact_and_predict_reads_the_training_inputs(trained, tmp_pa
 def _stream_job(config: str, args: list[str], served: str) -> dict[str, Any]:
     from mlet_dist.config import DistConfig
     from mlet_dist.distributed.parallelize import init_distributed
-    from mlet_dist.export import collapse_run
+    from mlet_dist.export import CollapseOptions, collapse_run
     from mlet_dist.train import train
 
     init_distributed(DistConfig(device="cpu"))
     cfg = load_config(config, args)
     metrics = train(cfg)
-    collapse_run(cfg.train.run_dir, served, quantize="fp32")
+    collapse_run(cfg.train.run_dir, served, CollapseOptions(quantize="fp32"))
     return metrics
 
 

@@ -26,14 +26,20 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mlet_dist import cli
 from mlet_dist.checkpoint import latest_checkpoint
-from mlet_dist.config import DistConfig, load_config
+from mlet_dist.config import ConfigError, DistConfig, load_config
 from mlet_dist.data import CriteoArrays, make_batches, read_criteo_tsv
 from mlet_dist.distributed.parallelize import init_distributed
-from mlet_dist.export import CollapseError, collapse_run, load_served, load_unsharded
+from mlet_dist.export import (
+    CollapseError,
+    CollapseOptions,
+    collapse_run,
+    load_served,
+    load_unsharded,
+)
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.modules.quantize import dequantize_rows, quantize_rows
 from mlet_dist.predict_job import predict_file
-from mlet_dist.serving import ServingError, verify_manifest
+from mlet_dist.serving import ServingError, artifacts, verify_manifest
 from mlet_dist.serving.manifest import MANIFEST, file_entries
 from mlet_dist.serving.predict import load_predictor, predict_arrays, serving_inputs
 from mlet_dist.serving.predictor import AOTIError, quant_embedding_bag_collection
@@ -99,7 +105,11 @@ def run(tmp_path_factory):
     held_out = write_criteo_tsv(tmp / "held_out.tsv", 150, seed=1)
     served = tmp / "served_fp32"
     # the default torch.export program and, with --torchscript, the TorchScript one
-    collapse_run(cfg.train.run_dir, served, chunk_rows=16, quantize="fp32", torchscript=True)
+    collapse_run(
+        cfg.train.run_dir,
+        served,
+        CollapseOptions(chunk_rows=16, quantize="fp32", artifacts=("torchscript",)),
+    )
     return {"cfg": cfg, "tmp": tmp, "held_out": held_out, "served": served}
 
 
@@ -208,7 +218,11 @@ def test_aoti_package_matches_trained_model_or_is_refused_in_one_line(
     it cannot lower the program the collapse is refused with a one-line reason."""
     out = tmp_path / "served_aoti"
     try:
-        collapse_run(run["cfg"].train.run_dir, out, chunk_rows=16, quantize="fp32", aoti=True)
+        collapse_run(
+            run["cfg"].train.run_dir,
+            out,
+            CollapseOptions(chunk_rows=16, quantize="fp32", artifacts=("aoti",)),
+        )
     except AOTIError as e:
         assert "\n" not in str(e) and str(e).startswith("AOTInductor"), str(e)
         assert not out.exists()
@@ -247,6 +261,99 @@ def test_aoti_lowering_failure_is_refused_in_one_line_and_publishes_nothing(
     assert "--aoti" in err
     assert (out / MANIFEST).read_bytes() == before and verify_manifest(out)  # untouched
     assert not (tmp_path / ".served.tmp").exists()
+
+
+@pytest.fixture
+def extra_kind():
+    """A serving format registered by this test only: a second copy of the torch.export program
+    in its own file, with its own collapse flag, written and loaded by the registry alone."""
+
+    def build(b: artifacts.ServingBuild, path: Path) -> None:
+        artifacts.write_serialized(path, lambda f: torch.export.save(b.exported(), f))
+
+    kind = artifacts.register(
+        artifacts.Artifact(
+            kind="export_copy",
+            path="serving/predictor_copy.pt2",
+            format="torch.export ExportedProgram, a copy (test)",
+            load_hint="torch.export.load(path).module()",
+            build=build,
+            load=lambda path: torch.export.load(path).module(),
+            flag="--export-copy",
+            help="also write a copy of the exported program (test)",
+        )
+    )
+    yield kind
+    del artifacts.ARTIFACTS[kind.kind]
+
+
+def test_a_new_serving_format_is_one_registration(run, extra_kind, tmp_path, capsys) -> None:
+    """collapse writes the registered kind when its flag is given, the manifest lists it with its
+    checksum, predict --predictor loads it, and its answers are the trained model's."""
+    out, held = tmp_path / "served", run["held_out"]
+    run_dir = str(run["cfg"].train.run_dir)
+    assert cli.main(["collapse", "--run", run_dir, "--out", str(out), "--export-copy"]) == 0
+    manifest = verify_manifest(out)
+    listed = manifest["serving"]["artifacts"]
+    assert list(listed) == ["export", "export_copy"]
+    data = (out / "serving/predictor_copy.pt2").read_bytes()
+    assert listed["export_copy"] == {
+        "path": "serving/predictor_copy.pt2",
+        "format": "torch.export ExportedProgram, a copy (test)",
+        "load": "torch.export.load(path).module()",
+        "device": "cpu",
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    capsys.readouterr()
+    argv = ["predict", "--serving", str(out), "--data", str(held), "--out", str(tmp_path / "p.txt")]
+    assert cli.main([*argv, "--predictor", "export_copy"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictor"] == "export_copy"
+    expected = trained_probabilities(run["cfg"], read_criteo_tsv(held, SIZES))
+    np.testing.assert_allclose(
+        np.loadtxt(tmp_path / "p.txt"), expected.double().numpy(), atol=1e-5, rtol=0
+    )
+    from mlet_dist.workflow import check_serving
+
+    check = check_serving(run_dir, out, read_criteo_tsv(held, SIZES), kind="export_copy")
+    assert check["predictor"] == "export_copy" and check["passed"], check
+    # the registry's flags are checked like the built-in ones
+    bad = ["collapse", "--run", run_dir, "--out", str(tmp_path / "x"), "--no-predictor"]
+    assert cli.main([*bad, "--export-copy"]) == 2
+    assert "drop it, or drop --aoti / --torchscript / --export-copy" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_command_line_reads_the_registry_without_importing_torch() -> None:
+    """The collapse flags and --predictor choices come from the registry, which the parser reads
+    before any command imports torch (--help must not wait for it)."""
+    code = (
+        "import sys\nfrom mlet_dist import cli\ntry:\n    cli.main(['predict', '--help'])\n"
+        "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "{auto,export,aoti,torchscript}" in done.stdout
+
+
+def test_collapse_options_are_checked_in_one_place(run, tmp_path, capsys) -> None:
+    run_dir = str(run["cfg"].train.run_dir)
+    bad = ["collapse", "--run", run_dir, "--out", str(tmp_path / "x"), "--no-predictor"]
+    assert cli.main([*bad, "--aoti"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--no-predictor (predictor=False) writes no predictor, so there is nothing to compile or "
+        "script: drop it, or drop --aoti / --torchscript" in err
+    ), err
+    with pytest.raises(ConfigError, match=r"unknown optional serving artifact 'export'"):
+        CollapseOptions(artifacts=("export",)).check()
+    with pytest.raises(ConfigError, match="chunk_rows must be positive, got 0"):
+        collapse_run(run_dir, tmp_path / "x", CollapseOptions(chunk_rows=0))
+    with pytest.raises(ValueError, match="unknown serving dtype 'int4'"):
+        CollapseOptions(quantize="int4").check()
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.tmp").exists()
 
 
 def test_manifest_records_the_programs_signature_schema_and_checksums(run) -> None:
@@ -346,13 +453,17 @@ def test_default_path_emits_no_torch_jit_deprecation_warning(run, tmp_path) -> N
         warnings.filterwarnings("error", category=DeprecationWarning, module="torch.jit")
         with pytest.raises(DeprecationWarning, match="torch.jit.script"):  # the filter catches it
             torch.jit.script(torch.nn.Linear(2, 2))
-        collapse_run(run["cfg"].train.run_dir, out, chunk_rows=16, quantize="int8")
+        collapse_run(run["cfg"].train.run_dir, out, CollapseOptions(chunk_rows=16, quantize="int8"))
         predictor, manifest = load_predictor(out)
         predict_arrays(predictor, read_criteo_tsv(run["held_out"], SIZES))
         assert predict_file(out, run["held_out"], tmp_path / "p.txt")["predictor"] == "export"
         # and the TorchScript path would have been caught
         with pytest.raises(DeprecationWarning, match="torch.jit"):
-            collapse_run(run["cfg"].train.run_dir, tmp_path / "ts", chunk_rows=16, torchscript=True)
+            collapse_run(
+                run["cfg"].train.run_dir,
+                tmp_path / "ts",
+                CollapseOptions(chunk_rows=16, artifacts=("torchscript",)),
+            )
     assert manifest["predictor_used"] == "export"
     assert sorted(p.name for p in (out / "serving").iterdir()) == ["predictor.pt2", "tables"]
 
@@ -420,7 +531,7 @@ def test_checksum_mismatch_is_refused_naming_the_file(run, tmp_path, capsys) -> 
 
 def test_collapsing_twice_never_corrupts_the_first_result(run, monkeypatch) -> None:
     cfg, out = run["cfg"], run["tmp"] / "twice"
-    collapse_run(cfg.train.run_dir, out, chunk_rows=16, quantize="fp32")
+    collapse_run(cfg.train.run_dir, out, CollapseOptions(chunk_rows=16, quantize="fp32"))
     first = verify_manifest(out)
 
     def fail(*args, **kwargs):
@@ -428,10 +539,10 @@ def test_collapsing_twice_never_corrupts_the_first_result(run, monkeypatch) -> N
 
     monkeypatch.setattr("mlet_dist.export.finish.build_predictor", fail)
     with pytest.raises(RuntimeError, match="injected failure"):
-        collapse_run(cfg.train.run_dir, out, chunk_rows=16, quantize="int8")
+        collapse_run(cfg.train.run_dir, out, CollapseOptions(chunk_rows=16, quantize="int8"))
     assert verify_manifest(out) == first  # untouched, and still matches its checksums
     monkeypatch.undo()
-    collapse_run(cfg.train.run_dir, out, chunk_rows=16, quantize="int8")
+    collapse_run(cfg.train.run_dir, out, CollapseOptions(chunk_rows=16, quantize="int8"))
     second = verify_manifest(out)
     assert second["serving"]["dtype"] == "int8" and (out / "serving/tables/.metadata").is_file()
     assert sorted(p.name for p in out.parent.iterdir() if "twice" in p.name) == ["twice"]
@@ -445,7 +556,7 @@ def test_plain_run_is_refused_clearly_and_exported_when_allowed(tmp_path, capsys
     code = cli.main(["collapse", "--run", cfg.train.run_dir, "--out", str(out)])
     assert code == 2 and "no factorized tables" in capsys.readouterr().err
     assert not out.exists()
-    report = collapse_run(cfg.train.run_dir, out, allow_plain=True)
+    report = collapse_run(cfg.train.run_dir, out, CollapseOptions(allow_plain=True))
     assert report["factorized_tables"] == []
     trained = load_unsharded(cfg, latest_checkpoint(cfg.train.run_dir))
     served, _ = load_served(out)
@@ -526,7 +637,9 @@ def test_int8_serving_auc_within_0_001_of_fp32_on_criteo_sample(tmp_path) -> Non
     auc, probs = {}, {}
     for dtype in ("fp32", "int8"):
         out = tmp_path / f"served_{dtype}"
-        collapse_run(cfg.train.run_dir, out, quantize=dtype, torchscript=True)
+        collapse_run(
+            cfg.train.run_dir, out, CollapseOptions(quantize=dtype, artifacts=("torchscript",))
+        )
         for kind in ("export", "torchscript"):
             predictor, manifest = load_predictor(out, kind=kind)
             assert manifest["predictor_used"] == kind

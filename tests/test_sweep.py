@@ -171,7 +171,7 @@ def test_interrupted_run_is_redone(swept):
 
 def test_recommended_run_collapses_exactly(swept, tmp_path):
     from mlet_dist.data import load_splits
-    from mlet_dist.export import collapse_run
+    from mlet_dist.export import CollapseOptions, collapse_run
     from mlet_dist.workflow import check_collapsed
 
     cfg, work, report, _ = swept
@@ -183,7 +183,9 @@ def test_recommended_run_collapses_exactly(swept, tmp_path):
         == (rec["k"], rec["d"])
     )
     allow_plain = rec["k"] == 0
-    collapse_run(run, tmp_path / "served", allow_plain=allow_plain, predictor=False)
+    collapse_run(
+        run, tmp_path / "served", CollapseOptions(allow_plain=allow_plain, predictor=False)
+    )
     check = check_collapsed(run, tmp_path / "served", load_splits(cfg.data).test)
     assert check["passed"], check
 

@@ -236,13 +236,13 @@ def _big_rows(n: int, seed: int) -> dict[str, list[Any]]:
 def _train_and_collapse(config: str, args: list[str], served: str) -> dict[str, Any]:
     from mlet_dist.config import DistConfig
     from mlet_dist.distributed.parallelize import init_distributed
-    from mlet_dist.export import collapse_run
+    from mlet_dist.export import CollapseOptions, collapse_run
     from mlet_dist.train import train
 
     init_distributed(DistConfig(device="cpu"))
     cfg = load_config(config, args)
     metrics = train(cfg)
-    collapse_run(cfg.train.run_dir, served, quantize="fp32")
+    collapse_run(cfg.train.run_dir, served, CollapseOptions(quantize="fp32"))
     return metrics
 
 
@@ -254,7 +254,7 @@ def test_preprocess_train_collapse_predict_on_raw_values(tmp_path):
     from mlet_dist.data import make_batches
     from mlet_dist.data.sources import concat_rows
     from mlet_dist.data.vocab import VocabularyError
-    from mlet_dist.export import collapse_run, load_unsharded
+    from mlet_dist.export import CollapseOptions, collapse_run, load_unsharded
     from mlet_dist.predict_job import predict_file
     from mlet_dist.serving.manifest import ServingError, read_manifest
 
@@ -340,11 +340,11 @@ def test_preprocess_train_collapse_predict_on_raw_values(tmp_path):
     # the collapse needs the vocabularies the run trained on: changed -> a one-line error
     pq.write_table(swapped, shards / "vocab" / "words.parquet")
     with pytest.raises(VocabularyError, match="does not match its sha256") as e:
-        collapse_run(cfg.train.run_dir, tmp_path / "served2", quantize="fp32")
+        collapse_run(cfg.train.run_dir, tmp_path / "served2", CollapseOptions(quantize="fp32"))
     assert "\n" not in str(e.value)
     (tmp_path / "run" / "vocab.json").unlink()
     with pytest.raises(VocabularyError, match="vocab.json is missing"):
-        collapse_run(cfg.train.run_dir, tmp_path / "served2", quantize="fp32")
+        collapse_run(cfg.train.run_dir, tmp_path / "served2", CollapseOptions(quantize="fp32"))
 
 
 def test_lookup_and_resume_record(tmp_path):

@@ -63,7 +63,7 @@ def overrides(data: Path, run_dir: Path) -> list[str]:
 
 def _job(config: str, args: list[str], served: str) -> dict[str, Any]:
     from mlet_dist.distributed.parallelize import init_distributed
-    from mlet_dist.export import collapse_run
+    from mlet_dist.export import CollapseOptions, collapse_run
     from mlet_dist.train import Trainer, train
     from mlet_dist.train.metrics import build_rec_metrics, scalars, update_rec_metrics
 
@@ -72,7 +72,7 @@ def _job(config: str, args: list[str], served: str) -> dict[str, Any]:
     # the initial weights (a Trainer's initialization is seeded: the run below starts from them)
     initial = full_tensors(Trainer(cfg, env).model.state_dict())
     metrics = train(cfg)
-    collapse_run(cfg.train.run_dir, served, quantize="fp32")
+    collapse_run(cfg.train.run_dir, served, CollapseOptions(quantize="fp32"))
     stats = metrics["train"]
     out: dict[str, Any] = {
         "initial": initial,

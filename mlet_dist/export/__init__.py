@@ -24,9 +24,10 @@ Output directory (README "Serving contract")::
     OUT/serving/predictor.pt2       torch.export program of the served model (the default predictor)
     OUT/serving/predictor_aoti.pt2  AOTInductor package of it (--aoti)
     OUT/serving/predictor.pt        TorchScript predictor (--torchscript)
-                                    (see mlet_dist.serving.predictor)
+                                    (the kinds: mlet_dist.serving.artifacts)
 
-Modules: :mod:`~mlet_dist.export.run` (the collective pass, staging, the checks of the output),
+Modules: :mod:`~mlet_dist.export.options` (:class:`CollapseOptions`: what to write, checked),
+:mod:`~mlet_dist.export.run` (the collective pass, staging, the checks of the output),
 :mod:`~mlet_dist.export.sinks` (the outputs the owners of the rows write),
 :mod:`~mlet_dist.export.finish` (rank 0: predictors, report, manifest, swap),
 :mod:`~mlet_dist.export.load` (the single-process loaders and the reference collapse).
@@ -34,15 +35,17 @@ Modules: :mod:`~mlet_dist.export.run` (the collective pass, staging, the checks 
 
 import warnings
 
-from mlet_dist.export.finish import SERVING_FORMATS, build_predictor
+from mlet_dist.export.finish import SERVING_FORMATS, StagedCollapse, build_predictor
 from mlet_dist.export.load import (
     collapse_model,
     load_served,
     load_unsharded,
     mlet_module,
     served_config,
+    served_model_config,
 )
-from mlet_dist.export.run import CollapseError, collapse_run, previous_serving_dir
+from mlet_dist.export.options import CollapseError, CollapseOptions
+from mlet_dist.export.run import collapse_run, previous_serving_dir
 from mlet_dist.export.sinks import (
     DEFAULT_ROW_GROUP_ROWS,
     SERVING_TABLE_KEY,
@@ -64,7 +67,9 @@ __all__ = [
     "SERVING_FORMATS",
     "SERVING_TABLE_KEY",
     "CollapseError",
+    "CollapseOptions",
     "ParquetSink",
+    "StagedCollapse",
     "build_predictor",
     "collapse_model",
     "collapse_run",
@@ -73,4 +78,5 @@ __all__ = [
     "mlet_module",
     "previous_serving_dir",
     "served_config",
+    "served_model_config",
 ]

@@ -11,7 +11,7 @@ from torchrec.models.dlrm import DLRMTrain
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from mlet_dist.checkpoint import dcp_load, verify_checkpoint
-from mlet_dist.config import Config
+from mlet_dist.config import Config, ModelConfig
 from mlet_dist.context import load_run_config
 from mlet_dist.models import SPARSE_PREFIX, build_dlrm, schema_tables
 from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS, collapse
@@ -19,12 +19,19 @@ from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, served_tables
 from mlet_dist.schema import schema_of
 
 
+def served_model_config(model_cfg: ModelConfig) -> ModelConfig:
+    """The model config of the collapsed model: the same, with single-layer d-dim fp32 tables."""
+    out = copy.deepcopy(model_cfg)
+    out.inner_dim = 0
+    out.inner_dim_per_table = {}
+    out.w1_dtype = "fp32"  # the collapsed rows are fp32 whatever W1's storage was
+    return out
+
+
 def served_config(cfg: Config) -> Config:
     """The config of the collapsed model: same everything, single-layer d-dim fp32 tables."""
     out = copy.deepcopy(cfg)
-    out.model.inner_dim = 0
-    out.model.inner_dim_per_table = {}
-    out.model.w1_dtype = "fp32"  # the collapsed rows are fp32 whatever W1's storage was
+    out.model = served_model_config(cfg.model)
     return out
 
 
@@ -61,9 +68,10 @@ def load_served(out_dir: str | Path) -> tuple[DLRMTrain, Config]:
     """Loads a collapsed model written by :func:`mlet_dist.export.collapse_run` (plain EBC, CPU,
     one process)."""
     cfg = load_run_config(out_dir)
-    tables = schema_tables(cfg.model, schema_of(cfg.data))
+    schema = schema_of(cfg.data)
+    tables = schema_tables(cfg.model, schema)
     ebc = EmbeddingBagCollection(tables=served_tables(tables), device=torch.device("cpu"))
-    model = build_dlrm(cfg.model, schema_of(cfg.data), embedding_module=ebc)
+    model = build_dlrm(cfg.model, schema, embedding_module=ebc)
     state = {"model": model.state_dict()}
     dcp_load(state, Path(out_dir) / "model", no_dist=True)  # refuses a crafted .metadata
     model.load_state_dict(state["model"])

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from mlet_dist.checkpoint import (
@@ -24,26 +25,23 @@ from mlet_dist.checkpoint import (
     load_weights,
     verify_checkpoint,
 )
-from mlet_dist.config import Config, ConfigError
-from mlet_dist.context import load_run_config
+from mlet_dist.config import Config, ModelConfig
+from mlet_dist.context import RunContext
 from mlet_dist.data import divisible_batch_size
 from mlet_dist.data.vocab import run_vocabularies
 from mlet_dist.distributed.collapse import (
     CollapsedBlock,
     MemoryTracker,
+    TableLayout,
     collapse_table,
     layouts_from_state_dict,
     make_groups,
 )
-from mlet_dist.distributed.parallelize import build_sharded_model, init_distributed
-from mlet_dist.export.finish import finish_collapse
-from mlet_dist.export.load import served_config
-from mlet_dist.export.sinks import (
-    DEFAULT_ROW_GROUP_ROWS,
-    SERVING_TABLE_KEY,
-    ParquetSink,
-    sharded_rows,
-)
+from mlet_dist.distributed.parallelize import DistEnv, build_sharded_model
+from mlet_dist.export.finish import StagedCollapse, finish_collapse
+from mlet_dist.export.load import served_model_config
+from mlet_dist.export.options import CollapseError, CollapseOptions
+from mlet_dist.export.sinks import SERVING_TABLE_KEY, ParquetSink, sharded_rows
 from mlet_dist.models import (
     SERVED_TABLE_KEY,
     SPARSE_PREFIX,
@@ -52,25 +50,18 @@ from mlet_dist.models import (
     build_dlrm,
     schema_tables,
 )
-from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS
 from mlet_dist.modules.mlet import inner_dim_of, served_tables
-from mlet_dist.modules.quantize import check_dtype, serving_layout
-from mlet_dist.schema import schema_of
-from mlet_dist.serving.manifest import MANIFEST, READABLE_FORMATS, ServingError
-from mlet_dist.serving.predictor import check_aoti_available
+from mlet_dist.modules.quantize import serving_layout
+from mlet_dist.schema import FeatureSchema
+from mlet_dist.serving.manifest import MANIFEST, READABLE_FORMATS
 from mlet_dist.utils.files import (
     check_output,
-    hold_run,
     is_no_space,
     no_space_error,
     remove_path,
 )
 
 logger = logging.getLogger(__name__)
-
-
-class CollapseError(ServingError):
-    """A run cannot be collapsed as asked (e.g. it has no factorized tables); the message says why."""
 
 
 def previous_serving_dir(out: Path) -> str | None:
@@ -126,40 +117,39 @@ def _barrier() -> None:
 
 
 def collapse_run(
-    run_dir: str | Path,
-    out_dir: str | Path,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    quantize: str = "fp32",
-    allow_plain: bool = False,
-    predictor: bool = True,
-    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
-    torchscript: bool = False,
-    aoti: bool = False,
+    run_dir: str | Path, out_dir: str | Path, options: CollapseOptions | None = None
 ) -> dict[str, Any]:
     """Collapses the latest checkpoint of a run into a serving directory (collective).
 
     Call it on every rank of a launched job, or in one process. See :mod:`mlet_dist.export` for
-    what is written; README "Serving contract" for the format.
-
-    The output is checked first (rank 0, :func:`mlet_dist.utils.files.check_output`): it may not
-    be, contain or lie inside the run, another run, a checkpoint or a serving directory (the run's
-    own ``RUN/served``, where ``mlet-dist run`` puts it, is allowed), and an existing ``out_dir`` is
-    replaced only if it is a previous serving directory (:func:`previous_serving_dir`). The run is
-    read under its shared lock (a training process writing it is refused). On any failure the
-    staging directory is removed; a full disk is reported as such.
+    what is written. ``out_dir`` must not be or lie inside the run or another input directory (the
+    run's own ``RUN/served``, where ``mlet-dist run`` puts it, is allowed), and an existing
+    ``out_dir`` is replaced only if it is a previous serving directory
+    (:func:`previous_serving_dir`). The run is read under its shared lock (a training process
+    writing it is refused). On any failure the staging directory is removed; a full disk is
+    reported as such.
 
     Args:
         run_dir: a training run (config.json and checkpoints/).
         out_dir: the serving directory; replaced atomically if it exists.
-        (the other arguments: see :func:`_collapse_run`)
+        options: what to write (:class:`~mlet_dist.export.options.CollapseOptions`; default: fp32
+            tables, the torch.export predictor).
+
+    Returns:
+        The report (also ``OUT/collapse_report.json``), the same on every rank.
 
     Raises:
         OutputPathError: ``out_dir`` is refused (the message says why).
         RunLockedError: a training process holds the run.
         NoSpaceError: the file system of ``out_dir`` is full.
+        CollapseError: the run has no factorized tables and ``options.allow_plain`` is not set,
+            or the options contradict each other.
+        CheckpointError: the run has no complete checkpoint.
+        AOTIError: 'aoti' was asked for and AOTInductor could not compile the predictor.
     """
-    cfg = load_run_config(run_dir)
-    env = init_distributed(cfg.dist)
+    options = options or CollapseOptions()
+    ctx = RunContext.of_run(run_dir)  # config, schema, distributed env: resolved once
+    cfg, schema, env = ctx.cfg, ctx.schema, ctx.env
     out = Path(out_dir)
 
     def check() -> None:
@@ -172,12 +162,11 @@ def collapse_run(
             hint="choose a new --out directory",
         )
 
-    with hold_run(run_dir, env, command="collapse", shared=True, check=check):
+    with ctx.hold("collapse", shared=True, check=check):
         try:
-            return _collapse_run(
-                run_dir, out, chunk_rows, quantize, allow_plain, predictor, row_group_rows,
-                torchscript=torchscript, aoti=aoti,
-            )  # fmt: skip
+            options.check()
+            staged = _collapse_shards(run_dir, out, cfg, schema, env, options)
+            return _finish_on_rank0(staged, cfg, schema, env, options)
         except BaseException as e:
             # DCP's CheckpointException is a BaseException; the free space as it failed
             full = no_space_error(out) if is_no_space(e) else None
@@ -188,62 +177,23 @@ def collapse_run(
             raise
 
 
-def _collapse_run(
-    run_dir: str | Path,
-    out_dir: str | Path,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    quantize: str = "fp32",
-    allow_plain: bool = False,
-    predictor: bool = True,
-    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
-    torchscript: bool = False,
-    aoti: bool = False,
-) -> dict[str, Any]:
-    """The collapse itself (see :func:`collapse_run`, which checks the output and locks the run).
-
-    Args:
-        run_dir: a training run (config.json and checkpoints/).
-        out_dir: the serving directory; replaced atomically if it exists.
-        chunk_rows: rows per matmul/reduction/row group (bounds the temporary memory).
-        quantize: serving table format of the predictor and ``serving/tables``: 'fp32' (none),
-            'fp16' or 'int8' (TorchRec's row-wise int8, fp16 scale and bias).
-        allow_plain: a run without factorized tables (``model.inner_dim = 0``) is refused unless
-            this is set; then its tables are exported as they are.
-        predictor: build the serving predictors (rank 0 assembles every serving table for them):
-            ``serving/predictor.pt2`` (torch.export), and the two below when asked for.
-        row_group_rows: rows per Parquet row group (the owners buffer this many).
-        torchscript: also write the TorchScript predictor ``serving/predictor.pt`` (deprecated
-            in torch 2.13; for torchrec.inference's C++ server).
-        aoti: also write the AOTInductor package ``serving/predictor_aoti.pt2`` of the exported
-            program; if AOTInductor cannot compile it, the collapse is refused (nothing is
-            published) with the reason.
-
-    Returns:
-        The report (also ``OUT/collapse_report.json``), the same on every rank.
+def _source(
+    run_dir: str | Path, cfg: Config, schema: FeatureSchema, allow_plain: bool
+) -> tuple[Path, list[EmbeddingBagConfig], list[str], dict[str, Path]]:
+    """(checkpoint, tables, factorized table names, vocabulary files) of the run, checked before
+    any work.
 
     Raises:
-        CollapseError: the run has no factorized tables and ``allow_plain`` is not set.
         CheckpointError: the run has no complete checkpoint.
-        AOTIError: ``aoti`` and AOTInductor could not compile the predictor.
+        CollapseError: no table is factorized and ``allow_plain`` is not set.
     """
-    check_dtype(quantize)
-    if chunk_rows <= 0:
-        raise ConfigError(f"chunk_rows must be positive, got {chunk_rows}")
-    if not predictor and (torchscript or aoti):
-        raise CollapseError(
-            "--no-predictor (predictor=False) writes no predictor, so there is nothing to compile "
-            "or script: drop it, or drop --aoti / --torchscript"
-        )
-    if aoti:
-        check_aoti_available()
-    cfg = load_run_config(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(
             f"run {run_dir} has no complete checkpoint under checkpoints/; train it first"
         )
-    tables = schema_tables(cfg.model, schema_of(cfg.data))
-    vocab_files = run_vocabularies(run_dir, schema_of(cfg.data))  # checked before any work
+    tables = schema_tables(cfg.model, schema)
+    vocab_files = run_vocabularies(run_dir, schema)
     factorized = [t.name for t in tables if inner_dim_of(t)]
     if not factorized and not allow_plain:
         raise CollapseError(
@@ -256,10 +206,21 @@ def _collapse_run(
         logger.warning(
             "run %s has no factorized tables: its tables are exported as they are", run_dir
         )
+    return ckpt, tables, factorized, vocab_files
 
-    env = init_distributed(cfg.dist)
+
+def _collapse_shards(
+    run_dir: str | Path,
+    out: Path,
+    cfg: Config,
+    schema: FeatureSchema,
+    env: DistEnv,
+    options: CollapseOptions,
+) -> StagedCollapse:
+    """Every rank: loads the sharded model, collapses its own W1 shards in one chunked pass and
+    writes the rows it owns (Parquet, the served checkpoint, the serving tables) into staging."""
+    ckpt, tables, factorized, vocab_files = _source(run_dir, cfg, schema, options.allow_plain)
     verify_checkpoint(ckpt)  # collective; before anything is written
-    out = Path(out_dir)
     staging = _staging_dir(out)
     if env.is_rank0:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -274,51 +235,18 @@ def _collapse_run(
     state = model.state_dict()
     t_load = time.perf_counter() - t0
 
-    # -- one pass over this rank's W1 shards ------------------------------------------------
     t0 = time.perf_counter()
-    dims = {t.name: t.embedding_dim for t in tables}
-    layouts, local = layouts_from_state_dict(state, W1_PREFIX, dims)
-    groups = make_groups(list(layouts.values()))
     tracker = MemoryTracker()
-    sink = ParquetSink(staging / "parquet", row_group_rows)
-    collapsed: dict[str, list[CollapsedBlock]] = {}
-    for name, layout in layouts.items():
-        collapsed[name] = collapse_table(
-            layout,
-            local[name],
-            state.get(W2_PREFIX + name),
-            groups,
-            chunk_rows=chunk_rows,
-            serving_dtype=quantize,
-            tracker=tracker,
-            sink=sink,
-            rank=env.rank,
-        )
-    sink.close()
+    layouts, collapsed = _collapse_pass(state, tables, staging, env.rank, tracker, options)
     t_collapse = time.perf_counter() - t0
 
-    # -- the checkpoints, written collectively: every rank its own rows ------------------------
     t0 = time.perf_counter()
     dense_state = {k: v for k, v in state.items() if not k.startswith(SPARSE_PREFIX)}
-    served_state: dict[str, Any] = dict(dense_state)
-    for name, layout in layouts.items():
-        served_state[SERVED_TABLE_KEY.format(name)] = sharded_rows(
-            layout, collapsed[name], lambda cb: cb.values, torch.float32, layout.dim
-        )
-    _check_served_keys(served_state, cfg)
-    dcp.save({"model": served_state}, checkpoint_id=str(staging / "model"))
-    serving_state: dict[str, Any] = {}
-    if quantize != "fp32":
-        for name, layout in layouts.items():
-            dt, cols = serving_layout(quantize, layout.dim)
-            serving_state[SERVING_TABLE_KEY.format(name)] = sharded_rows(
-                layout, collapsed[name], lambda cb: cb.served, dt, cols
-            )
-        dcp.save(serving_state, checkpoint_id=str(staging / "serving" / "tables"))
+    _save_checkpoints(staging, dense_state, layouts, collapsed, cfg.model, schema, options.quantize)
     t_save = time.perf_counter() - t0
     # Free the sharded model before rank 0 assembles the predictor's tables.
     dense_state = {k: v.detach().cpu().clone() for k, v in dense_state.items()}
-    del served_state, serving_state, collapsed, state, local, model
+    del collapsed, state, model
     gc.collect()
 
     rank_stats = {
@@ -332,35 +260,114 @@ def _collapse_run(
         all_stats = [None] * env.world_size
         dist.all_gather_object(all_stats, rank_stats)
     _barrier()
+    return StagedCollapse(
+        run_dir=run_dir,
+        checkpoint=ckpt,
+        staging=staging,
+        out=out,
+        tables=tables,
+        factorized=factorized,
+        layouts=layouts,
+        dense_state=dense_state,
+        rank_stats=all_stats,
+        vocab_files=vocab_files,
+    )
 
-    # -- rank 0: predictor, report, manifest, swap ------------------------------------------
+
+def _collapse_pass(
+    state: dict[str, Any],
+    tables: list[EmbeddingBagConfig],
+    staging: Path,
+    rank: int,
+    tracker: MemoryTracker,
+    options: CollapseOptions,
+) -> tuple[dict[str, TableLayout], dict[str, list[CollapsedBlock]]]:
+    """One pass over this rank's W1 shards: (layouts, the collapsed blocks this rank owns); the
+    owned rows are also written to ``staging/parquet``."""
+    dims = {t.name: t.embedding_dim for t in tables}
+    layouts, local = layouts_from_state_dict(state, W1_PREFIX, dims)
+    groups = make_groups(list(layouts.values()))
+    sink = ParquetSink(staging / "parquet", options.row_group_rows)
+    collapsed: dict[str, list[CollapsedBlock]] = {}
+    for name, layout in layouts.items():
+        collapsed[name] = collapse_table(
+            layout,
+            local[name],
+            state.get(W2_PREFIX + name),
+            groups,
+            chunk_rows=options.chunk_rows,
+            serving_dtype=options.quantize,
+            tracker=tracker,
+            sink=sink,
+            rank=rank,
+        )
+    sink.close()
+    return layouts, collapsed
+
+
+def _save_checkpoints(
+    staging: Path,
+    dense_state: dict[str, torch.Tensor],
+    layouts: dict[str, TableLayout],
+    collapsed: dict[str, list[CollapsedBlock]],
+    model_cfg: ModelConfig,
+    schema: FeatureSchema,
+    quantize: str,
+) -> None:
+    """The served checkpoint ``model/`` and (fp16/int8) ``serving/tables``, written collectively:
+    every rank its own rows."""
+    served_state: dict[str, Any] = dict(dense_state)
+    for name, layout in layouts.items():
+        served_state[SERVED_TABLE_KEY.format(name)] = sharded_rows(
+            layout, collapsed[name], lambda cb: cb.values, torch.float32, layout.dim
+        )
+    _check_served_keys(served_state, model_cfg, schema)
+    dcp.save({"model": served_state}, checkpoint_id=str(staging / "model"))
+    if quantize == "fp32":
+        return
+    serving_state: dict[str, Any] = {}
+    for name, layout in layouts.items():
+        dt, cols = serving_layout(quantize, layout.dim)
+        serving_state[SERVING_TABLE_KEY.format(name)] = sharded_rows(
+            layout, collapsed[name], lambda cb: cb.served, dt, cols
+        )
+    dcp.save(serving_state, checkpoint_id=str(staging / "serving" / "tables"))
+
+
+def _finish_on_rank0(
+    staged: StagedCollapse,
+    cfg: Config,
+    schema: FeatureSchema,
+    env: DistEnv,
+    options: CollapseOptions,
+) -> dict[str, Any]:
+    """Rank 0 finishes (predictor, report, manifest, swap); every rank returns its report or
+    raises its error."""
     result: list[Any] = [None]
     if env.is_rank0:
         try:
-            result[0] = finish_collapse(
-                staging, out, run_dir, cfg, ckpt, tables, factorized, layouts, dense_state,
-                quantize, chunk_rows, row_group_rows, predictor, env.world_size, all_stats,
-                torchscript=torchscript, aoti=aoti, vocab_files=vocab_files,
-            )  # fmt: skip
+            result[0] = finish_collapse(staged, cfg, schema, options)
         except Exception as e:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staged.staging, ignore_errors=True)
             result[0] = e
     if env.world_size > 1:
         dist.broadcast_object_list(result, src=0)
     if isinstance(result[0], BaseException):
         if env.is_rank0:
             raise result[0]
-        raise CollapseError(f"rank 0 failed to finish the collapse into {out}: {result[0]}")
+        raise CollapseError(f"rank 0 failed to finish the collapse into {staged.out}: {result[0]}")
     return result[0]
 
 
-def _check_served_keys(served_state: dict[str, Any], cfg: Config) -> None:
+def _check_served_keys(
+    served_state: dict[str, Any], model_cfg: ModelConfig, schema: FeatureSchema
+) -> None:
     """The saved keys must be exactly those of the plain d-dim served model (load_served)."""
-    sizes = schema_of(cfg.data)
     ebc = EmbeddingBagCollection(
-        tables=served_tables(schema_tables(cfg.model, sizes)), device=torch.device("meta")
+        tables=served_tables(schema_tables(model_cfg, schema)), device=torch.device("meta")
     )
-    expected = set(build_dlrm(served_config(cfg).model, sizes, embedding_module=ebc).state_dict())
+    served = build_dlrm(served_model_config(model_cfg), schema, embedding_module=ebc)
+    expected = set(served.state_dict())
     if expected != set(served_state):
         raise RuntimeError(
             f"collapsed state keys differ from the served model's: missing "

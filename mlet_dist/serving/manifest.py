@@ -4,9 +4,10 @@ The manifest is written last (after every other file is complete) and lists ever
 directory with its size and sha256. :func:`verify_manifest` refuses a directory whose files do
 not match it, naming the first file that differs.
 
-Format ``mlet_dist.serving/2`` lists the serving predictors under ``serving.artifacts`` (the
-torch.export program, and optionally an AOTInductor package and a TorchScript file), each with its
-size and sha256; ``serving.predictor`` names the default one. Format 1 (written before torch.export
+Format ``mlet_dist.serving/2`` lists the serving predictors under ``serving.artifacts`` (one entry
+per kind of :mod:`mlet_dist.serving.artifacts` written: the torch.export program, and optionally an
+AOTInductor package and a TorchScript file), each with its size and sha256;
+``serving.predictor`` names the default one. Format 1 (written before torch.export
 became the default) had only ``serving.predictor``, a TorchScript file; it is still read.
 """
 
@@ -25,13 +26,6 @@ from mlet_dist.utils.files import sha256_file
 MANIFEST = "manifest.json"
 FORMAT = "mlet_dist.serving/2"
 READABLE_FORMATS = ("mlet_dist.serving/1", FORMAT)
-ARTIFACT_FILES = {
-    "export": "serving/predictor.pt2",
-    "aoti": "serving/predictor_aoti.pt2",
-    "torchscript": "serving/predictor.pt",
-}
-"""The serving predictors by kind: torch.export program (the default), AOTInductor package,
-TorchScript."""
 
 
 class ServingError(MletError, RuntimeError):
@@ -111,7 +105,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
 
 
 def artifacts(manifest: dict[str, Any]) -> dict[str, str]:
-    """The serving predictors a manifest lists: kind ('export', 'aoti', 'torchscript') -> path.
+    """The serving predictors a manifest lists: kind ('export', 'aoti', ...) -> path.
 
     Format 1 manifests list one TorchScript predictor (``serving.predictor``).
     """

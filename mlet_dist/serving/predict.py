@@ -6,8 +6,9 @@ Rows are given as arrays (any object with ``dense`` (B, 13) and ``sparse`` (B, F
 (:func:`mlet_dist.predict_job.predict_file`), which knows the data sources.
 
 The predictor is the manifest's default, the ``torch.export`` program ``serving/predictor.pt2``
-(``torch.export.load``), or, when asked for, the AOTInductor package or the TorchScript file. A
-directory written before torch.export became the default has only TorchScript, which is then used.
+(``torch.export.load``), or, when asked for, another kind the directory has (the AOTInductor
+package, the TorchScript file: :mod:`mlet_dist.serving.artifacts` loads each). A directory written
+before torch.export became the default has only TorchScript, which is then used.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from mlet_dist.config import ConfigError
+from mlet_dist.serving.artifacts import ARTIFACTS, AUTO, predictor_choices
 from mlet_dist.serving.manifest import ServingError, artifacts, read_manifest, verify_manifest
 
 
@@ -79,29 +81,33 @@ def data_source(manifest: dict[str, Any]) -> str:
     return source or "criteo"
 
 
-PREDICTOR_KINDS = ("auto", "export", "aoti", "torchscript")
-
-
-def choose_predictor(manifest: dict[str, Any], kind: str = "auto") -> tuple[str, str]:
+def choose_predictor(manifest: dict[str, Any], kind: str = AUTO) -> tuple[str, str]:
     """(kind, path) of the predictor to use: ``kind``, or for 'auto' the torch.export program,
-    else (a directory written before it was the default) the TorchScript file.
+    else (a directory written before it was the default) the one it has (TorchScript).
 
     Raises:
+        ValueError: ``kind`` is not 'auto' or a registered kind (:mod:`mlet_dist.serving.artifacts`).
         ServingError: no predictor was written, or not the one asked for (the message lists those
             there are and how to get the other).
     """
-    if kind not in PREDICTOR_KINDS:
-        raise ValueError(f"predictor kind must be one of {PREDICTOR_KINDS}, got {kind!r}")
+    if kind not in predictor_choices():
+        raise ValueError(f"predictor kind must be one of {predictor_choices()}, got {kind!r}")
     there = artifacts(manifest)
     if not there:
         raise ServingError(
             "this serving directory has no predictor (collapsed with --no-predictor); collapse "
             "again without it"
         )
-    if kind == "auto":
-        kind = "export" if "export" in there else next(iter(there))
+    if kind == AUTO:
+        known = [k for k in ARTIFACTS if k in there]  # registry order: the default first
+        if not known:
+            raise ServingError(
+                f"this version cannot load the predictors of this serving directory "
+                f"({', '.join(there)}); collapse again with this version"
+            )
+        kind = known[0]
     if kind not in there:
-        flag = {"aoti": "--aoti", "torchscript": "--torchscript", "export": ""}[kind]
+        flag = ARTIFACTS[kind].flag
         raise ServingError(
             f"this serving directory has no {kind} predictor (it has: {', '.join(there)}); "
             f"use one of those, or collapse again{' with ' + flag if flag else ''}"
@@ -110,15 +116,17 @@ def choose_predictor(manifest: dict[str, Any], kind: str = "auto") -> tuple[str,
 
 
 def load_predictor(
-    serving_dir: str | Path, verify: str = "all", kind: str = "auto"
+    serving_dir: str | Path, verify: str = "all", kind: str = AUTO
 ) -> tuple[Any, dict[str, Any]]:
     """Checks the manifest checksums, then loads a predictor as a serving process would.
 
     Args:
         serving_dir: a directory written by ``mlet-dist collapse``.
         verify: 'all' (every file of the manifest) or 'predictor' (only the predictor file).
-        kind: 'auto' (see :func:`choose_predictor`), 'export' (``torch.export.load``), 'aoti'
-            (``torch._inductor.aoti_load_package``) or 'torchscript' (``torch.jit.load``).
+        kind: 'auto' (see :func:`choose_predictor`) or a kind of
+            :data:`mlet_dist.serving.artifacts.ARTIFACTS`, loaded by its ``load``: 'export'
+            (``torch.export.load``), 'aoti' (``torch._inductor.aoti_load_package``),
+            'torchscript' (``torch.jit.load``).
 
     Returns:
         (callable ``(dense, values, lengths) -> probabilities``, manifest); the kind used is
@@ -136,12 +144,7 @@ def load_predictor(
     manifest = verify_manifest(serving_dir, only=None if verify == "all" else {rel})
     path = str(Path(serving_dir) / rel)
     try:
-        if kind == "export":
-            predictor = torch.export.load(path).module()
-        elif kind == "aoti":
-            predictor = torch._inductor.aoti_load_package(path)
-        else:
-            predictor = torch.jit.load(path, map_location="cpu")
+        predictor = ARTIFACTS[kind].load(path)
     except Exception as e:  # each loader raises its own types (version, platform, operators)
         lines = str(e).strip().splitlines() or [""]
         written = manifest.get("versions", {})
