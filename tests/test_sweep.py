@@ -258,7 +258,7 @@ def test_bootstrap_without_noise_is_the_point_estimate():
 
 
 def test_shards_partition_the_runs_and_the_torchx_component_passes_them(tmp_path):
-    from mlet_dist.cli import _parser
+    from mlet_dist.cli import build_parser
     from mlet_dist.sweep.runner import shard_runs
     from mlet_dist.sweep.spec import tune_runs
 
@@ -287,7 +287,7 @@ def test_shards_partition_the_runs_and_the_torchx_component_passes_them(tmp_path
             img_root="", app_id="a", replica_id=str(i), rank0_env="R", base_img_root=""
         ).apply(role)
         cmd = filled.args[1].split(" -m mlet_dist ", 1)[1].split()
-        args, rest = _parser().parse_known_args(cmd)
+        args, rest = build_parser().parse_known_args(cmd)
         assert (args.command, args.stage, args.shard, args.jobs) == ("sweep", "tune", (i, 3), 2)
         assert rest == ["--data.batch_size=64"]
     with pytest.raises(ValueError, match="one replica"):
