@@ -30,6 +30,7 @@ from mlet_dist.distributed.parallelize import DistEnv, init_distributed
 from mlet_dist.quality import training_id_counts
 from mlet_dist.schema import schema_of
 from mlet_dist.train.loop import Trainer, remove_stale_checkpoints
+from mlet_dist.train.metrics import log_evaluation
 from mlet_dist.utils.files import (
     atomic_write_json,
     check_output,
@@ -160,6 +161,8 @@ def _train(
     for split in ("eval", "test"):
         if splits.has(cfg.data, split):
             metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)
+    if "eval" in metrics:  # TensorBoard's eval AUC at the last step (train.tensorboard)
+        log_evaluation(cfg.train, env, run_dir, trainer.step, metrics["eval"])
     if env.is_rank0:
         atomic_write_json(run_dir / "metrics.json", metrics)
         if "eval" in metrics:
