@@ -474,6 +474,9 @@ def axis_ratios(
                 "ratio": f"{a['axis']}: {a['axis_value']} / {bench.axes[a['axis']][0]}",
                 "samples_per_s": a["samples_per_s"] / r["samples_per_s"],
                 "samples_per_s_best": a["samples_per_s_max"] / r["samples_per_s_max"],
+                "cpu_time_per_step": _ratio(
+                    a["cpu_ms_per_step_max_rank"], r["cpu_ms_per_step_max_rank"]
+                ),
                 "w1_bytes": _ratio(a["param_bytes"]["w1"], r["param_bytes"]["w1"]),
                 "training_state_bytes": _ratio(
                     a["training_state_bytes_max_rank"], r["training_state_bytes_max_rank"]
@@ -535,6 +538,11 @@ def _summarize(cfg, variant: str, ws: int, runs: list[list[dict[str, Any]]]) -> 
         / 2**20,
         "sys_ms_per_step_max_rank": 1e3
         * max(statistics.median(rk[r]["sys_s_per_step"] for rk in runs) for r in range(ws)),
+        # Process CPU time (all threads, user + system): other jobs on a shared machine disturb
+        # it much less than wall time (with one thread per rank: no spinning thread pool).
+        "cpu_ms_per_step_max_rank": 1e3
+        * max(statistics.median(_cpu_s(rk[r]) for rk in runs) for r in range(ws)),
+        "cpu_ms_per_step_runs": [1e3 * max(_cpu_s(r) for r in rk) for rk in runs],
         "sharding": first[0]["sharding"],
         "peak_rss_bytes_max_rank": max_rank("peak_rss_bytes"),
         "rss_model_bytes_max_rank": max_rank("rss_model_bytes"),
@@ -586,6 +594,11 @@ def _summarize(cfg, variant: str, ws: int, runs: list[list[dict[str, Any]]]) -> 
         row["max_allocated_bytes_max_rank"] = max_rank("max_allocated_bytes")
         row["max_reserved_bytes_max_rank"] = max_rank("max_reserved_bytes")
     return row
+
+
+def _cpu_s(rank: dict[str, Any]) -> float:
+    """A rank's process CPU seconds (user + system) per timed step."""
+    return rank["user_s_per_step"] + rank["sys_s_per_step"]
 
 
 def _ratios(cfg, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

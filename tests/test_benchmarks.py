@@ -607,3 +607,18 @@ def test_serving_bench_alone_writes_the_runners_record(tmp_path, monkeypatch) ->
     assert alone["results"] == runner["results"] == {"rows": [], "batch_size": 128, "quick": True}
     assert alone["config"] == runner["config"]
     assert alone["command"].startswith("python -m benchmarks.run --suite serving --quick")
+
+
+def test_recmetrics_bench_feeds_per_step_and_per_n_steps_alike() -> None:
+    """The two ways of feeding TorchRec's RecMetrics give the same window AUC (the rows of the
+    last N steps); each reports its cost per step."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.recmetrics_bench", "--steps", "20", "--every", "10",
+         "--repeats", "1", "--batch", "64"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    assert res["per_step_window_auc"] == pytest.approx(res["per_n_steps_window_auc"], abs=1e-6)
+    assert 0.5 < res["per_step_window_auc"] < 1.0  # labels drawn from the logits
+    assert res["per_step_ms_per_step"] > 0 and res["per_n_steps_ms_per_step"] > 0
