@@ -8,8 +8,10 @@
   ``data.weight``) and computed (collectively: the states are reduced to rank 0, which alone gets
   AUC/NE/calibration back) every N steps and at the last step; rank 0 logs. The rows of the N
   steps are kept and handed over in one update before each computation: TorchRec's update costs
-  ~0.6 ms of Python per call whatever its rows (7% of a 9 ms step), one per N steps a hundredth
-  of that (benchmarks/results/train_cpu2_2026-12-04_metrics.md).
+  ~0.6 ms of Python per call whatever its rows (~9% of synthetic_small's 7 ms step on one CPU
+  thread); fed once per 100 steps, RecMetrics cost ~0.09 ms a step, computations included
+  (``python -m benchmarks.recmetrics_bench``); TensorBoard with them costs ~3% of that step
+  (benchmarks/results/train_cpu2_2026-12-04_metrics.md).
 - **Validation** (``train.eval_every = N``): the eval split's metrics (AUC, NE, log loss, and
   per id-frequency bucket) every N steps, by :func:`mlet_dist.train.evaluation.evaluate`
   (through TorchRec's eval pipeline under ``train.pipeline = 'sparse_dist'``); the evaluation
@@ -53,7 +55,7 @@ TASK = RecTaskInfo(
 AUTO_METRICS_EVERY = 100
 """RecMetrics cadence of a run with ``train.tensorboard = true`` and ``train.metrics_every = 0``.
 Measured: benchmarks/results/train_cpu2_2026-12-04_metrics.md (TensorBoard with these RecMetrics
-vs neither, synthetic_small's model at batch 256 on a 2-core CPU)."""
+vs neither: ~3% of the step of synthetic_small's model at batch 256 on a shared 2-core CPU)."""
 
 THROUGHPUT_WARMUP_STEPS = 100
 """TorchRec's default throughput warm-up, in training steps."""
