@@ -302,15 +302,16 @@ def random_batches(cfg, n: int, batch_size: int, seed: int) -> list[Any]:
 
 
 def train_step(trainer, batch) -> Any:
-    """One training step exactly as ``Trainer.fit`` runs it; returns the (undetached) loss."""
-    loss, _ = trainer.model(batch.to(trainer.env.device, non_blocking=True))
+    """One training step exactly as ``Trainer.fit`` runs it; returns the model's output
+    ``(loss, logits, labels[, weights])``, detached."""
+    loss, output = trainer.model(batch.to(trainer.env.device, non_blocking=True))
     loss.backward()
     trainer.optimizer.step()
     trainer.scheduler.step()
     # Trainer._sync_fused_lr: push the scheduled LR into fbgemm's kernels before the next backward.
     trainer.model.fused_optimizer.step()
     trainer.optimizer.zero_grad()
-    return loss
+    return output
 
 
 # -- rank processes ------------------------------------------------------------------------------

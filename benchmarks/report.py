@@ -319,7 +319,10 @@ def _axes_lines(bench: dict[str, Any], res: dict[str, Any], peak_name: str) -> l
         "## Axes",
         "",
         f"Reference point: {ref}. Each other value changes only its own axis; ratios are value "
-        "/ reference, same variant and ranks, measured in this run (interleaved).",
+        "/ reference, same variant and ranks, measured in this run (interleaved). CPU ms/step: "
+        "the process CPU time (user + system, all threads) per timed step, median over the "
+        "runs; on a shared machine it is disturbed much less than samples/s (with one thread "
+        "per rank, `--bench.threads=1`, no thread pool spins while waiting).",
         "",
     ]
     by = {(r["variant"], r["world_size"]): r for r in res["rows"]}
@@ -334,6 +337,8 @@ def _axes_lines(bench: dict[str, Any], res: dict[str, Any], peak_name: str) -> l
                 f"{a['samples_per_s']:,.0f} vs {r['samples_per_s']:,.0f}",
                 _x(q["samples_per_s"]),
                 _x(q["samples_per_s_best"]),
+                f"{a['cpu_ms_per_step_max_rank']:.2f} vs {r['cpu_ms_per_step_max_rank']:.2f}",
+                _x(q["cpu_time_per_step"]),
                 f"{_mib(a['param_bytes']['w1'])} vs {_mib(r['param_bytes']['w1'])}",
                 _x(q["w1_bytes"]),
                 _x(q["training_state_bytes"]),
@@ -349,6 +354,8 @@ def _axes_lines(bench: dict[str, Any], res: dict[str, Any], peak_name: str) -> l
             "samples/s",
             "samples/s ratio",
             "best windows",
+            "CPU ms/step (busiest rank)",
+            "CPU time ratio",
             "W1 MiB (all ranks)",
             "W1 ratio",
             "training state ratio",

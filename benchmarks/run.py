@@ -26,27 +26,21 @@ there (yet) is reported as 'not available'.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import importlib
 import json
-import logging
-import shlex
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    DEFAULT_OUT,
-    DEFAULT_TRAIN_CONFIG,
-    config_record,
-    hardware_tag,
-    library_versions,
-    load_bench_config,
-    machine_info,
-    result_stem,
+from benchmarks.common import config_record, hardware_tag, load_bench_config, machine_info
+from benchmarks.records import (
+    base_record,
+    prepare_run,
+    progress,
+    record_stem,
+    suite_arguments,
+    write_record,
 )
 
 SUITES = ("train", "collapse", "loader", "serving")
@@ -54,75 +48,27 @@ SUITES = ("train", "collapse", "loader", "serving")
 DELEGATED = {"collapse": "benchmarks.collapse_bench", "loader": "benchmarks.preprocess_bench"}
 
 
-def _progress(line: str) -> None:
-    print(line, flush=True)
-
-
-def _base_record(suite: str, args: argparse.Namespace, argv: list[str], machine: dict) -> dict:
-    today = datetime.date.today()
-    return {
-        "suite": suite,
-        "hardware_tag": hardware_tag(machine),
-        "date": today.isoformat(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick,
-        "tag": args.tag,
-        "command": "python -m benchmarks.run " + shlex.join(argv),
-        "versions": library_versions(),
-        "machine": machine,
-    }
-
-
-def _stem(record: dict[str, Any], out: Path) -> Path:
-    when = datetime.date.fromisoformat(record["date"])
-    stem = result_stem(record["suite"], record["hardware_tag"], record["quick"], when)
-    return out / (stem + (f"_{record['tag']}" if record.get("tag") else ""))
-
-
-def _write(record: dict[str, Any], out: Path, markdown: str | None) -> Path:
-    stem = _stem(record, out)
-    record.setdefault("files", {})
-    record["files"]["json"] = stem.name + ".json"
-    if markdown is not None:
-        stem.with_name(stem.name + ".md").write_text(markdown)
-        record["files"]["markdown"] = stem.name + ".md"
-    stem.with_name(stem.name + ".json").write_text(json.dumps(record, indent=1) + "\n")
-    return stem
-
-
 def run_train(args, overrides: list[str], argv: list[str], machine: dict, out: Path) -> dict:
     from benchmarks.report import train_markdown, train_plots
     from benchmarks.train_bench import run_train_suite
 
     cfg, bench = load_bench_config(args.config, overrides, quick=args.quick)
-    record = _base_record("train", args, argv, machine)
+    record = base_record("train", args, argv, machine)
     record["config"] = config_record(cfg, bench)
     start = time.perf_counter()
-    record["results"] = run_train_suite(cfg, bench, machine["cores"], progress=_progress)
+    record["results"] = run_train_suite(cfg, bench, machine["cores"], progress=progress)
     record["seconds"] = time.perf_counter() - start
     record["status"] = "ok"
-    plots = train_plots(record, _stem(record, out))
+    plots = train_plots(record, record_stem(record, out))
     record["files"] = {"plots": [p.name for p in plots]}
-    _write(record, out, train_markdown(record))
+    write_record(record, out, train_markdown(record))
     return record
 
 
 def run_serving(args, overrides: list[str], argv: list[str], machine: dict, out: Path) -> dict:
-    from benchmarks.serving_bench import run_serving_suite, serving_markdown, serving_plots
+    from benchmarks.serving_bench import record_serving_suite
 
-    cfg, bench = load_bench_config(args.config, overrides, quick=args.quick)
-    record = _base_record("serving", args, argv, machine)
-    record["config"] = config_record(cfg, bench)
-    start = time.perf_counter()
-    record["results"] = run_serving_suite(
-        cfg, bench, machine["cores"], progress=_progress, quick=args.quick
-    )
-    record["seconds"] = time.perf_counter() - start
-    record["status"] = "ok"
-    plots = serving_plots(record, _stem(record, out))
-    record["files"] = {"plots": [p.name for p in plots]}
-    _write(record, out, serving_markdown(record))
-    return record
+    return record_serving_suite(args, overrides, argv, machine, out)
 
 
 def _delegate(suite: str):
@@ -138,12 +84,12 @@ def _delegate(suite: str):
 
 def run_delegated(suite: str, args, argv: list[str], machine: dict, out: Path, trainer=None):
     """Runs a suite another module measures; records its result and adds the comparison plot."""
-    record = _base_record(suite, args, argv, machine)
+    record = base_record(suite, args, argv, machine)
     module = _delegate(suite)
     if module is None:
         record["status"] = "not available"
         record["reason"] = f"{DELEGATED[suite].replace('.', '/')}.py does not exist"
-        _write(record, out, None)
+        write_record(record, out, None)
         return record
     start = time.perf_counter()
     sub_argv = ["--out-dir", str(out), *(["--quick"] if args.quick else [])]
@@ -156,9 +102,9 @@ def run_delegated(suite: str, args, argv: list[str], machine: dict, out: Path, t
         record["summary"] = _collapse_summary(result)
     else:
         record["summary"] = _loader_summary(result, trainer)
-    plots = _delegated_plot(suite, record, _stem(record, out))
+    plots = _delegated_plot(suite, record, record_stem(record, out))
     record["files"] = {"plots": [p.name for p in plots]}
-    _write(record, out, _delegated_markdown(suite, record))
+    write_record(record, out, _delegated_markdown(suite, record))
     return record
 
 
@@ -318,32 +264,15 @@ def _delegated_markdown(suite: str, record: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run",
-        description=__doc__.split("\n")[0],
-        epilog="Other --section.key=value arguments override the train config.",
+    args, overrides = suite_arguments(
+        argv, "python -m benchmarks.run", list(SUITES), __doc__.split("\n")[0]
     )
-    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
-    parser.add_argument("--quick", action="store_true", help="small sizes, a minute or so")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="results directory")
-    parser.add_argument("--config", default=str(DEFAULT_TRAIN_CONFIG), help="train config")
-    parser.add_argument(
-        "--tag", default="", help="appended to the result file names (e.g. 'malloc-tuned')"
-    )
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
-    if bad:
-        parser.error(f"unknown arguments {bad}; config overrides look like --section.key=value")
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run(args)
     machine = machine_info()
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     records: dict[str, dict[str, Any]] = {}
     for suite in suites:
-        _progress(f"== {suite}")
+        progress(f"== {suite}")
         if suite == "train":
             records[suite] = run_train(args, overrides, argv, machine, out)
         elif suite == "serving":
@@ -357,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         files = rec.get("files", {})
         listed = [files.get("json"), files.get("markdown"), *files.get("plots", [])]
         extra = f" ({rec['reason']})" if rec.get("reason") else ""
-        _progress(f"{suite}: {rec['status']}{extra}; wrote {', '.join(f for f in listed if f)}")
+        progress(f"{suite}: {rec['status']}{extra}; wrote {', '.join(f for f in listed if f)}")
     return records
 
 

@@ -63,10 +63,21 @@ import numpy as np
 from benchmarks.common import (
     BenchConfig,
     BenchmarkError,
+    config_record,
     current_rss_bytes,
+    load_bench_config,
+    machine_info,
     spawn_ranks,
     variant_config,
     variant_label,
+)
+from benchmarks.records import (
+    base_record,
+    prepare_run,
+    progress,
+    record_stem,
+    suite_arguments,
+    write_record,
 )
 
 DTYPES = ("fp32", "int8")
@@ -634,6 +645,27 @@ def serving_plots(record: dict[str, Any], stem: Path) -> list[Path]:
     return [path]
 
 
+def record_serving_suite(
+    args, overrides: list[str], argv: list[str], machine: dict, out: Path
+) -> dict[str, Any]:
+    """Runs the serving suite and writes its record (``python -m benchmarks.run --suite serving``
+    and ``python -m benchmarks.serving_bench``): ``args`` and ``overrides`` from
+    :func:`benchmarks.records.suite_arguments`, ``argv`` the runner's arguments."""
+    cfg, bench = load_bench_config(args.config, overrides, quick=args.quick)
+    record = base_record("serving", args, argv, machine)
+    record["config"] = config_record(cfg, bench)
+    start = time.perf_counter()
+    record["results"] = run_serving_suite(
+        cfg, bench, machine["cores"], progress=progress, quick=args.quick
+    )
+    record["seconds"] = time.perf_counter() - start
+    record["status"] = "ok"
+    plots = serving_plots(record, record_stem(record, out))
+    record["files"] = {"plots": [p.name for p in plots]}
+    write_record(record, out, serving_markdown(record))
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--worker" in argv:
@@ -646,9 +678,14 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")  # library notices, once per worker
         worker(args.worker, args.result)
         return 0
-    from benchmarks.run import main as run_main
-
-    run_main(["--suite", "serving", *argv])
+    args, overrides = suite_arguments(argv, "python -m benchmarks.serving_bench")
+    out = prepare_run(args)
+    record = record_serving_suite(
+        args, overrides, ["--suite", "serving", *argv], machine_info(), out
+    )
+    files = record["files"]
+    listed = [files["json"], files["markdown"], *files["plots"]]
+    progress(f"serving: {record['status']}; wrote {', '.join(listed)}")
     return 0
 
 

@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -147,15 +148,44 @@ def pipeline_kind(cfg) -> str:
     return getattr(cfg.train, "pipeline", "base")
 
 
-def make_step(trainer, kind: str, batches: Iterator[Any]) -> Callable[[], Any]:
+def make_step(trainer, kind: str, batches: Iterator[Any], monitor: Any = None) -> Callable[[], Any]:
     """One training step as ``Trainer.fit`` runs it with ``train.pipeline = kind``; the returned
-    function trains the next batch of ``batches`` and returns its (detached or not) loss.
+    function trains the next batch of ``batches`` and returns its loss (detached).
 
     'base': forward, backward, optimizer step (:func:`benchmarks.common.train_step`).
     'sparse_dist': TorchRec's ``TrainPipelineSparseDist.progress`` (it zeroes the gradients, runs
     batch i + 1's input distribution and reads batch i + 2 around batch i's forward, backward and
     optimizer step); then the LR schedule and the fused optimizer's LR sync, as the trainer does.
+
+    ``monitor``: a :class:`mlet_dist.train.metrics.TrainingMonitor` (RecMetrics, TensorBoard),
+    driven as ``Trainer.fit`` drives it: every step's output, the scalars every
+    ``train.log_every`` steps, the RecMetrics at their cadence (steps counted from the first).
     """
+    step = _output_step(trainer, kind, batches)
+    if monitor is None:
+        return lambda: step()[0]
+    from mlet_dist.train.metrics import learning_rates
+
+    log_every = trainer.cfg.train.log_every
+    done = 0
+
+    def monitored() -> Any:
+        nonlocal done
+        start = time.perf_counter()
+        output = step()
+        done += 1
+        monitor.step(output, 0.0, time.perf_counter() - start)
+        if done % log_every == 0:
+            lrs = learning_rates(trainer.optimizer)
+            monitor.log(done, float(output[0]), lrs, trainer.env.device)
+        monitor.rec_metrics(done)
+        return output[0]
+
+    return monitored
+
+
+def _output_step(trainer, kind: str, batches: Iterator[Any]) -> Callable[[], Any]:
+    """:func:`make_step`'s step, returning the model's output ``(loss, logits, labels[, ...])``."""
     if kind == "base":
         return lambda: train_step(trainer, next(batches))
     if kind != "sparse_dist":
@@ -172,9 +202,16 @@ def make_step(trainer, kind: str, batches: Iterator[Any]) -> Callable[[], Any]:
         output = pipeline.progress(batches)
         trainer.scheduler.step()
         trainer.model.fused_optimizer.step()  # Trainer._sync_fused_lr
-        return output[0]  # DLRMTrain's output: (loss detached, logits, labels)
+        return output  # DLRMTrain's output: (loss detached, logits, labels)
 
     return step
+
+
+def monitoring(cfg) -> bool:
+    """Whether ``Trainer.fit`` runs a monitor that costs anything: TensorBoard or RecMetrics."""
+    from mlet_dist.train.metrics import effective_metrics_every
+
+    return bool(cfg.train.tensorboard or effective_metrics_every(cfg.train))
 
 
 def worker(spec_path: str, result_path: str) -> None:
@@ -185,6 +222,7 @@ def worker(spec_path: str, result_path: str) -> None:
     from mlet_dist.config import config_from_dict
     from mlet_dist.distributed.parallelize import init_distributed
     from mlet_dist.train import Trainer
+    from mlet_dist.train.metrics import TrainingMonitor, effective_metrics_every
 
     spec = json.loads(Path(spec_path).read_text())
     cfg = config_from_dict(spec["config"])
@@ -216,7 +254,11 @@ def worker(spec_path: str, result_path: str) -> None:
     rss_before_model = current_rss_bytes()
     trainer = Trainer(cfg, env)
     rss_model = current_rss_bytes()
-    step_fn = make_step(trainer, kind, batch_iter)
+    monitor, tb_dir = None, None
+    if monitoring(cfg):  # the TensorBoard / RecMetrics axis (a throw-away run directory)
+        tb_dir = tempfile.mkdtemp(prefix="mlet_bench_tb_")
+        monitor = TrainingMonitor(cfg.train, cfg.data.batch_size, env, tb_dir)
+    step_fn = make_step(trainer, kind, batch_iter, monitor)
 
     def sync() -> None:
         if cuda:
@@ -236,6 +278,9 @@ def worker(spec_path: str, result_path: str) -> None:
         window_s.append(time.perf_counter() - start)
     after = resource.getrusage(resource.RUSAGE_SELF)
     timed_steps = bench.windows * bench.steps_per_window
+    if monitor is not None:
+        monitor.close()
+        shutil.rmtree(tb_dir, ignore_errors=True)
     final_loss = float(loss.detach())
     params = {"w1": 0, "projection": 0, "dense": 0}
     for name, p in trainer.model.named_parameters():
@@ -249,6 +294,8 @@ def worker(spec_path: str, result_path: str) -> None:
         "rank": env.rank,
         "world_size": env.world_size,
         "pipeline": kind,
+        "metrics_every": effective_metrics_every(cfg.train) if monitor is not None else 0,
+        "tensorboard": bool(cfg.train.tensorboard),
         "batches": bench.batches,
         "batch_pool": len(pool),
         "batch_pool_bytes": pool_bytes,
@@ -427,6 +474,9 @@ def axis_ratios(
                 "ratio": f"{a['axis']}: {a['axis_value']} / {bench.axes[a['axis']][0]}",
                 "samples_per_s": a["samples_per_s"] / r["samples_per_s"],
                 "samples_per_s_best": a["samples_per_s_max"] / r["samples_per_s_max"],
+                "cpu_time_per_step": _ratio(
+                    a["cpu_ms_per_step_max_rank"], r["cpu_ms_per_step_max_rank"]
+                ),
                 "w1_bytes": _ratio(a["param_bytes"]["w1"], r["param_bytes"]["w1"]),
                 "training_state_bytes": _ratio(
                     a["training_state_bytes_max_rank"], r["training_state_bytes_max_rank"]
@@ -488,6 +538,11 @@ def _summarize(cfg, variant: str, ws: int, runs: list[list[dict[str, Any]]]) -> 
         / 2**20,
         "sys_ms_per_step_max_rank": 1e3
         * max(statistics.median(rk[r]["sys_s_per_step"] for rk in runs) for r in range(ws)),
+        # Process CPU time (all threads, user + system): other jobs on a shared machine disturb
+        # it much less than wall time (with one thread per rank: no spinning thread pool).
+        "cpu_ms_per_step_max_rank": 1e3
+        * max(statistics.median(_cpu_s(rk[r]) for rk in runs) for r in range(ws)),
+        "cpu_ms_per_step_runs": [1e3 * max(_cpu_s(r) for r in rk) for rk in runs],
         "sharding": first[0]["sharding"],
         "peak_rss_bytes_max_rank": max_rank("peak_rss_bytes"),
         "rss_model_bytes_max_rank": max_rank("rss_model_bytes"),
@@ -539,6 +594,11 @@ def _summarize(cfg, variant: str, ws: int, runs: list[list[dict[str, Any]]]) -> 
         row["max_allocated_bytes_max_rank"] = max_rank("max_allocated_bytes")
         row["max_reserved_bytes_max_rank"] = max_rank("max_reserved_bytes")
     return row
+
+
+def _cpu_s(rank: dict[str, Any]) -> float:
+    """A rank's process CPU seconds (user + system) per timed step."""
+    return rank["user_s_per_step"] + rank["sys_s_per_step"]
 
 
 def _ratios(cfg, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

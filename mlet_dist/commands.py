@@ -354,9 +354,10 @@ COMMANDS: tuple[Command, ...] = (
         "train a model; resumes the latest checkpoint of train.run_dir",
         _train_args,
         _train,
-        epilog="during training: --train.metrics_every=N (TorchRec RecMetrics), "
-        "--train.eval_every=N (validation), --train.tensorboard=true (scalars in RUN/tb/; view "
-        "them with `tensorboard --logdir runs/`)",
+        epilog="during training: --train.tensorboard=true (scalars in RUN/tb/, with the "
+        "RecMetrics training AUC every 100 steps and the final eval AUC; view them with "
+        "`tensorboard --logdir runs/`), --train.metrics_every=N (TorchRec RecMetrics every N "
+        "steps), --train.eval_every=N (validation every N steps)",
     ),
     Command(
         "evaluate", "evaluate a run's latest checkpoint", _evaluate_args, _evaluate, config=False

@@ -232,7 +232,7 @@ def test_variants_differ_only_in_widths() -> None:
 # -- realistic traffic, axes and the machine record (issue 13) ----------------------------------
 
 
-def _small_cfg(cards: int = 60, rows: int = 40, batch: int = 64):
+def _small_cfg(cards: int = 60, rows: int = 40, batch: int = 64, *extra: str):
     """A bench config with tiny tables: ``cards`` Zipf ids per feature hashed onto ``rows``."""
     cfg, _ = load_bench_config(
         quick=True,
@@ -240,6 +240,7 @@ def _small_cfg(cards: int = 60, rows: int = 40, batch: int = 64):
             f"--data.batch_size={batch}",
             f"--data.num_embeddings_per_feature={[rows] * 26}",
             f"--synthetic.cardinalities={[cards] * 26}",
+            *extra,
         ],
     )
     return cfg
@@ -525,3 +526,99 @@ def test_pipelined_bench_step_trains_like_the_plain_step(tmp_path) -> None:
     assert piped["lr"] == base["lr"]
     for name, w in base["dense"].items():
         assert torch.allclose(piped["dense"][name], w, atol=1e-6), name
+
+
+def _monitored_vs_plain(tmp: str) -> dict:
+    """One rank: the bench's pipelined step without and with the training monitor (RecMetrics
+    every 3 steps, TensorBoard, loss logged every 2 steps) on the same fresh batches."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from benchmarks.traffic import load_pool, write_rank_pools
+    from benchmarks.train_bench import make_step
+    from mlet_dist.distributed.parallelize import init_distributed
+    from mlet_dist.train import Trainer
+    from mlet_dist.train.metrics import TrainingMonitor
+
+    extra = ["--train.metrics_every=3", "--train.tensorboard=true", "--train.log_every=2"]
+    cfg = _small_cfg(60, 40, 32, *extra)
+    env = init_distributed(cfg.dist)
+    (path,) = write_rank_pools(cfg, 1, 8, [2], seed=3, out_dir=Path(tmp))
+    out: dict = {}
+    for monitored in (False, True):
+        trainer = Trainer(cfg, env)
+        monitor = None
+        if monitored:
+            monitor = TrainingMonitor(cfg.train, cfg.data.batch_size, env, Path(tmp) / "run")
+        step = make_step(trainer, "sparse_dist", iter(load_pool(path)), monitor)
+        out[monitored] = [float(step()) for _ in range(6)]
+        if monitor is not None:
+            monitor.close()
+    acc = EventAccumulator(str(Path(tmp) / "run" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    out["tb"] = {
+        tag: {e.step: e.value for e in acc.Scalars(tag)}
+        for tag in ("train/loss", "recmetrics/auc-ctr/window_auc")
+    }
+    return out
+
+
+@pytest.mark.slow
+def test_monitored_bench_step_trains_alike_and_feeds_the_monitor(tmp_path) -> None:
+    """The TensorBoard axis's timed step drives the monitor as Trainer.fit does (losses at the
+    logged steps, RecMetrics at their cadence) and trains exactly as the plain step."""
+    from dist_utils import run_ranks
+
+    from benchmarks.train_bench import monitoring
+
+    (res,) = run_ranks(_monitored_vs_plain, 1, str(tmp_path), timeout=240)
+    assert res[True] == res[False]
+    assert res["tb"]["train/loss"] == pytest.approx(
+        {2: res[True][1], 4: res[True][3], 6: res[True][5]}
+    )
+    assert sorted(res["tb"]["recmetrics/auc-ctr/window_auc"]) == [3, 6]
+    assert monitoring(_small_cfg(60, 40, 32, "--train.tensorboard=true"))  # RecMetrics: auto
+    assert not monitoring(_small_cfg())
+
+
+def test_serving_bench_alone_writes_the_runners_record(tmp_path, monkeypatch) -> None:
+    """``python -m benchmarks.serving_bench [options]`` is ``benchmarks.run --suite serving``
+    (without the measurement: the suite's functions are replaced)."""
+    from benchmarks import serving_bench
+
+    def fake_suite(cfg, bench, cores, progress, quick):
+        return {"rows": [], "batch_size": cfg.data.batch_size, "quick": quick}
+
+    monkeypatch.setattr(serving_bench, "run_serving_suite", fake_suite)
+    monkeypatch.setattr(serving_bench, "serving_plots", lambda record, stem: [])
+    monkeypatch.setattr(serving_bench, "serving_markdown", lambda record: "# serving\n")
+    args = ["--quick", "--data.batch_size=128", "--tag", "x"]
+    records = {}
+    for name, main in [("alone", serving_bench.main), ("runner", bench_run.main)]:
+        out = tmp_path / name
+        main(
+            ["--suite", "serving", *args, "--out", str(out)]
+            if name == "runner"
+            else [*args, "--out", str(out)]
+        )
+        (path,) = out.glob(f"serving-quick_{hardware_tag()}_*_x.json")
+        records[name] = json.loads(path.read_text())
+        assert (out / records[name]["files"]["markdown"]).read_text() == "# serving\n"
+    alone, runner = records["alone"], records["runner"]
+    assert alone["results"] == runner["results"] == {"rows": [], "batch_size": 128, "quick": True}
+    assert alone["config"] == runner["config"]
+    assert alone["command"].startswith("python -m benchmarks.run --suite serving --quick")
+
+
+def test_recmetrics_bench_feeds_per_step_and_per_n_steps_alike() -> None:
+    """The two ways of feeding TorchRec's RecMetrics give the same window AUC (the rows of the
+    last N steps); each reports its cost per step."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.recmetrics_bench", "--steps", "20", "--every", "10",
+         "--repeats", "1", "--batch", "64"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    assert res["per_step_window_auc"] == pytest.approx(res["per_n_steps_window_auc"], abs=1e-6)
+    assert 0.5 < res["per_step_window_auc"] < 1.0  # labels drawn from the logits
+    assert res["per_step_ms_per_step"] > 0 and res["per_n_steps_ms_per_step"] > 0

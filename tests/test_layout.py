@@ -1,9 +1,12 @@
-"""The package's layout rules: the import contracts of pyproject.toml (import-linter) hold, and they
-catch a forbidden import and an import circle when one is added; no module grows past the size a
-reader can hold (README "Layout")."""
+"""The package's layout rules: the import contracts of pyproject.toml (import-linter, over
+``mlet_dist`` and ``benchmarks``) hold, and they catch a forbidden import and an import circle
+when one is added, in the package and in the benchmarks; the test modules and launch/ (no
+packages: they import each other by name) have no import circle either; no module grows past
+the size a reader can hold (README "Layout")."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -41,9 +44,10 @@ def _copy(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     root.mkdir()
     shutil.copy(ROOT / "pyproject.toml", root)
-    shutil.copytree(
-        ROOT / "mlet_dist", root / "mlet_dist", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for package in ("mlet_dist", "benchmarks"):
+        shutil.copytree(
+            ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "results")
+        )
     return root
 
 
@@ -69,6 +73,60 @@ def test_forbidden_import_and_circle_are_caught(tmp_path):
     assert "mlet_dist.data is not allowed to import mlet_dist.train" in text
     assert "No import circles between the modules of any package BROKEN" in text
     assert "circle_a" in text and "circle_b" in text
+
+
+def test_benchmark_circle_and_package_import_are_caught(tmp_path):
+    root = _copy(tmp_path)
+    # the runner <-> a suite (the circle benchmarks/run.py <-> serving_bench.py had)
+    suite = root / "benchmarks" / "serving_bench.py"
+    suite.write_text(suite.read_text() + "\nimport benchmarks.run  # noqa: E402, F401\n")
+    # the package must never import the benchmarks
+    utils = root / "mlet_dist" / "utils" / "__init__.py"
+    utils.write_text(utils.read_text() + "\nimport benchmarks.common  # noqa: E402, F401\n")
+    out = _lint_imports(root)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text
+    assert "No import circles between the benchmark modules BROKEN" in text
+    assert "serving_bench -> .run" in text
+    assert "The package imports nothing of the benchmarks BROKEN" in text
+    assert "mlet_dist is not allowed to import benchmarks" in text
+    assert "mlet_dist.utils -> benchmarks.common" in text
+
+
+def _import_circles(folder: Path) -> list[list[str]]:
+    """The import circles among the modules of a folder that is no package (its modules import
+    each other by name, as tests/ and launch/ do): each as [a, b, ..., a]."""
+    names = {p.stem for p in folder.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name in sorted(names):
+        deps = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                deps.add(node.module)
+        graph[name] = {d.split(".")[0] for d in deps} & names - {name}
+    circles = []
+
+    def walk(path: list[str]) -> None:
+        for dep in sorted(graph[path[-1]]):
+            if dep == path[0]:
+                circles.append([*path, dep])
+            elif dep not in path and dep > path[0]:  # each circle once, from its least module
+                walk([*path, dep])
+
+    for name in sorted(graph):
+        walk([name])
+    return circles
+
+
+def test_no_import_circle_among_tests_and_launch(tmp_path):
+    for folder in ("tests", "launch"):
+        assert _import_circles(ROOT / folder) == [], folder
+    (tmp_path / "test_a.py").write_text("from test_b import x\n")
+    (tmp_path / "test_b.py").write_text("import os\nimport test_c\n")
+    (tmp_path / "test_c.py").write_text("def f():\n    import test_a\n")
+    assert _import_circles(tmp_path) == [["test_a", "test_b", "test_c", "test_a"]]
 
 
 def test_no_module_past_the_size_limit():

@@ -18,7 +18,11 @@ Oracles:
   ranks' predictions gathered;
 - the TensorBoard event files (read back with tensorboard's event reader) hold every listed
   scalar; the loss equals ``loss_curve.jsonl``, the LRs equal base LR x the schedule, the
-  validation AUC equals ``metrics.json``'s validation entries.
+  validation AUC equals ``metrics.json``'s validation entries;
+- ``train.tensorboard = true`` alone shows AUC: RecMetrics every ``AUTO_METRICS_EVERY`` steps and
+  at the last step (window AUC over the last N steps' rows, NE since the previous point and
+  lifetime, each equal to :func:`binary_metrics` of the steps' predictions recorded on the side)
+  and the final evaluation's AUC (``metrics.json``'s ``eval``) at the last step.
 """
 
 from __future__ import annotations
@@ -337,7 +341,64 @@ def test_tensorboard_events_hold_the_listed_scalars(tmp_path, monkeypatch):
         assert series(tag) == pytest.approx({s: base * f(s) for s in (2, 4, 6, 8)}, rel=1e-6)
     validation = metrics["train"]["validation"]
     assert [v["step"] for v in validation] == [4]  # (the last step's is metrics.json's eval)
-    assert series("eval/auc") == pytest.approx({4: validation[0]["auc"]}, rel=1e-6)
+    assert series("eval/auc") == pytest.approx(
+        {4: validation[0]["auc"], 8: metrics["eval"]["auc"]}, rel=1e-6
+    )
     assert sorted(series("recmetrics/auc-ctr/window_auc")) == [4, 8]
     assert all(v > 0 for v in series("perf/samples_per_s").values())
     assert all(v >= 0 for v in series("perf/data_wait_ms").values())
+
+
+def test_tensorboard_alone_shows_training_and_eval_auc(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mlet_dist.train import train
+    from mlet_dist.train.metrics import AUTO_METRICS_EVERY, TrainingMonitor
+
+    all_rows = rows()
+    data = Splits(
+        all_rows.slice(0, TRAIN_ROWS),
+        all_rows.slice(TRAIN_ROWS, len(all_rows)),
+        all_rows.slice(0, 0),
+    )
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda *_: data)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # every step's (logits, labels)
+    step = TrainingMonitor.step
+
+    def spy(self, output, data_s, step_s):
+        seen.append((output[1].detach().clone(), output[2].detach().clone().float()))
+        step(self, output, data_s, step_s)
+
+    monkeypatch.setattr(TrainingMonitor, "step", spy)
+    n = AUTO_METRICS_EVERY
+    epochs = -(-(n + 5) // (TRAIN_ROWS // BATCH))  # past one cadence, ending off its multiple
+    total = epochs * (TRAIN_ROWS // BATCH)
+    assert total % n and total > n
+    cfg = config(  # no train.metrics_every, no train.eval_every
+        tmp_path / "run", f"--train.epochs={epochs}", "--train.log_every=50",
+        "--train.tensorboard=true",
+    )  # fmt: skip
+    assert (cfg.train.metrics_every, cfg.train.eval_every) == (0, 0)  # the defaults
+    metrics = train(cfg)
+    assert len(seen) == total
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+
+    def series(tag: str) -> dict[int, float]:
+        return {e.step: e.value for e in acc.Scalars(tag)}
+
+    def ref(first: int, last: int) -> dict[str, float]:  # steps first..last (1-based)
+        z = torch.cat([s[0] for s in seen[first - 1 : last]])
+        y = torch.cat([s[1] for s in seen[first - 1 : last]])
+        return binary_metrics(z, y)
+
+    auc = series("recmetrics/auc-ctr/window_auc")
+    assert sorted(auc) == [n, total]
+    assert auc[n] == pytest.approx(ref(1, n)["auc"], abs=1e-5)
+    assert auc[total] == pytest.approx(ref(total - n + 1, total)["auc"], abs=1e-5)  # last n steps
+    window_ne = series("recmetrics/ne-ctr/window_ne")
+    assert window_ne[total] == pytest.approx(ref(n + 1, total)["ne"], rel=1e-4)  # since step n
+    lifetime_ne = series("recmetrics/ne-ctr/lifetime_ne")
+    assert lifetime_ne[total] == pytest.approx(ref(1, total)["ne"], rel=1e-4)
+    assert series("eval/auc") == pytest.approx({total: metrics["eval"]["auc"]}, rel=1e-6)
+    assert 0.0 < metrics["eval"]["auc"] < 1.0

@@ -206,7 +206,7 @@ class Trainer:
         if on_start is not None:
             on_start()
         guard = TrainingGuard(cfg.train.run_dir, env, start_step=self.step)  # SIGTERM, loss log
-        monitor = TrainingMonitor(cfg, env, cfg.train.run_dir)
+        monitor = TrainingMonitor(cfg.train, cfg.data.batch_size, env, cfg.train.run_dir)
         self.model.train()
         bar = tqdm(
             total=total,
@@ -267,7 +267,7 @@ class Trainer:
                     logger.debug("step %d loss %.5f", self.step, value)
                     guard.log_loss(self.step, value)
                     monitor.log(self.step, value, learning_rates(self.optimizer), env.device)
-                monitor.rec_metrics(self.step)
+                monitor.rec_metrics(self.step, last=self.step == total)
                 if validate is not None and cfg.train.eval_every:
                     if self.step % cfg.train.eval_every == 0 and self.step < total:
                         steps.detach()  # the plain model; the next progress() re-attaches it

@@ -1,13 +1,22 @@
 """What a training run shows while it runs: TorchRec RecMetrics, validation, TensorBoard.
 
-- **RecMetrics** (``train.metrics_every = N``): TorchRec's ``RecMetricModule`` with AUC, NE and
-  calibration (each windowed over the last N steps' rows, NE and calibration also lifetime) and
-  throughput, updated with every step's predictions (weighted by the sample weights of
+- **RecMetrics** (every N = :func:`effective_metrics_every` steps: ``train.metrics_every``, or
+  with ``train.metrics_every = 0`` every :data:`AUTO_METRICS_EVERY` steps when TensorBoard is on):
+  TorchRec's ``RecMetricModule`` with AUC, NE and calibration (AUC windowed over the last N
+  steps' rows, NE and calibration over the steps since the previous computation and lifetime)
+  and throughput, given every row's prediction (weighted by the sample weights of
   ``data.weight``) and computed (collectively: the states are reduced to rank 0, which alone gets
-  AUC/NE/calibration back) every N steps; rank 0 logs.
+  AUC/NE/calibration back) every N steps and at the last step; rank 0 logs. The rows of the N
+  steps are kept and handed over in one update before each computation: TorchRec's update costs
+  ~0.6 ms of Python per call whatever its rows (~9% of synthetic_small's 7 ms step on one CPU
+  thread); fed once per 100 steps, RecMetrics cost ~0.09 ms a step, computations included
+  (``python -m benchmarks.recmetrics_bench``); TensorBoard with them costs ~3% of that step
+  (benchmarks/results/train_cpu2_2026-12-04_metrics.md).
 - **Validation** (``train.eval_every = N``): the eval split's metrics (AUC, NE, log loss, and
   per id-frequency bucket) every N steps, by :func:`mlet_dist.train.evaluation.evaluate`
-  (through TorchRec's eval pipeline under ``train.pipeline = 'sparse_dist'``).
+  (through TorchRec's eval pipeline under ``train.pipeline = 'sparse_dist'``); the evaluation
+  after the last step (``metrics.json``'s ``eval``) goes to TensorBoard too
+  (:func:`log_evaluation`), so a run shows an eval AUC with ``train.eval_every = 0``.
 - **TensorBoard** (``train.tensorboard = true``): rank 0 writes scalars to ``RUN/tb/``
   (``tensorboard --logdir runs/``): ``train/loss``; ``lr/w1``, ``lr/w2``, ``lr/dense``;
   ``recmetrics/<metric>``; ``eval/auc``, ``eval/ne``, ``eval/<bucket>/auc|ne``;
@@ -34,7 +43,7 @@ from torchrec.metrics.metrics_config import (
     ThroughputDef,
 )
 
-from mlet_dist.config import Config
+from mlet_dist.config import TrainConfig
 from mlet_dist.distributed.parallelize import DistEnv
 
 logger = logging.getLogger(__name__)
@@ -43,24 +52,48 @@ TASK = RecTaskInfo(
     name="ctr", label_name="label", prediction_name="prediction", weight_name="weight"
 )
 
+AUTO_METRICS_EVERY = 100
+"""RecMetrics cadence of a run with ``train.tensorboard = true`` and ``train.metrics_every = 0``.
+Measured: benchmarks/results/train_cpu2_2026-12-04_metrics.md (TensorBoard with these RecMetrics
+vs neither: ~3% of the step of synthetic_small's model at batch 256 on a shared 2-core CPU)."""
 
-def build_rec_metrics(batch_size: int, window_steps: int, env: DistEnv) -> RecMetricModule:
+THROUGHPUT_WARMUP_STEPS = 100
+"""TorchRec's default throughput warm-up, in training steps."""
+
+
+def effective_metrics_every(train: TrainConfig) -> int:
+    """Steps between two RecMetrics computations (0: none): ``train.metrics_every`` when set,
+    else :data:`AUTO_METRICS_EVERY` when ``train.tensorboard`` is on (so that TensorBoard shows
+    a training AUC by default), else 0; -1 turns them off."""
+    if train.metrics_every < 0:
+        return 0
+    if train.metrics_every:
+        return train.metrics_every
+    return AUTO_METRICS_EVERY if train.tensorboard else 0
+
+
+def build_rec_metrics(
+    batch_size: int, window_steps: int, env: DistEnv, steps_per_update: int = 1
+) -> RecMetricModule:
     """TorchRec's metric module of AUC, NE, calibration and throughput for one binary task.
 
     Args:
         batch_size: the global batch size (each rank sees ``batch_size / world_size`` rows).
         window_steps: the windowed metrics cover the rows of the last this many steps.
         env: the ranks whose states ``compute()`` all-reduces.
+        steps_per_update: each ``update`` brings the rows of this many steps (TorchRec counts
+            an update as one batch: its throughput examples and window sizes).
     """
-    per_rank = batch_size // env.world_size
+    per_rank = batch_size // env.world_size * steps_per_update
     window = batch_size * window_steps  # TorchRec's window size counts the rows of all ranks
+    warmup = max(1, -(-THROUGHPUT_WARMUP_STEPS // steps_per_update))
     config = MetricsConfig(
         rec_tasks=[TASK],
         rec_metrics={
             m: RecMetricDef(rec_tasks=[TASK], window_size=window)
             for m in (RecMetricEnum.AUC, RecMetricEnum.NE, RecMetricEnum.CALIBRATION)
         },
-        throughput_metric=ThroughputDef(),
+        throughput_metric=ThroughputDef(warmup_steps=warmup),
         rec_compute_mode=RecComputeMode.UNFUSED_TASKS_COMPUTATION,
         compute_interval_steps=1,
     )
@@ -116,25 +149,57 @@ def learning_rates(optimizer: Any) -> dict[str, float]:
     return out
 
 
+def evaluation_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """An evaluation's TensorBoard scalars: ``eval/auc``, ``eval/ne`` and per bucket."""
+    values = {"eval/auc": metrics["auc"], "eval/ne": metrics["ne"]}
+    for bucket, m in metrics.get("buckets", {}).items():
+        for key in ("auc", "ne"):
+            if key in m:  # (a bucket without rows has no metrics)
+                values[f"eval/{bucket}/{key}"] = m[key]
+    return values
+
+
+def _summary_writer(run_dir: str | Path) -> Any:
+    # torch's writer (the tensorboard package only for its protobufs, no TensorFlow); imported
+    # only when asked for: it loads tensorboard's protobuf modules.
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+
+
+def log_evaluation(
+    train: TrainConfig, env: DistEnv, run_dir: str | Path, step: int, metrics: dict[str, Any]
+) -> None:
+    """Rank 0 with ``train.tensorboard``: the evaluation after training (``metrics.json``'s
+    ``eval``) as ``eval/*`` scalars at the last step, beside those of :class:`TrainingMonitor`
+    (another event file in ``RUN/tb/``: TensorBoard reads a directory's files as one run)."""
+    if not (train.tensorboard and env.is_rank0):
+        return
+    writer = _summary_writer(run_dir)
+    try:
+        for tag, value in evaluation_scalars(metrics).items():
+            writer.add_scalar(tag, value, step)
+    finally:
+        writer.close()
+
+
 class TrainingMonitor:
     """RecMetrics and TensorBoard of one ``Trainer.fit`` (every rank creates it: collective)."""
 
-    def __init__(self, cfg: Config, env: DistEnv, run_dir: str | Path) -> None:
-        t = cfg.train
+    def __init__(
+        self, train: TrainConfig, batch_size: int, env: DistEnv, run_dir: str | Path
+    ) -> None:
+        """``batch_size``: the global batch size (``data.batch_size``)."""
         self.env = env
-        self.every = t.metrics_every
+        self.every = effective_metrics_every(train)
         self.rec = (
-            build_rec_metrics(cfg.data.batch_size, t.metrics_every, env)
-            if t.metrics_every
+            build_rec_metrics(batch_size, self.every, env, steps_per_update=self.every)
+            if self.every
             else None
         )
-        self.writer = None
-        if t.tensorboard and env.is_rank0:
-            # torch's writer (the tensorboard package only for its protobufs, no TensorFlow);
-            # imported only when asked for: it loads tensorboard's protobuf modules.
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+        # The steps' (logits, labels, weights) since the last RecMetrics update.
+        self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.writer = _summary_writer(run_dir) if train.tensorboard and env.is_rank0 else None
         self._steps = 0
         self._data_s = 0.0
         self._step_s = 0.0
@@ -144,17 +209,33 @@ class TrainingMonitor:
         """Every step: its ``(loss, logits, labels[, weights])``, its time reading the batch and in
         all."""
         logits, labels = output[1], output[2]
-        if self.rec is not None:
-            update_rec_metrics(self.rec, logits, labels, output[3] if len(output) > 3 else None)
+        if self.rec is not None:  # copies: a batch source may reuse its label buffer
+            weights = output[3] if len(output) > 3 else None
+            self._rows.append(
+                (
+                    logits.detach(),
+                    labels.detach().to(torch.float32, copy=True),
+                    None if weights is None else weights.detach().to(torch.float32, copy=True),
+                )
+            )
         self._steps += 1
         self._data_s += data_s
         self._step_s += step_s
         self._samples += labels.numel() * self.env.world_size
 
-    def rec_metrics(self, step: int) -> dict[str, float] | None:
-        """Collective every ``metrics_every`` steps: the RecMetrics (logged on rank 0)."""
-        if self.rec is None or step % self.every:
+    def rec_metrics(self, step: int, last: bool = False) -> dict[str, float] | None:
+        """Collective every ``metrics_every`` steps and at the ``last`` step: the RecMetrics of
+        the rows since the last computation (logged on rank 0)."""
+        if self.rec is None or (step % self.every and not last) or not self._rows:
             return None
+        logits, labels, weights = zip(*self._rows)
+        self._rows = []
+        update_rec_metrics(
+            self.rec,
+            torch.cat(logits),
+            torch.cat(labels),
+            None if weights[0] is None else torch.cat(weights),  # type: ignore[arg-type]
+        )
         values = scalars(self.rec.compute())
         if self.env.is_rank0:
             shown = {k.split("|")[-1]: v for k, v in values.items() if "-ctr|" in k}
@@ -184,12 +265,7 @@ class TrainingMonitor:
             "step %d: eval AUC %.4f  NE %.4f  (%d rows)",
             step, metrics["auc"], metrics["ne"], metrics["rows"],
         )  # fmt: skip
-        values = {"eval/auc": metrics["auc"], "eval/ne": metrics["ne"]}
-        for bucket, m in metrics.get("buckets", {}).items():
-            for key in ("auc", "ne"):
-                if key in m:  # (a bucket without rows has no metrics)
-                    values[f"eval/{bucket}/{key}"] = m[key]
-        self.add(step, values)
+        self.add(step, evaluation_scalars(metrics))
 
     def add(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:

@@ -26,6 +26,7 @@ from mlet_dist.data.vocab import (
 )
 from mlet_dist.quality import training_id_counts
 from mlet_dist.train.loop import Trainer, remove_stale_checkpoints
+from mlet_dist.train.metrics import log_evaluation
 from mlet_dist.utils.files import (
     atomic_write_json,
     check_output,
@@ -114,6 +115,8 @@ def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) 
         for split in ("eval", "test"):
             if splits.has(split):
                 metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)
+        if "eval" in metrics:  # TensorBoard's eval AUC at the last step (train.tensorboard)
+            log_evaluation(cfg.train, env, run_dir, trainer.step, metrics["eval"])
         if env.is_rank0:
             atomic_write_json(run_dir / "metrics.json", metrics)
             if "eval" in metrics:
