@@ -110,6 +110,19 @@ class WalkResult:
     end_chain: list[str] = field(default_factory=list)
     calls_in_walk: dict[str, int] = field(default_factory=dict)
     calls_in_command: dict[str, int] = field(default_factory=dict)
+    # module -> the package's modules it imports, directly or not (:func:`import_reach`)
+    reach: dict[str, set[str]] = field(default_factory=dict, repr=False)
+
+    @property
+    def upward(self) -> list[Event]:
+        """Stops against the layering: calls from a module into one that imports it (directly
+        or not), i.e. from a lower layer back up into a higher one - only callbacks and closures
+        handed down can do that (the import contracts forbid the import itself)."""
+        return [
+            e
+            for e in self.events
+            if e.kind == "stop" and e.came_from in self.reach.get(e.module, set())
+        ]
 
     @property
     def stops(self) -> int:
@@ -146,6 +159,14 @@ class WalkResult:
             "distinct_stops": self.distinct_stops,
             "modules_visited": len(self.modules),
             "depth_at_end": len(self.end_chain),
+            "upward_calls": len(self.upward),
+            "upward_calls_across_packages": sum(
+                e.came_from.rsplit(".", 1)[0] != e.module.rsplit(".", 1)[0] for e in self.upward
+            ),
+            "upward_calls_once": sum(
+                e.kind == "stop" and e.came_from in self.reach.get(e.module, set())
+                for e in walked_once(self.events)
+            ),
             "ended": self.ended,
         }
 
@@ -334,6 +355,40 @@ def import_package(package: str) -> list[str]:
     return failed
 
 
+def import_reach(package_dir: Path, package: str) -> dict[str, set[str]]:
+    """For each module of the package, the package's modules it imports directly or through
+    others (every import statement of its file, in functions too; ``from a import b`` counts
+    ``a.b`` when that is a module)."""
+    names: dict[str, Path] = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        rel = path.relative_to(package_dir).with_suffix("")
+        parts = [package, *rel.parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names[".".join(parts)] = path
+    direct: dict[str, set[str]] = {}
+    for name, path in names.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module)
+                found |= {f"{node.module}.{a.name}" for a in node.names}
+        direct[name] = {m for m in found if m in names and m != name}
+    reach: dict[str, set[str]] = {}
+    for name in names:
+        seen: set[str] = set()
+        todo = list(direct[name])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += direct[m]
+        reach[name] = seen - {name}
+    return reach
+
+
 def run_walks(config: Path, rows_per_day: int, workdir: Path) -> dict[str, Any]:
     """Generates tiny data, then walks ``train`` and ``collapse`` in this process."""
     import torch
@@ -373,6 +428,9 @@ def run_walks(config: Path, rows_per_day: int, workdir: Path) -> dict[str, Any]:
         _audit_target.clear()
     if code != 0:
         raise RuntimeError(f"mlet-dist collapse exited with {code}")
+    reach = import_reach(package_dir, "mlet_dist")
+    for w in (train_walk, collapse_walk):
+        w.reach = reach
     return {
         "package_dir": str(package_dir),
         "not_imported": failed,
@@ -599,8 +657,9 @@ def report(measured: dict[str, Any] | None, static: StaticCounts, info: dict[str
             "## Summary",
             "",
             "| walk | end point | stops | climbs back up | stops, loops once | climbs, loops once "
-            "| distinct stops | modules visited | depth at the end | schema_of calls (walk) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| distinct stops | modules visited | depth at the end | calls back up the layers "
+            "(loops once; across packages) | schema_of calls (walk) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for w in walks:
             s = w.summary()
@@ -608,6 +667,8 @@ def report(measured: dict[str, Any] | None, static: StaticCounts, info: dict[str
                 f"| {w.name} | {w.ended or 'NOT REACHED'} | {s['stops']} | {s['climbs']} "
                 f"| {s['stops_once']} | {s['climbs_once']} | {s['distinct_stops']} "
                 f"| {s['modules_visited']} | {s['depth_at_end']} "
+                f"| {s['upward_calls']} ({s['upward_calls_once']}; "
+                f"{s['upward_calls_across_packages']}) "
                 f"| {w.calls_in_walk.get('schema_of', 0)} |"
             )
         out += [
@@ -615,7 +676,10 @@ def report(measured: dict[str, Any] | None, static: StaticCounts, info: dict[str
             "stops / climbs back up: every module-crossing call / return from the entry to the end "
             "point; loops once: a block of crossings repeated identically (a loop over tables, "
             "files, TorchRec calling back per table) counted once; distinct stops: distinct "
-            "(caller module -> module:function) edges. Definitions: `benchmarks/walk.py`.",
+            "(caller module -> module:function) edges; calls back up the layers: stops from a "
+            "module into one that imports it (a callback or closure handed down, or a base class "
+            "calling its subclass), listed below each walk; across packages: those between two "
+            "packages (e.g. utils -> train), not between modules of one package. Definitions: `benchmarks/walk.py`.",
         ]
         out.append("")
     out += [
@@ -683,6 +747,16 @@ def report(measured: dict[str, Any] | None, static: StaticCounts, info: dict[str
                 "",
                 f"Modules visited ({len(w.modules)}): " + ", ".join(f"`{m}`" for m in w.modules),
                 "",
+                f"Calls back up the layers ({len(w.upward)}, distinct: "
+                + (
+                    ", ".join(
+                        f"`{a}` -> `{b}`"
+                        for a, b in dict.fromkeys((e.came_from, e.label()) for e in w.upward)
+                    )
+                    or "none"
+                )
+                + ")",
+                "",
                 "`=` entry, `>` stop (module:function entered), `<` climb back up (module:function "
                 "returned into); indented by module depth.",
                 "",
@@ -729,7 +803,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         data = {"machine": info, "static": asdict(static)}
         if measured:
-            data["walks"] = {w.name: {**w.summary(), **asdict(w)} for w in measured["walks"]}
+            data["walks"] = {
+                w.name: {**w.summary(), **{k: v for k, v in asdict(w).items() if k != "reach"}}
+                for w in measured["walks"]
+            }
         Path(args.json).write_text(json.dumps(data, indent=1))
     for w in measured["walks"] if measured else []:
         print(f"{w.name}: {w.summary()} schema_of {w.calls_in_walk.get('schema_of', 0)}")

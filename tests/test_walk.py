@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.walk import Event, Walker, compress, static_counts, walked_once
+from benchmarks.walk import (
+    Event,
+    Walker,
+    WalkResult,
+    compress,
+    import_reach,
+    static_counts,
+    walked_once,
+)
 
 # A package of three modules (and one library module outside it) whose walk is known by hand.
 PACKAGE = {
@@ -247,3 +255,33 @@ def test_static_report_of_this_checkout(tmp_path: Path) -> None:
     readme = len((walk.REPO / "README.md").read_text().splitlines())
     assert f"README.md: {readme} lines" in text
     assert "call sites of `schema_of(`" in text and "## The train walk" not in text
+
+
+def test_calls_back_up_the_layers(tmp_path: Path) -> None:
+    """Import reach by hand: top imports mid (inside a function too), mid imports low.low2; a call
+    from low2 into top (a callback handed down) climbs the layers across packages, one from
+    mid into top within the package does not count across packages."""
+    pkg = tmp_path / "pkg"
+    (pkg / "low").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "top.py").write_text("def f():\n    import pkg.mid\n")
+    (pkg / "mid.py").write_text("from pkg.low import low2\n")
+    (pkg / "low" / "__init__.py").write_text("")
+    (pkg / "low" / "low2.py").write_text("import os\n")
+    reach = import_reach(pkg, "pkg")
+    assert reach["pkg.top"] == {"pkg.mid", "pkg.low", "pkg.low.low2"}
+    assert reach["pkg.mid"] == {"pkg.low", "pkg.low.low2"}
+    assert reach["pkg.low.low2"] == set()
+    w = WalkResult("demo", reach=reach)
+    w.events = [
+        Event("start", "pkg.top", "f", "", 0),
+        Event("stop", "pkg.mid", "g", "pkg.top", 1),  # down: not counted
+        Event("stop", "pkg.low.low2", "h", "pkg.mid", 2),  # down
+        Event("stop", "pkg.top", "callback", "pkg.low.low2", 3),  # up, across packages
+        Event("climb", "pkg.low.low2", "h", "pkg.top", 2),
+        Event("climb", "pkg.mid", "g", "pkg.low.low2", 1),
+        Event("stop", "pkg.top", "other", "pkg.mid", 2),  # up, one package
+    ]
+    assert [e.function for e in w.upward] == ["callback", "other"]
+    summary = w.summary()
+    assert summary["upward_calls"] == 2 and summary["upward_calls_across_packages"] == 1
