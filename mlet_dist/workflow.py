@@ -89,7 +89,7 @@ def evaluate_run(
             counts = training_id_counts(train_rows, schema.feature_sizes)
         model = build_sharded_model(cfg, ctx.env, schema=schema)
         load_weights(model, ckpt, cfg)
-        metrics = evaluate(model, cfg, ctx.env, arrays, name, counts)
+        metrics = evaluate(model, cfg, ctx.env, arrays, name, counts, schema=schema)
         metrics["checkpoint"] = str(ckpt)
         if files:
             metrics["files"] = list(files)

@@ -43,6 +43,7 @@ from mlet_dist.data import (
 from mlet_dist.distributed.parallelize import DistEnv
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.quality import bucket_metrics, rarest_bag_id_count, rarest_id_count
+from mlet_dist.schema import FeatureSchema
 
 
 @dataclass
@@ -67,9 +68,11 @@ def evaluate(
     split: str = "eval",
     id_counts: list[np.ndarray] | None = None,
     pipelined: bool = False,
+    schema: FeatureSchema | None = None,
 ) -> dict[str, Any]:
     """Metrics of a (sharded) model on rows in memory, or on the streamed Parquet ``split`` when
-    ``arrays`` is None. Collective. ``pipelined``: through TorchRec's eval pipeline.
+    ``arrays`` is None. Collective. ``pipelined``: through TorchRec's eval pipeline; ``schema``:
+    the run's (None: derived from ``cfg.data`` where the shards are read).
 
     With ``id_counts`` (training-split id occurrences, :func:`mlet_dist.quality.id_counts`)
     the metrics are also reported per id-frequency bucket (``"buckets"``, see
@@ -78,7 +81,7 @@ def evaluate(
     if arrays is None:
         source = build_batch_source(
             cfg.data, split, rank=env.rank, world_size=env.world_size,
-            seed=cfg.train.seed, training=False, device=env.device,
+            seed=cfg.train.seed, training=False, device=env.device, schema=schema,
         )  # fmt: skip
         preds = predictions(model, source.batches(0), env, id_counts, pipelined=pipelined)
     else:

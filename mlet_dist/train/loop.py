@@ -38,7 +38,7 @@ from mlet_dist.distributed.parallelize import DistEnv, build_sharded_model
 from mlet_dist.distributed.shards import plan_layout
 from mlet_dist.errors import MletError
 from mlet_dist.optim import build_optimizer
-from mlet_dist.schema import FeatureSchema
+from mlet_dist.schema import FeatureSchema, schema_of
 from mlet_dist.train.evaluation import evaluate, predict
 from mlet_dist.train.metrics import TrainingMonitor, learning_rates
 from mlet_dist.train.pipeline import PositionedBatches, build_steps, pipelined_modules
@@ -61,7 +61,8 @@ class Trainer:
         ``schema``: the run's (``RunContext.schema``), None = derived from ``cfg.data``."""
         self.cfg = cfg
         self.env = env
-        self.model = build_sharded_model(cfg, env, plan=plan, schema=schema)
+        self.schema = schema_of(cfg.data) if schema is None else schema
+        self.model = build_sharded_model(cfg, env, plan=plan, schema=self.schema)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim)
         self._sync_fused_lr()
         self.step = 0
@@ -189,6 +190,7 @@ class Trainer:
             seed=cfg.train.seed,
             arrays=train,
             device=env.device,
+            schema=self.schema,
         )
         per_epoch = source.num_batches()
         if per_epoch == 0:
@@ -333,7 +335,9 @@ class Trainer:
         """:func:`evaluate` of this trainer's model (under TorchRec's eval pipeline when it
         trains under ``train.pipeline = 'sparse_dist'``)."""
         pipelined = self.cfg.train.pipeline == "sparse_dist"
-        return evaluate(self.model, self.cfg, self.env, arrays, split, id_counts, pipelined)
+        return evaluate(
+            self.model, self.cfg, self.env, arrays, split, id_counts, pipelined, self.schema
+        )
 
 
 def remove_stale_checkpoints(run_dir: str | Path) -> None:
