@@ -178,7 +178,7 @@ def collapse_run(
 
 
 def _source(
-    run_dir: str | Path, cfg: Config, schema: FeatureSchema, allow_plain: bool
+    run_dir: str | Path, model_cfg: ModelConfig, schema: FeatureSchema, allow_plain: bool
 ) -> tuple[Path, list[EmbeddingBagConfig], list[str], dict[str, Path]]:
     """(checkpoint, tables, factorized table names, vocabulary files) of the run, checked before
     any work.
@@ -192,7 +192,7 @@ def _source(
         raise CheckpointError(
             f"run {run_dir} has no complete checkpoint under checkpoints/; train it first"
         )
-    tables = schema_tables(cfg.model, schema)
+    tables = schema_tables(model_cfg, schema)
     vocab_files = run_vocabularies(run_dir, schema)
     factorized = [t.name for t in tables if inner_dim_of(t)]
     if not factorized and not allow_plain:
@@ -219,7 +219,7 @@ def _collapse_shards(
 ) -> StagedCollapse:
     """Every rank: loads the sharded model, collapses its own W1 shards in one chunked pass and
     writes the rows it owns (Parquet, the served checkpoint, the serving tables) into staging."""
-    ckpt, tables, factorized, vocab_files = _source(run_dir, cfg, schema, options.allow_plain)
+    ckpt, tables, factorized, vocab_files = _source(run_dir, cfg.model, schema, options.allow_plain)
     verify_checkpoint(ckpt)  # collective; before anything is written
     staging = _staging_dir(out)
     if env.is_rank0:

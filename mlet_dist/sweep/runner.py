@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mlet_dist.config import Config, ConfigError, config_from_dict, load_config
+from mlet_dist.config import Config, ConfigError, DataConfig, config_from_dict, load_config
 from mlet_dist.schema import schema_of
 from mlet_dist.sweep.report import markdown, plot, summarize
 from mlet_dist.sweep.spec import (
@@ -160,8 +160,8 @@ def run_all(
 # -- entry points ------------------------------------------------------------------------------
 
 
-def _num_tables(cfg: Config) -> int:
-    return len(schema_of(cfg.data).tables)
+def _num_tables(data: DataConfig) -> int:
+    return len(schema_of(data).tables)
 
 
 def _check_work_dir(work: Path, cfg: Config) -> None:
@@ -240,7 +240,7 @@ def sweep(
     if partial:  # a look at a sweep still running: said in the report and on the console
         report["meta"]["partial"] = f"{len(done)} of {len(frontier)} frontier runs finished"
         logger.warning("partial report: %s", report["meta"]["partial"])
-    n = _num_tables(cfg)
+    n = _num_tables(cfg.data)
     title = title or f"mlet-dist sweep: {cfg.data.source} ({work.name})"
     (work / "sweep.json").write_text(json.dumps(report, indent=1))
     (work / "sweep.md").write_text(markdown(report, title, n))
