@@ -1,25 +1,30 @@
 """Safe file output, in one place: atomic writes, the directory swap, output-path checks, the
-run-directory lock, and "no space left on device" reported as such.
+run-directory and output locks, and "no space left on device" reported as such.
 
 Every command that writes goes through these helpers:
 
 - **Atomic writes** (:func:`atomic_path`, :func:`atomic_write`, :func:`atomic_write_text`,
   :func:`atomic_write_json`): a temporary file next to the target, fsynced and renamed over it;
-  removed when the write fails. :func:`replace_dir` swaps a finished directory in (Linux
-  ``renameat2(RENAME_EXCHANGE)``).
-- **Outputs never overlap inputs** (:func:`check_output`): an output path that is, contains or lies
-  inside one of the command's inputs, a run directory, a checkpoint or a serving directory is
-  refused, and an existing output is replaced only when it is a previous output of the same kind.
+  removed when the write fails. A directory is built in a staging directory of its own attempt
+  (:func:`staging_dir`) and swapped in whole (:func:`replace_dir`, Linux
+  ``renameat2(RENAME_EXCHANGE)``). A symlinked target is written through: the link stays.
+- **Outputs never overlap inputs** (:func:`check_output`): an output path (symlinks resolved) that
+  is, contains or lies inside one of the command's inputs, a run directory, a checkpoint or a
+  serving directory is refused, and an existing output is replaced only when it is a previous
+  output of the same kind.
 - **One writer per run directory** (:class:`RunLock`, :func:`hold_run`): ``fcntl.flock`` on
   ``RUN/.lock``. ``train`` holds it exclusively (its pid, host and command are written into the
   file); ``collapse`` and ``evaluate`` hold it shared. The kernel releases it when the process
   exits or is killed, so a lock left by a dead process is simply taken over.
+- **One writer per output** (:class:`OutputLock`, the same machinery, :class:`FileLock`): an
+  exclusive lock on ``.<name>.lock`` beside an output directory while a command writes it
+  (``collapse``, ``preprocess``, ``generate``, a ``sweep`` shard); removed when released.
 - **Disk full** (:func:`writing`, :func:`is_no_space`): ENOSPC, and torch's errors that hide it
   (DCP's ``CheckpointException``, ``enforce fail at inline_container.cc`` from ``torch.save``),
   become one :class:`NoSpaceError` naming the path.
 
 Why our own helpers: Python's standard library has no atomic-write or directory-exchange helper,
-and neither torch nor TorchRec offers a run-directory lock; these are thin wrappers over
+and neither torch nor TorchRec offers a run-directory or output lock; these are thin wrappers over
 ``tempfile``, ``os.replace``, ``renameat2`` and ``fcntl.flock``.
 """
 
