@@ -99,10 +99,18 @@ class RunContext:
 
     @contextmanager
     def hold(
-        self, command: str, *, shared: bool, check: Callable[[], object] | None = None
+        self,
+        command: str,
+        *,
+        shared: bool,
+        check: Callable[[], object] | None = None,
+        output: str | Path | None = None,
     ) -> Iterator[RunContext]:
         """Holds the run's lock for a job (collective; see :func:`mlet_dist.utils.files.hold_run`):
         rank 0 runs ``check`` (the job's output checks) and takes the lock, shared for readers
-        (`evaluate`, `collapse`) or exclusive for `train`; a refusal stops every rank at once."""
-        with hold_run(self.run_dir, self.env, command=command, shared=shared, check=check):
+        (`evaluate`, `collapse`) or exclusive for `train`, and the output lock of ``output`` (a
+        directory the job writes: `collapse --out`); a refusal stops every rank at once."""
+        with hold_run(
+            self.run_dir, self.env, command=command, shared=shared, check=check, output=output
+        ):
             yield self

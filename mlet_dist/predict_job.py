@@ -138,7 +138,7 @@ def predict_file(
         raise ConfigError(f"batch_size must be a positive number of rows, got {batch_size}")
     files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     out = Path(out)
-    check_output(
+    target = check_output(  # resolved: a symlink --out is written through (the link stays)
         out,
         what="the predictions",
         # MovieLens ratings are read with the users/movies files beside them: inputs too.
@@ -173,7 +173,7 @@ def predict_file(
             f"was finite"
         )
     with atomic_path(out) as tmp:  # a failed write leaves no partial file (and names a full disk)
-        if out.suffix == ".parquet":
+        if target.suffix == ".parquet":
             table = pa.table({"probability": pa.array(probs, pa.float32())})
             pq.write_table(table.replace_schema_metadata({PREDICTIONS_KEY: b"1"}), tmp)
         else:

@@ -38,7 +38,7 @@ from mlet_dist.data.synthetic_teacher import (
     build_teacher,
     sample_rows,
 )
-from mlet_dist.utils.files import atomic_write, check_output
+from mlet_dist.utils.files import OutputLock, atomic_write, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +208,12 @@ def generate_synthetic(
         previous=lambda p: previous_output(p, names),
         hint="set data.dir to a new directory",
     )
+    with OutputLock(out, "generate", what="synthetic day files"):
+        return _write_days(out, cfg, teacher, progress)
+
+
+def _write_days(out: Path, cfg: SyntheticConfig, teacher: Teacher, progress: bool) -> list[Path]:
+    """:func:`generate_synthetic` once its output is checked and locked."""
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     files_meta = []

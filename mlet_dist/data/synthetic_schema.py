@@ -64,7 +64,7 @@ from mlet_dist.data.synthetic_teacher import (
     teacher_spectrum,
 )
 from mlet_dist.schema import FeatureSchema
-from mlet_dist.utils.files import atomic_write, check_output
+from mlet_dist.utils.files import OutputLock, atomic_write, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -344,6 +344,14 @@ def generate_schema_synthetic(
         hint="set data.dir to a new directory",
     )
     teacher = build_schema_teacher(schema, cfg)
+    with OutputLock(out, "generate", what="synthetic data"):
+        return _write_parts(out, schema, cfg, teacher, progress)
+
+
+def _write_parts(
+    out: Path, schema: FeatureSchema, cfg: SyntheticConfig, teacher: SchemaTeacher, progress: bool
+) -> list[Path]:
+    """:func:`generate_schema_synthetic` once its output is checked and locked."""
     out.mkdir(parents=True, exist_ok=True)
     files = []
     bar = tqdm(
@@ -389,7 +397,7 @@ def generate_schema_synthetic(
     }
     text = json.dumps(meta, indent=2).encode() + b"\n"
     atomic_write(out / META_FILE_NAME, lambda f: f.write(text))
-    stale = sorted({p.name for p in out.glob("part-*.parquet")} - set(names))
+    stale = sorted({p.name for p in out.glob("part-*.parquet")} - {f["file"] for f in files})
     if stale:
         logger.warning(
             "%s also holds %s, not written by this run: readers of the generated data read only "

@@ -59,6 +59,8 @@ from mlet_dist.utils.files import (
     is_no_space,
     no_space_error,
     remove_path,
+    resolve,
+    staging_dir,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,10 +97,6 @@ def previous_serving_dir(out: Path) -> str | None:
     return None
 
 
-def _staging_dir(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp")
-
-
 def _collapse_config(cfg: Config, world_size: int) -> Config:
     """The run's config for building the model at this world size.
 
@@ -125,8 +123,11 @@ def collapse_run(
     what is written. ``out_dir`` must not be or lie inside the run or another input directory (the
     run's own ``RUN/served``, where ``mlet-dist run`` puts it, is allowed), and an existing
     ``out_dir`` is replaced only if it is a previous serving directory
-    (:func:`previous_serving_dir`). The run is read under its shared lock (a training process
-    writing it is refused). On any failure the staging directory is removed; a full disk is
+    (:func:`previous_serving_dir`); a symlink ``out_dir`` is resolved (the directory it points to
+    is written, the link stays). The run is read under its shared lock (a training process
+    writing it is refused) and ``out_dir`` is written under its output lock (a second collapse
+    into it is refused, naming the first's pid and host). Each attempt fills its own staging
+    directory, swapped in whole at the end; on any failure it is removed, and a full disk is
     reported as such.
 
     Args:
@@ -141,6 +142,7 @@ def collapse_run(
     Raises:
         OutputPathError: ``out_dir`` is refused (the message says why).
         RunLockedError: a training process holds the run.
+        OutputLockedError: another process is writing ``out_dir``.
         NoSpaceError: the file system of ``out_dir`` is full.
         CollapseError: the run has no factorized tables and ``options.allow_plain`` is not set,
             or the options contradict each other.
@@ -150,11 +152,10 @@ def collapse_run(
     options = options or CollapseOptions()
     ctx = RunContext.of_run(run_dir)  # config, schema, distributed env: resolved once
     cfg, schema, env = ctx.cfg, ctx.schema, ctx.env
-    out = Path(out_dir)
 
     def check() -> None:
         check_output(
-            out,
+            out_dir,
             what="the serving directory",
             inputs=[run_dir],
             previous=previous_serving_dir,
@@ -162,16 +163,21 @@ def collapse_run(
             hint="choose a new --out directory",
         )
 
-    with ctx.hold("collapse", shared=True, check=check):
+    with ctx.hold("collapse", shared=True, check=check, output=out_dir):
+        out = resolve(out_dir)  # checked: a symlink --out is the directory it points to
+        staging: Path | None = None  # this attempt's, once made
         try:
             options.check()
-            staged = _collapse_shards(run_dir, out, cfg, schema, env, options)
+            source = _source(run_dir, cfg.model, schema, options.allow_plain)
+            verify_checkpoint(source[0])  # collective; before anything is written
+            staging = _new_staging(out, env)
+            staged = _collapse_shards(run_dir, out, staging, source, cfg, schema, env, options)
             return _finish_on_rank0(staged, cfg, schema, env, options)
         except BaseException as e:
             # DCP's CheckpointException is a BaseException; the free space as it failed
-            full = no_space_error(out) if is_no_space(e) else None
-            if env.is_rank0:
-                remove_path(_staging_dir(out))  # a half-written result must not fill the disk
+            full = no_space_error(out_dir) if is_no_space(e) else None
+            if env.is_rank0 and staging is not None:
+                remove_path(staging)  # a half-written result must not fill the disk
             if full is not None:
                 raise full from e
             raise
@@ -209,25 +215,29 @@ def _source(
     return ckpt, tables, factorized, vocab_files
 
 
+def _new_staging(out: Path, env: DistEnv) -> Path:
+    """This attempt's staging directory (:func:`~mlet_dist.utils.files.staging_dir`): made by
+    rank 0, its name sent to every rank."""
+    name: list[Any] = [str(staging_dir(out)) if env.is_rank0 else None]
+    if env.world_size > 1:
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
 def _collapse_shards(
     run_dir: str | Path,
     out: Path,
+    staging: Path,
+    source: tuple[Path, list[EmbeddingBagConfig], list[str], dict[str, Path]],
     cfg: Config,
     schema: FeatureSchema,
     env: DistEnv,
     options: CollapseOptions,
 ) -> StagedCollapse:
     """Every rank: loads the sharded model, collapses its own W1 shards in one chunked pass and
-    writes the rows it owns (Parquet, the served checkpoint, the serving tables) into staging."""
-    ckpt, tables, factorized, vocab_files = _source(run_dir, cfg.model, schema, options.allow_plain)
-    verify_checkpoint(ckpt)  # collective; before anything is written
-    staging = _staging_dir(out)
-    if env.is_rank0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if staging.exists():
-            shutil.rmtree(staging)  # left over by a crashed attempt
-        staging.mkdir()
-    _barrier()
+    writes the rows it owns (Parquet, the served checkpoint, the serving tables) into this
+    attempt's ``staging`` directory. ``source``: :func:`_source`'s checked run."""
+    ckpt, tables, factorized, vocab_files = source
 
     t0 = time.perf_counter()
     model = build_sharded_model(_collapse_config(cfg, env.world_size), env)

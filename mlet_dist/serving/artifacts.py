@@ -116,12 +116,16 @@ def predictor_choices() -> tuple[str, ...]:
 
 
 def write_serialized(path: Path, save: Callable[[io.BytesIO], Any]) -> None:
-    """``save(buffer)`` in memory, then the bytes written by Python: torch's zip writer aborts the
-    process when the disk fills up (a C++ exception in a destructor); a Python write raises
-    ENOSPC, which the collapse reports."""
+    """``save(buffer)`` in memory, then the bytes written atomically by Python
+    (:func:`mlet_dist.utils.files.atomic_write`): torch's zip writer aborts the process when the
+    disk fills up (a C++ exception in a destructor); a Python write raises ENOSPC, reported as
+    :class:`~mlet_dist.utils.files.NoSpaceError` naming ``path``. A failed save or write leaves
+    no file at ``path``."""
+    from mlet_dist.utils.files import atomic_write
+
     buffer = io.BytesIO()
     save(buffer)
-    path.write_bytes(buffer.getvalue())
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def write_artifacts(model: Any, out: Path, kinds: Iterable[str] = ()) -> dict[str, Any]:
@@ -166,7 +170,8 @@ def _load_export(path: str) -> Any:
 def _build_aoti(build: ServingBuild, path: Path) -> None:
     from mlet_dist.serving.predictor import aoti_package
 
-    aoti_package(build.exported(), path)
+    program = build.exported()
+    write_serialized(path, lambda f: aoti_package(program, f))
 
 
 def _load_aoti(path: str) -> Any:

@@ -32,6 +32,7 @@ The feature order is the manifest's ``serving.feature_order``; B is dynamic (1 a
 
 import contextlib
 import copy
+import io
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -288,25 +289,26 @@ def check_aoti_available() -> None:
         ) from e
 
 
-def aoti_package(ep: torch.export.ExportedProgram, path: str | Path) -> Path:
-    """Compiles an exported predictor with AOTInductor into a package at ``path`` (``*.pt2``).
+def aoti_package(ep: torch.export.ExportedProgram, path: str | Path | io.BytesIO) -> None:
+    """Compiles an exported predictor with AOTInductor into a package (``*.pt2``) at ``path``,
+    or into a buffer (what a collapse does: :func:`mlet_dist.serving.artifacts.write_serialized`
+    then writes its bytes atomically).
 
     Raises:
         AOTIError: lowering or compiling failed (e.g. an operator AOTInductor cannot lower, no
             C++ compiler); the message is one line with the first line of the cause.
     """
-    path = Path(path)
+    target = path if isinstance(path, io.BytesIO) else str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation notes inside
-            out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+            torch._inductor.aoti_compile_and_package(ep, package_path=target)
     except Exception as e:  # Inductor raises many types (lowering, codegen, C++ compiler)
         raise AOTIError(
             f"AOTInductor could not compile the predictor: {type(e).__name__}: "
             f"{_first_line(e)}; the torch.export program (serving/predictor.pt2) does not need "
             f"it: collapse without --aoti"
         ) from e
-    return Path(out)
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:

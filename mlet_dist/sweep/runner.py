@@ -33,6 +33,7 @@ from mlet_dist.sweep.spec import (
     load_sweep,
     tune_runs,
 )
+from mlet_dist.utils.files import OutputLock, atomic_write_json
 
 logger = logging.getLogger("mlet_dist.sweep")
 
@@ -205,10 +206,26 @@ def sweep(
     """
     work = Path(work)
     _check_work_dir(work, cfg)
+    # the same shard twice at once is refused; other shards (other jobs) run beside it
+    with OutputLock(work, "sweep", "the sweep", part=f"shard-{shard[0]}-of-{shard[1]}"):
+        return _sweep_into(work, cfg, spec, jobs, threads, keep, stage, shard, title)
+
+
+def _sweep_into(
+    work: Path,
+    cfg: Config,
+    spec: SweepSpec,
+    jobs: int,
+    threads: int,
+    keep: bool,
+    stage: str,
+    shard: tuple[int, int],
+    title: str | None,
+) -> dict[str, Any] | None:
+    """:func:`sweep` once its work directory is checked and this shard locked."""
     work.mkdir(parents=True, exist_ok=True)
-    (work / "sweep_work.json").write_text(
-        json.dumps({"config": cfg.to_dict(), "spec": asdict(spec)}, indent=1)
-    )
+    # atomic: the shards of one sweep write it side by side
+    atomic_write_json(work / "sweep_work.json", {"config": cfg.to_dict(), "spec": asdict(spec)})
     ensure_data(cfg)
     tune = tune_runs(cfg, spec, work)
     if stage in ("all", "tune"):

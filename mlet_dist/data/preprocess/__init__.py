@@ -47,7 +47,8 @@ two row groups of rows, and one bit per table row for the distinct-id count (25 
 Resumption: each part is written under a temporary name and renamed when complete (its
 statistics are saved before the rename), so after an interruption a re-run skips the finished
 parts and redoes the others from their start. A re-run with other settings is refused (the
-manifest records them). Run one preprocessing per output directory at a time.
+manifest records them). One preprocessing per output directory at a time: a second one is
+refused while the first holds the output lock (:class:`mlet_dist.utils.files.OutputLock`).
 
 Example::
 

@@ -34,7 +34,7 @@ from mlet_dist.data.preprocess.schema import preprocess_schema
 from mlet_dist.data.preprocess.write import write_part
 from mlet_dist.data.sources import source_of
 from mlet_dist.schema import FeatureSchema
-from mlet_dist.utils.files import atomic_write_json, check_output
+from mlet_dist.utils.files import OutputLock, atomic_write_json, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,9 @@ def preprocess(
             (file and line are named).
         ConfigError: bad settings, duplicate input names, or an output directory that holds a
             run of other settings.
+        OutputPathError: ``out_dir`` is, holds or lies inside an input, a run, a checkpoint or
+            a serving directory, or holds something else.
+        OutputLockedError: another process is writing ``out_dir``.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -188,13 +191,27 @@ def preprocess(
     for path in inputs + eval_files:
         if not Path(path).is_file():
             raise ConfigError(f"input {path} does not exist or is not a file")
-    check_output(
+    out = check_output(
         out,
         what="the preprocessed data",
         inputs=[*inputs, *eval_files],
         previous=_previous_output,
         hint="choose another output directory (--out, data.parquet_dir)",
-    )
+    )  # resolved: a symlink --out is the directory it points to
+    with OutputLock(out, "preprocess", what="the preprocessed data"):
+        return _preprocess_into(out, inputs, eval_files, settings, workers, progress, t0)
+
+
+def _preprocess_into(
+    out: Path,
+    inputs: list[str],
+    eval_files: list[str],
+    settings: PreprocessSettings,
+    workers: int,
+    progress: bool,
+    t0: float,
+) -> dict[str, Any]:
+    """:func:`preprocess` once its output is checked and locked."""
     workers = workers or os.cpu_count() or 1
     manifest = {
         "format_version": FORMAT_VERSION,

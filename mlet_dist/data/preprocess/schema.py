@@ -44,7 +44,15 @@ from mlet_dist.data.schema_shards import FORMAT, rows_to_table
 from mlet_dist.data.sources import DataSource, source_of
 from mlet_dist.data.vocab import Vocabulary, VocabularyCounter, write_vocabularies
 from mlet_dist.schema import FeatureSchema
-from mlet_dist.utils.files import atomic_write_json, remove_path, replace_dir
+from mlet_dist.utils.files import (
+    OutputLock,
+    atomic_write_json,
+    check_output,
+    remove_path,
+    replace_dir,
+    staging_dir,
+    writing,
+)
 
 __all__ = ["CHUNK_ROWS", "preprocess_schema"]
 
@@ -174,52 +182,60 @@ def preprocess_schema(
 
     Raises:
         ConfigError / ColumnError: a bad schema or input (named).
+        OutputPathError: ``out_dir`` is, holds or lies inside an input, a run, a checkpoint or
+            a serving directory, or holds something else (the checks of every command's output).
+        OutputLockedError: another process is writing ``out_dir``.
     """
     source = source_of(data_cfg, schema)
-    schema = source.schema
     if not inputs:
         raise ConfigError("no inputs: set data.train_files or pass --input FILES")
-    out = Path(out_dir)
-    previous = out / "summary.json"
-    if out.exists() and any(out.iterdir()):
-        if not previous.is_file() or json.loads(previous.read_text()).get("format") != FORMAT:
-            raise ConfigError(
-                f"{out} exists and is not a previous output of a feature-schema preprocessing: "
-                f"choose another output directory (--out / data.parquet_dir)"
-            )
-    threshold = data_cfg.frequency_threshold
-    main = _Inputs(source, inputs, chunk_rows)
-    evals = _Inputs(source, data_cfg.eval_files, chunk_rows)
-    fractions = (0.0 if data_cfg.eval_files else data_cfg.eval_fraction, data_cfg.test_fraction)
-    check_fractions(*fractions)
-    n_train, n_eval, _ = split_sizes(sum(main.rows), *fractions)
-    total = sum(main.rows) + sum(evals.rows)
+    out = check_output(
+        out_dir,
+        what="the preprocessed data",
+        inputs=[*inputs, *data_cfg.eval_files],
+        previous=_previous_output,
+        hint="choose another output directory (--out, data.parquet_dir)",
+    )  # resolved: a symlink --out is the directory it points to
+    with OutputLock(out, "preprocess", what="the preprocessed data"):
+        return _preprocess_into(source, data_cfg, inputs, out, progress, chunk_rows)
 
-    def bar(what: str, rows: int) -> tqdm:
-        return tqdm(total=rows, unit="rows", desc=f"preprocess: {what}", disable=not progress)
 
-    vocabs: dict[str, Vocabulary] = {}
-    if schema.vocab_tables:  # counted over the raw values of the training rows
-        counter = VocabularyCounter(schema, threshold)
-        with bar("vocabularies", n_train) as b:
-            for raw, _, _ in main.chunks(stop=n_train):
-                counter.add(raw)
-                b.update(raw.num_rows)
-        vocabs = counter.finish()
-    rare: dict[str, np.ndarray] = {}
-    if threshold and len(schema.vocab_tables) < len(schema.tables):
-        with bar("id counts", n_train) as b:
-            rare = {t: c < threshold for t, c in _id_counts(main, n_train, vocabs, b).items()}
+def _previous_output(out: Path) -> str | None:
+    """None when ``out`` may be replaced: an empty directory or a previous output of a
+    feature-schema preprocessing (its ``summary.json``); else the reason it may not."""
+    if not out.is_dir():
+        return f"{out} exists and is not a directory"
+    summary = out / "summary.json"
+    if not any(out.iterdir()):
+        return None
+    try:
+        previous = json.loads(summary.read_text()) if summary.is_file() else None
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict) and previous.get("format") == FORMAT:
+        return None
+    return f"{out} exists and is not a previous output of a feature-schema preprocessing"
 
-    staging = out.with_name(f".{out.name}.staging")
-    remove_path(staging)  # a stale staging directory of an interrupted run
-    staging.mkdir(parents=True)
+
+def _write_shards(
+    staging: Path,
+    main: _Inputs,
+    evals: _Inputs,
+    sizes: tuple[int, int],
+    vocabs: dict[str, Vocabulary],
+    rare: dict[str, np.ndarray],
+    threshold: int,
+    group_rows: int,
+    bar: tqdm,
+) -> dict[str, Any]:
+    """Writes the splits (the first ``sizes = (train, eval)`` rows of ``main``, then the rest as
+    test; ``evals`` appended to eval), the vocabularies and ``summary.json`` into ``staging``;
+    returns the summary."""
+    schema = main.source.schema
+    n_train, n_eval = sizes
     vocab_entries = write_vocabularies(staging, vocabs)
     digests = {t: e["sha256"] for t, e in vocab_entries.items()}
-    writers = {
-        name: _SplitWriter(staging / name / "part-00000.parquet", data_cfg.row_group_rows)
-        for name in SPLITS
-    }
+    writers = {name: _SplitWriter(staging / name / "part-00000.parquet", group_rows) for name in SPLITS}  # fmt: skip
 
     def write(name: str, raw: pa.Table, path: Any) -> None:
         rows = encode_table(raw, schema, path, vocabs)
@@ -232,7 +248,7 @@ def preprocess_schema(
         ("test", n_train + n_eval, None),
     )
     try:
-        with bar("shards", total) as b:
+        with bar as b:
             for raw, path, start in main.chunks():
                 for name, lo, hi in bounds:  # the chunk's rows in each split
                     a = max(lo - start, 0)
@@ -259,7 +275,54 @@ def preprocess_schema(
     summary["positives"] = sum(s["positives"] for s in summary["splits"].values())
     summary["bad_rows"] = 0
     atomic_write_json(staging / "summary.json", summary)
-    replace_dir(staging, out)
+    return summary
+
+
+def _preprocess_into(
+    source: DataSource,
+    data_cfg: DataConfig,
+    inputs: Sequence[str | Path],
+    out: Path,
+    progress: bool,
+    chunk_rows: int,
+) -> dict[str, Any]:
+    """:func:`preprocess_schema` once its output is checked and locked."""
+    schema = source.schema
+    threshold = data_cfg.frequency_threshold
+    main = _Inputs(source, inputs, chunk_rows)
+    evals = _Inputs(source, data_cfg.eval_files, chunk_rows)
+    fractions = (0.0 if data_cfg.eval_files else data_cfg.eval_fraction, data_cfg.test_fraction)
+    check_fractions(*fractions)
+    n_train, n_eval, _ = split_sizes(sum(main.rows), *fractions)
+    total = sum(main.rows) + sum(evals.rows)
+
+    def bar(what: str, rows: int) -> tqdm:
+        return tqdm(total=rows, unit="rows", desc=f"preprocess: {what}", disable=not progress)
+
+    vocabs: dict[str, Vocabulary] = {}
+    if schema.vocab_tables:  # counted over the raw values of the training rows
+        counter = VocabularyCounter(schema, threshold)
+        with bar("vocabularies", n_train) as b:
+            for raw, _, _ in main.chunks(stop=n_train):
+                counter.add(raw)
+                b.update(raw.num_rows)
+        vocabs = counter.finish()
+    rare: dict[str, np.ndarray] = {}
+    if threshold and len(schema.vocab_tables) < len(schema.tables):
+        with bar("id counts", n_train) as b:
+            rare = {t: c < threshold for t, c in _id_counts(main, n_train, vocabs, b).items()}
+
+    staging = staging_dir(out)  # this attempt's own (stale ones of interrupted runs removed)
+    try:  # a failed or interrupted attempt leaves no staging directory behind
+        with writing(out):  # a full disk: one line naming the output
+            summary = _write_shards(
+                staging, main, evals, (n_train, n_eval), vocabs, rare, threshold,
+                data_cfg.row_group_rows, bar("shards", total),
+            )  # fmt: skip
+        replace_dir(staging, out)
+    except BaseException:
+        remove_path(staging)
+        raise
     if progress:
         logger.info("preprocess: wrote %s (%s)", out, summary["splits"])
     return summary

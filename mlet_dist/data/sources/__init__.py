@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -41,6 +42,9 @@ from mlet_dist.data.sources.base import (
 from mlet_dist.data.synthetic import generate_synthetic
 from mlet_dist.data.synthetic_schema import generate_schema_synthetic
 from mlet_dist.schema import FeatureSchema, schema_of
+from mlet_dist.utils.files import OutputLock, OutputLockedError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SOURCES",
@@ -142,8 +146,17 @@ def ensure_source_data(
     :func:`~mlet_dist.data.synthetic.ensure_synthetic`, or with a declared schema Parquet files,
     :func:`~mlet_dist.data.synthetic_schema.ensure_schema_synthetic`); nothing for the other
     sources, whose files are the user's (a missing one stays an error). Returns True when it
-    generated."""
-    return source_of(data_cfg, schema).ensure(synthetic_cfg, progress=progress)
+    generated.
+
+    Another process generating the same data (the shards of a sweep starting together) is waited
+    for, then its data is used (`mlet-dist generate` itself refuses to write beside it)."""
+    source = source_of(data_cfg, schema)
+    try:
+        return source.ensure(synthetic_cfg, progress=progress)
+    except OutputLockedError as e:
+        logger.info("waiting for the process generating the data: %s", e)
+        OutputLock(data_cfg.dir, "generate").acquire(wait=True).release()
+        return source.ensure(synthetic_cfg, progress=progress)
 
 
 def generate_source_data(
