@@ -1,0 +1,96 @@
+"""Regression tests of issue 27: what a new user met following README.md block by block."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from mlet_dist.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from mlet_dist.export import collapse_run
+from mlet_dist.train import train
+from mlet_dist.workflow import check_collapsed
+from tests.test_train import _splits, random_arrays, tiny_config
+
+
+@pytest.fixture
+def rows(monkeypatch):
+    rows = random_arrays(512, seed=27)
+    monkeypatch.setattr("mlet_dist.train.run.load_splits", lambda *_: _splits(rows))
+    return rows
+
+
+def _steps(run_dir) -> list[int]:
+    return [int(p.name.split("_")[1]) for p in list_checkpoints(run_dir)]
+
+
+def test_no_resume_moves_the_earlier_checkpoints_aside(tmp_path, rows):
+    """Item 1: --no-resume into a run holding step 8 of an earlier run trains from step 0 and
+    leaves only its own checkpoints; the earlier ones are kept aside, not mixed in."""
+    run = tmp_path / "run"
+    train(tiny_config(tmp_path, "--data.batch_size=32", "--train.max_steps=8"))
+    earlier = latest_checkpoint(run)
+    metrics = train(
+        tiny_config(tmp_path, "--data.batch_size=32", "--train.max_steps=3"), resume=False
+    )
+    assert metrics["train"]["steps_this_run"] == 3
+    assert _steps(run) == [3]  # before: [3, 8], and evaluate/collapse picked step 8
+    assert metrics["checkpoint"] == str(latest_checkpoint(run))
+    aside = run / "checkpoints.earlier-1" / earlier.name
+    assert (aside / "train_state.json").is_file()
+    assert json.loads((aside / "train_state.json").read_text())["step"] == 8
+
+
+def test_collapse_check_refuses_another_runs_checkpoint(tmp_path, rows):
+    """Item 1: a collapse check compares the served model with the checkpoint it was collapsed
+    from, never with another step (before: "passed" against whatever was latest)."""
+    cfg = tiny_config(tmp_path, "--data.batch_size=32", "--train.max_steps=4")
+    first = train(cfg)["checkpoint"]
+    collapse_run(cfg.train.run_dir, tmp_path / "served")
+    more = tiny_config(tmp_path, "--data.batch_size=32", "--train.max_steps=6")
+    second = train(more)["checkpoint"]
+    assert first != second
+    held_out = rows.slice(448, 512)
+    assert check_collapsed(cfg.train.run_dir, tmp_path / "served", held_out, first)["passed"]
+    with pytest.raises(CheckpointError, match="was collapsed from step_00000004, not from"):
+        check_collapsed(cfg.train.run_dir, tmp_path / "served", held_out, second)
+
+
+def test_finished_run_resumed_says_nothing_to_train(tmp_path, rows, caplog):
+    """Item 2: resuming a run already at max_steps trains 0 steps, says so, writes nothing."""
+    cfg = tiny_config(tmp_path, "--data.batch_size=32", "--train.max_steps=5")
+    train(cfg)
+    run = Path(cfg.train.run_dir)
+    before = {p: p.stat().st_mtime_ns for p in (run / "config.json", run / "metrics.json")}
+    lower = tiny_config(tmp_path, "--data.batch_size=32", "--train.max_steps=3")
+    with caplog.at_level(logging.WARNING, logger="mlet_dist"):
+        metrics = train(lower)
+    assert "already complete at step 5 (train.max_steps = 3); nothing to train" in caplog.text
+    assert metrics["train"]["steps_this_run"] == 0
+    assert _steps(run) == [5]
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # config.json not rewritten
+    assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 5
+
+
+def test_changed_data_source_is_refused_on_resume(tmp_path, rows):
+    """Item 2: a changed data.source is refused like a changed model key (before: trained 0
+    steps and rewrote config.json with the new source)."""
+    cfg = tiny_config(tmp_path, "--data.batch_size=32", "--train.max_steps=3")
+    train(cfg)
+    changed = tiny_config(
+        tmp_path,
+        "--data.batch_size=32",
+        "--train.max_steps=6",
+        "--data.source=criteo",
+        "--data.train_files=['x.tsv']",
+    )
+    with pytest.raises(
+        CheckpointError, match=r"data.source: checkpoint 'synthetic' != config 'criteo'"
+    ):
+        train(changed)
+    assert (
+        json.loads((Path(cfg.train.run_dir) / "config.json").read_text())["data"]["source"]
+        == "synthetic"
+    )
