@@ -94,3 +94,22 @@ def test_changed_data_source_is_refused_on_resume(tmp_path, rows):
         json.loads((Path(cfg.train.run_dir) / "config.json").read_text())["data"]["source"]
         == "synthetic"
     )
+
+
+def test_column_based_resume_error_is_one_short_line_naming_the_fix():
+    """Item 4: after the Quick start (2 ranks, column-wise tables) the one-process run was refused
+    with a 1.8 kB message; now one line that names --no-resume and a new train.run_dir."""
+    from mlet_dist.checkpoint import check_optimizer_resharding
+
+    def column_wise(ranks):
+        return {"sharding_type": "column_wise", "shards": [[0, 8 * r, 10, 8, r] for r in ranks]}
+
+    saved = {"world_size": 2, "sharding": {f"t_cat_{i}": column_wise([0, 1]) for i in range(26)}}
+    now = {f"t_cat_{i}": column_wise([0]) for i in range(26)}
+    with pytest.raises(CheckpointError) as err:
+        check_optimizer_resharding("runs/x/checkpoints/step_00000390", saved, now, 1)
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 500, len(msg)  # before: 1.8 kB
+    assert "--no-resume or a new train.run_dir" in msg
+    assert "t_cat_0 (column_wise, 2 shard(s) on rank(s) [0, 1] in the checkpoint" in msg
+    assert "and 25 more" in msg
