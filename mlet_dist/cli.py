@@ -62,6 +62,24 @@ def _setup_logging(level: str) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _intra_op_threads() -> None:
+    """One intra-op thread per process unless ``OMP_NUM_THREADS`` says otherwise.
+
+    torchrun sets ``OMP_NUM_THREADS=1`` for its workers; a plain process got torch's default
+    (a thread per core), which made small-batch training 8-16x slower on a busy 2-core machine
+    (OpenMP threads spinning against each other and other processes). The variable is set before
+    torch is imported (the commands import it), so OpenMP and torch start with it.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:  # already imported (main() called from Python)
+        sys.modules["torch"].set_num_threads(1)
+    logger.info(
+        "1 intra-op thread per process (as torchrun sets it); set OMP_NUM_THREADS=N to use N"
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors: ``mlet-dist: error: ...`` and exit code 2."""
 
@@ -126,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mlet-dist`` and ``python -m mlet_dist``; returns the exit code."""
     args, rest = build_parser().parse_known_args(argv)
     _setup_logging(args.log_level)
+    _intra_op_threads()
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
         print(

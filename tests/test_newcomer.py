@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +116,38 @@ def test_column_based_resume_error_is_one_short_line_naming_the_fix():
     assert "--no-resume or a new train.run_dir" in msg
     assert "t_cat_0 (column_wise, 2 shard(s) on rank(s) [0, 1] in the checkpoint" in msg
     assert "and 25 more" in msg
+
+
+def test_plain_process_uses_one_intra_op_thread_like_torchrun(monkeypatch):
+    """Item 3: without torchrun a process got a thread per core (8-16x slower training on a busy
+    2-core machine); now 1 unless OMP_NUM_THREADS says otherwise, set before torch is imported."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = (
+        "import mlet_dist.cli as c; c._intra_op_threads(); import torch; "
+        "print(torch.get_num_threads())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "1"
+    env["OMP_NUM_THREADS"] = "2"  # the user's choice is kept
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "2"
+
+
+def test_loss_and_throughput_reach_the_log_without_the_bar(tmp_path, rows, caplog):
+    """Item 5: with train.progress = false (or no terminal: Slurm/TorchX log files) every
+    log_every steps log the loss and samples/s at INFO (before: DEBUG, so nothing)."""
+    cfg = tiny_config(
+        tmp_path, "--data.batch_size=32", "--train.max_steps=6", "--train.log_every=2"
+    )
+    with caplog.at_level(logging.INFO, logger="mlet_dist"):
+        metrics = train(cfg)
+    lines = [r for r in caplog.records if r.levelno == logging.INFO and "samples/s" in r.message]
+    assert [r.message.split()[1] for r in lines] == ["2/6", "4/6", "6/6"]
+    logged = {step: loss for step, loss in metrics["train"]["loss_curve"]}
+    for r in lines:
+        step = int(r.message.split()[1].split("/")[0])
+        assert f"loss {logged[step]:.5f}" in r.message
