@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,65 @@ def test_loss_and_throughput_reach_the_log_without_the_bar(tmp_path, rows, caplo
     for r in lines:
         step = int(r.message.split()[1].split("/")[0])
         assert f"loss {logged[step]:.5f}" in r.message
+
+
+def _sigterm_caught(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(x for x in status.splitlines() if x.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+def test_other_ranks_exit_quietly_with_the_code_when_stopped(tmp_path):
+    """Item 6: a rank other than 0 meeting a user error prints nothing while the launcher stops it
+    (rank 0 said it): it exits 2 on SIGTERM and leaves the line in torchrun's error file."""
+    error_file = tmp_path / "error.json"
+    env = dict(os.environ, RANK="1", WORLD_SIZE="2", TORCHELASTIC_ERROR_FILE=str(error_file))
+    code = (
+        "import mlet_dist.cli as c; raise SystemExit(c._report_user_error('mlet-dist: error: x'))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        while not _sigterm_caught(proc.pid):  # its handler is installed: it waits for the launcher
+            assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and err == ""
+    saved = json.loads(error_file.read_text())["message"]
+    assert saved["message"] == "mlet-dist: error: x"
+
+
+def test_a_rank_whose_error_is_its_own_reports_it_after_the_grace(tmp_path, monkeypatch, capsys):
+    """Item 6: when the launcher does not stop it (rank 0 did not fail), the rank says it."""
+    from mlet_dist import cli
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    monkeypatch.setattr(cli, "PEER_GRACE_S", 0.01)
+    assert cli._report_user_error("mlet-dist: error: x") == 2
+    assert capsys.readouterr().err == "mlet-dist: error: x (rank 1)\n"
+    saved = json.loads((tmp_path / "error.json").read_text())["message"]
+    assert saved["extraInfo"]["py_callstack"] == "mlet-dist: error: x (rank 1)"
+
+
+@pytest.mark.slow
+def test_torchrun_user_error_is_one_line_from_rank_0(tmp_path):
+    """Item 6: under torchrun a config error was printed by every rank, and torchrun's report
+    linked to its docs; now rank 0 prints it once, the report's root cause (rank 0) carries it
+    and the exit code stays non-zero."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "mlet_dist", "train", f"--train.run_dir={tmp_path / 'run'}",
+         "--data.batch_size=0"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode != 0
+    printed = [line for line in out.stderr.splitlines() if line.startswith("mlet-dist: error:")]
+    assert len(printed) == 1 and "data.batch_size" in printed[0], out.stderr
+    root = out.stderr.split("Root Cause")[1]
+    assert "rank      : 0" in root and "exitcode  : 2" in root and printed[0] in root
