@@ -281,3 +281,77 @@ def test_predict_streams_in_chunks_and_writes_what_the_whole_gives(tmp_path, mon
     ids = torch.from_numpy(np.concatenate([r.sparse for r in rows]).T.reshape(-1).copy())
     expected = _RowPredictor()(dense, ids, None).numpy()
     np.testing.assert_allclose(outs[64], expected, rtol=1e-6)
+
+
+def test_sweep_knows_its_total_up_front(tmp_path):
+    """Item 8: the sweep logs its total before the first run (the frontier's count is known
+    before the tune stage picks the recipes): it equals the runs the frontier stage makes."""
+    from mlet_dist.config import load_config
+    from mlet_dist.sweep import load_sweep
+    from mlet_dist.sweep.spec import frontier_count, frontier_runs
+
+    cfg = load_config("configs/synthetic_small.toml", [])
+    for extra in ({}, {"seeds": 2, "dims": [4, 64, 128], "inner_dims": [16, 64]}):
+        spec = load_sweep("configs/sweep/default.toml", extra)
+        best = {0: (spec.baseline[0].name, {}, 0.5)}  # every side has a winning recipe
+        best |= {k: (spec.mlet[0].name, {}, 0.5) for k in spec.inner_dims}
+        assert frontier_count(spec) == len(frontier_runs(cfg, spec, tmp_path, best))
+
+
+def test_preprocess_bars_have_their_total(tmp_path, monkeypatch):
+    """Item 8: the preprocess bars counted rows without a total (no ETA); now the 'count ids'
+    and 'preprocess' bars know the lines they will read (counted first), and reach them."""
+    from mlet_dist.data.preprocess import PreprocessSettings, preprocess
+    from mlet_dist.data.preprocess import pool as pool_module
+    from tests.test_reliability_b import write_tsv
+
+    bars = {}
+
+    class Bar(pool_module.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.seen = 0
+            bars[kwargs["desc"]] = self
+
+        def update(self, n=1):
+            self.seen += n
+
+    monkeypatch.setattr(pool_module, "tqdm", Bar)
+    files = [write_tsv(tmp_path / "a.tsv", 120, seed=1), write_tsv(tmp_path / "b.tsv", 80, seed=2)]
+    settings = PreprocessSettings([50] * 26, frequency_threshold=2, eval_fraction=0.25)
+    preprocess(files, tmp_path / "out", settings, workers=1, progress=True)
+    assert bars["preprocess"].total == bars["preprocess"].seen == 200
+    assert bars["count ids"].total == bars["count ids"].seen == 150  # the training lines
+
+
+def test_evaluate_and_collapse_show_progress(tmp_path, rows, monkeypatch):
+    """Item 8: evaluation (rows, with its total) and collapse (tables) have progress bars."""
+    from mlet_dist.export import run as export_run
+    from mlet_dist.train import evaluation
+
+    bars = []
+
+    class Bar(evaluation.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.seen = 0
+            bars.append((kwargs["desc"], self))
+
+        def update(self, n=1):
+            self.seen += n
+
+        def __iter__(self):
+            for item in self.iterable:
+                self.seen += 1
+                yield item
+
+    monkeypatch.setattr(evaluation, "tqdm", Bar)
+    monkeypatch.setattr(export_run, "tqdm", Bar)
+    cfg = tiny_config(tmp_path, "--data.batch_size=32", "--train.max_steps=2")
+    metrics = train(cfg)
+    evaluated = [b for desc, b in bars if desc == "evaluate"]
+    assert [(b.total, b.seen) for b in evaluated] == [(64, 64)]  # the eval split; test is empty
+    assert metrics["eval"]["rows"] == 64
+    collapse_run(cfg.train.run_dir, tmp_path / "served")
+    collapsed = [b for desc, b in bars if desc == "collapse"]
+    assert [b.seen for b in collapsed] == [26]  # one table per feature
