@@ -355,3 +355,60 @@ def test_evaluate_and_collapse_show_progress(tmp_path, rows, monkeypatch):
     collapse_run(cfg.train.run_dir, tmp_path / "served")
     collapsed = [b for desc, b in bars if desc == "collapse"]
     assert [b.seen for b in collapsed] == [26]  # one table per feature
+
+
+def test_bool_override_in_python_spelling_names_true_false():
+    """Item 9: `--train.progress=True` said only "expected bool, got 'True' (str)"."""
+    from mlet_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"got 'True' \(str\): write true or false"):
+        load_config(None, ["--train.progress=True"])
+    assert load_config(None, ["--train.progress=false"]).train.progress is False
+
+
+def test_sweep_report_names_each_buckets_rows():
+    """Item 9: the sweep's per-bucket AUC columns did not say how many test rows each is over."""
+    from mlet_dist.sweep import load_sweep
+    from mlet_dist.sweep.report import markdown, summarize
+
+    spec = load_sweep("configs/sweep/default.toml", {"dims": [4, 8], "inner_dims": [64]})
+    buckets = {"<=10": 30, "11-100": 200, "101-1000": 0, ">1000": 770}
+
+    def result(k, d, seed, auc):
+        test = {"auc": auc, "log_loss": 0.5, "rows": 1000}
+        test["buckets"] = {
+            b: ({"rows": n, "auc": auc} if n else {"rows": 0}) for b, n in buckets.items()
+        }
+        variant = f"MLET({k},{d})" if k else f"EBC({d})"
+        chosen = {"epoch": 1, "eval": {"auc": auc}, "test": test}
+        return {"variant": variant, "k": k, "d": d, "recipe": "r", "point": {}, "seed": seed,
+                "chosen": chosen, "seconds": 1.0, "side": "mlet" if k else "baseline"}  # fmt: skip
+
+    runs = [result(k, d, s, 0.7 + d / 1000 + k / 10000 + s / 100000)
+            for k in (0, 64) for d in (4, 8) for s in range(2)]  # fmt: skip
+    report = summarize(spec, [], runs)
+    text = markdown({**report, "meta": {}}, "t", 26)
+    header = next(line for line in text.splitlines() if line.startswith("| variant | recipe"))
+    for b, n in buckets.items():
+        if n:
+            assert f"AUC {b} ({n} rows)" in header, header
+
+
+def test_criteo_1tb_config_trains_from_its_shards_as_the_slurm_block_says():
+    """Item 9: configs/criteo_1tb.toml had data.source = 'criteo' with train_files = [], so the
+    Slurm block of docs/operations.md failed ("needs data.train_files"); now it streams the
+    preprocessed shards, which the block points at on the shared file system."""
+    from mlet_dist.config import load_config
+    from mlet_dist.data.sources import source_of
+    from tests.test_docs import REPO, documented_commands
+
+    block = next(
+        c
+        for p, _, c in documented_commands()
+        if p.name == "operations.md" and "configs/criteo_1tb.toml" in c and "slurm" in c
+    )
+    overrides = [w for w in block.split(" -- ", 1)[1].split() if w.startswith("--")]
+    cfg = load_config(REPO / "configs/criteo_1tb.toml", overrides)
+    source = source_of(cfg.data)
+    source.check()
+    assert source.streamed and source.inputs() == ["/shared/criteo_parquet"]
