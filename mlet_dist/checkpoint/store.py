@@ -78,11 +78,11 @@ def check_model_config(
         CheckpointError: the differing keys are named.
     """
     current = cfg.to_dict()
-    diffs = model_config_diff(saved, current)
-    if resume:
-        diffs += model_config_diff(saved, current, RESUME_KEYS)
+    model = model_config_diff(saved, current)
+    data = model_config_diff(saved, current, RESUME_KEYS) if resume else []
+    diffs = model + data
     if diffs:
-        what = "config to resume" if resume else "model config"
+        what = " and ".join(w for w, d in (("model config", model), ("data source", data)) if d)
         raise CheckpointError(
             f"checkpoint {path} was written with a different {what}; differing keys: "
             + "; ".join(diffs)
