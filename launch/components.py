@@ -250,7 +250,7 @@ def benchmark(
 def sweep(
     *overrides: str,
     config: str,
-    sweep_file: str,
+    sweep: str,
     work: str,
     stage: str = "all",
     shards: int = 1,
@@ -266,7 +266,8 @@ def sweep(
 ) -> specs.AppDef:
     """MLET vs the tuned baseline over served d (``mlet-dist sweep``), as ``shards`` replicas.
 
-    Replica i runs the runs with index % shards == i of the stage (``--shard i/shards``); every
+    Replica i runs the runs with index % shards == i of the stage (``mlet-dist sweep --shard
+    i/shards``: ``--shards N`` is how many replicas, ``--shard I/N`` which one); every
     run resumes from its result file, so retries and reruns skip finished runs. On a cluster run
     the stages in order, each as one job, with ``work`` on a filesystem all replicas share:
     ``--stage tune --shards 8``, then ``--stage frontier --shards 8``, then ``--stage report``
@@ -275,7 +276,7 @@ def sweep(
     Args:
         config: TOML config file of the data and model (relative to the job's working directory)
         overrides: config overrides, after --: --section.key=value ...
-        sweep_file: the sweep file (configs/sweep/*.toml)
+        sweep: the sweep file (configs/sweep/*.toml), as `mlet-dist sweep --sweep`
         work: directory of the runs and the report (shared by the replicas)
         stage: all, tune, frontier or report
         shards: replicas (each a node running its share of the runs)
@@ -299,7 +300,7 @@ def sweep(
     cmd = " ".join(
         [
             'exec "$$PY" -m mlet_dist sweep',
-            f"--config {config} --sweep {sweep_file} --work {work} --stage {stage}",
+            f"--config {config} --sweep {sweep} --work {work} --stage {stage}",
             f"--shard {specs.macros.replica_id}/{shards} --jobs {jobs}",
             *_overrides(overrides),
         ]

@@ -16,13 +16,18 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
+import json
 import logging
 import os
 import platform
 import re
+import signal
 import sys
+import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import mlet_dist
@@ -60,6 +65,24 @@ def _setup_logging(level: str) -> None:
         logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _intra_op_threads() -> None:
+    """One intra-op thread per process unless ``OMP_NUM_THREADS`` says otherwise.
+
+    torchrun sets ``OMP_NUM_THREADS=1`` for its workers; a plain process got torch's default
+    (a thread per core), which made small-batch training 8-16x slower on a busy 2-core machine
+    (OpenMP threads spinning against each other and other processes). The variable is set before
+    torch is imported (the commands import it), so OpenMP and torch start with it.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:  # already imported (main() called from Python)
+        sys.modules["torch"].set_num_threads(1)
+    logger.info(
+        "1 intra-op thread per process (as torchrun sets it); set OMP_NUM_THREADS=N to use N"
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mlet-dist`` and ``python -m mlet_dist``; returns the exit code."""
     args, rest = build_parser().parse_known_args(argv)
     _setup_logging(args.log_level)
+    _intra_op_threads()
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
         print(
@@ -140,8 +164,53 @@ def main(argv: list[str] | None = None) -> int:
         message = user_error(e)
         if message is None or args.debug:
             raise
-        print(f"mlet-dist: error: {message}", file=sys.stderr)
-        return 2
+        return _report_user_error(f"mlet-dist: error: {message}")
+
+
+# How long a rank other than 0 waits, after a user error, for the launcher to stop it (rank 0
+# failed too and said why) before it reports the error itself (the error was its own).
+PEER_GRACE_S = 3.0
+
+
+def _report_user_error(line: str, code: int = 2) -> int:
+    """Reports a user error once per job; returns the exit code (non-zero on every rank).
+
+    In one process: prints ``line``. Under torchrun/TorchX every rank usually meets the same error
+    (a bad config, a refused run directory): rank 0 prints it; the other ranks stay quiet and
+    wait up to :data:`PEER_GRACE_S` for the launcher, which stops them once rank 0 exited; only a
+    rank that is still running then (its error was its own) prints it, naming its rank. Every
+    rank that fails writes ``line`` to torchrun's error file (``TORCHELASTIC_ERROR_FILE``), so that
+    torchrun's failure report (ChildFailedError) shows it instead of a link to its docs.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        print(line, file=sys.stderr)
+        _error_file(line)
+        return code
+
+    def stopped(signum: int, frame: Any) -> None:  # rank 0 failed: exit quietly, same code
+        _error_file(line)
+        sys.stderr.flush()
+        os._exit(code)
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        time.sleep(PEER_GRACE_S)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"{line} (rank {rank})", file=sys.stderr)
+    _error_file(f"{line} (rank {rank})")
+    return code
+
+
+def _error_file(line: str) -> None:
+    """``line`` as the message of torchrun's error file of this worker, when it has one."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            # the format torchrun's own @record writes (its report shows "py_callstack")
+            info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+            Path(path).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
 
 
 # OSErrors about a path the user gave (they name it); any other exception is a bug: traceback.

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from mlet_dist.config import ConfigError, config_from_dict
 from mlet_dist.data import require_rows
 from mlet_dist.data.movielens import MOVIES_FILE, USERS_FILE
-from mlet_dist.data.sources import concat_rows, source_of
+from mlet_dist.data.sources import source_of
 from mlet_dist.data.vocab import read_vocabularies
 from mlet_dist.schema import schema_of
 from mlet_dist.serving.manifest import MANIFEST, ServingError, verify_manifest
@@ -100,6 +101,32 @@ def serving_vocabularies(
     return read_vocabularies(serving_dir, entries, f"{Path(serving_dir) / MANIFEST}")
 
 
+class _ProbabilityWriter:
+    """Writes probabilities chunk by chunk: Parquet (one float32 column ``probability``, marked
+    as ours in the schema metadata) or text (``%.9g``, one per line)."""
+
+    def __init__(self, path: Path, parquet: bool) -> None:
+        self.path, self.parquet = path, parquet
+        self._file: Any = None
+
+    def __enter__(self) -> _ProbabilityWriter:
+        if self.parquet:
+            schema = pa.schema([("probability", pa.float32())], {PREDICTIONS_KEY: b"1"})
+            self._file = pq.ParquetWriter(self.path, schema)
+        else:
+            self._file = open(self.path, "w")
+        return self
+
+    def write(self, probs: np.ndarray) -> None:
+        if self.parquet:
+            self._file.write_table(pa.table({"probability": pa.array(probs, pa.float32())}))
+        else:
+            np.savetxt(self._file, probs, fmt="%.9g")
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
 def predict_file(
     serving_dir: str | Path,
     data: str | Path | Sequence[str | Path],
@@ -107,8 +134,12 @@ def predict_file(
     batch_size: int = 4096,
     verify: str = "all",
     kind: str = "auto",
+    chunk_rows: int = 1 << 16,
 ) -> dict[str, Any]:
     """Scores raw rows with a serving directory's predictor and writes the probabilities.
+
+    The inputs are read, scored and written chunk by chunk (about ``chunk_rows`` rows;
+    :meth:`~mlet_dist.data.sources.DataSource.iter_read`), with a progress bar on a terminal.
 
     Args:
         serving_dir: output of ``mlet-dist collapse``; its manifest is checked first.
@@ -121,6 +152,7 @@ def predict_file(
         batch_size: rows per predictor call.
         verify: see :func:`mlet_dist.serving.predict.load_predictor`.
         kind: the predictor, see :func:`mlet_dist.serving.predict.load_predictor`.
+        chunk_rows: rows read and scored at a time (memory is bounded by it).
 
     Returns:
         {"rows", "out", "serving_dtype", "predictor"}.
@@ -154,34 +186,48 @@ def predict_file(
     vocabs = serving_vocabularies(serving_dir, manifest, schema, verified=verify == "all")
     # the raw format of the run's source; Criteo-layout ids reduced modulo the served tables' rows
     raw = dataclasses.replace(
-        data_cfg, source=data_source(manifest), num_embeddings_per_feature=table_sizes(manifest)
+        data_cfg,
+        source=data_source(manifest),
+        num_embeddings_per_feature=table_sizes(manifest),
+        max_rows=0,  # every row of the inputs (data.max_rows was the run's training limit)
     )
     source = source_of(raw, schema)
-    parts = [require_rows(source.read(f, in_file_order=True, vocabs=vocabs), f) for f in files]
-    arrays = concat_rows(parts)
-    probs = predict_arrays(predictor, arrays, batch_size).numpy()
-    bad = np.flatnonzero(~np.isfinite(probs))
-    if bad.size:
-        row = int(bad[0])
-        ends = np.cumsum([len(p) for p in parts])
-        k = int(np.searchsorted(ends, row, side="right"))
-        row_in_file = row - (int(ends[k - 1]) if k else 0) + 1
-        raise ServingError(
-            f"refusing to write {out}: the predictor of {serving_dir} returned {probs[row]} for "
-            f"{bad.size} of {len(probs)} rows (first: {files[k]}, data row {row_in_file}); its "
-            f"tables or dense weights are not finite. Collapse a checkpoint of a run whose loss "
-            f"was finite"
-        )
-    with atomic_path(out) as tmp:  # a failed write leaves no partial file (and names a full disk)
-        if target.suffix == ".parquet":
-            table = pa.table({"probability": pa.array(probs, pa.float32())})
-            pq.write_table(table.replace_schema_metadata({PREDICTIONS_KEY: b"1"}), tmp)
-        else:
-            with open(tmp, "w") as f:
-                np.savetxt(f, probs, fmt="%.9g")
-    logger.info("wrote %d probabilities to %s", len(probs), out)
+    scored = 0
+    first_bad: tuple[float, Path | str, int] | None = None  # value, file, data row
+    bad_rows = 0
+    with (
+        atomic_path(out) as tmp,  # a failed write leaves no partial file (and names a full disk)
+        _ProbabilityWriter(tmp, parquet=target.suffix == ".parquet") as writer,
+        tqdm(desc="predict", unit=" rows", disable=None, mininterval=1.0) as bar,
+    ):
+        for f in files:
+            in_file = 0
+            # chunk by chunk: memory bounded by chunk_rows, not by the size of the inputs
+            for chunk in source.iter_read(
+                f, chunk_rows=chunk_rows, in_file_order=True, vocabs=vocabs
+            ):
+                probs = predict_arrays(predictor, chunk, batch_size).numpy()
+                bad = np.flatnonzero(~np.isfinite(probs))
+                if bad.size and first_bad is None:
+                    first_bad = (float(probs[bad[0]]), f, in_file + int(bad[0]) + 1)
+                bad_rows += int(bad.size)
+                if first_bad is None:
+                    writer.write(probs)
+                in_file += len(probs)
+                bar.update(len(probs))
+            if in_file == 0:
+                require_rows(chunk, f)  # an empty file is refused, named
+            scored += in_file
+        if first_bad is not None:  # nothing is written (the temporary file is removed)
+            value, f, row = first_bad
+            raise ServingError(
+                f"refusing to write {out}: the predictor of {serving_dir} returned {value} for "
+                f"{bad_rows} of {scored} rows (first: {f}, data row {row}); its tables or dense "
+                f"weights are not finite. Collapse a checkpoint of a run whose loss was finite"
+            )
+    logger.info("wrote %d probabilities to %s", scored, out)
     return {
-        "rows": len(probs),
+        "rows": scored,
         "out": str(out),
         "serving_dtype": manifest["serving"]["dtype"],
         "predictor": manifest["predictor_used"],

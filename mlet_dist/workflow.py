@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -105,15 +106,19 @@ def _read_files(ctx: RunContext, files: list[str]) -> CriteoArrays:
 
 
 def check_collapsed(
-    run_dir: str | Path, served_dir: str | Path, arrays: CriteoArrays
+    run_dir: str | Path,
+    served_dir: str | Path,
+    arrays: CriteoArrays,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compares the collapsed model's predictions with the trained MLET model's on ``arrays``.
 
     Both are evaluated unsharded on CPU in float32; the check passes when logits agree to 1e-4
-    (absolute, relative to their scale) and the AUCs agree to 1e-6.
+    (absolute, relative to their scale) and the AUCs agree to 1e-6. ``checkpoint``: the trained
+    model's (default: the run's latest); it must be the one ``served_dir`` was collapsed from.
     """
     cfg = load_run_config(run_dir)
-    trained = load_unsharded(cfg, latest_checkpoint(run_dir)).eval()
+    trained = load_unsharded(cfg, _collapsed_checkpoint(run_dir, served_dir, checkpoint)).eval()
     served, _ = load_served(served_dir)
     served.eval()
     a_logits, b_logits, labels, weights = [], [], [], []
@@ -139,17 +144,22 @@ def check_collapsed(
 
 
 def check_serving(
-    run_dir: str | Path, served_dir: str | Path, arrays: CriteoArrays, kind: str = "auto"
+    run_dir: str | Path,
+    served_dir: str | Path,
+    arrays: CriteoArrays,
+    kind: str = "auto",
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compares a serving predictor's probabilities with the trained MLET model's on ``arrays``.
 
     The predictor (``kind``; by default the torch.export program ``serving/predictor.pt2``) is
     loaded as a consumer would (manifest checksums first, then its loader in
     :mod:`mlet_dist.serving.artifacts`). With fp32 tables the check passes when every probability
-    agrees to 1e-5; with fp16/int8 tables when the AUCs agree to 1e-3.
+    agrees to 1e-5; with fp16/int8 tables when the AUCs agree to 1e-3. ``checkpoint``: as in
+    :func:`check_collapsed`.
     """
     cfg = load_run_config(run_dir)
-    trained = load_unsharded(cfg, latest_checkpoint(run_dir)).eval()
+    trained = load_unsharded(cfg, _collapsed_checkpoint(run_dir, served_dir, checkpoint)).eval()
     predictor, manifest = load_predictor(served_dir, kind=kind)
     logits, labels = [], []
     with torch.no_grad():
@@ -176,6 +186,24 @@ def check_serving(
     }
 
 
+def _collapsed_checkpoint(
+    run_dir: str | Path, served_dir: str | Path, checkpoint: str | Path | None
+) -> Path:
+    """``checkpoint`` (default: the run's latest), refused unless ``served_dir`` was collapsed
+    from it: a check must never compare a serving directory with another checkpoint."""
+    ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"run {run_dir} has no complete checkpoint; train it first")
+    report = Path(served_dir) / "collapse_report.json"
+    source = json.loads(report.read_text()).get("source_checkpoint") if report.is_file() else None
+    if source is not None and source != ckpt.name:
+        raise CheckpointError(
+            f"{served_dir} was collapsed from {source}, not from {ckpt.name} of run {run_dir}; "
+            f"collapse the run again (`mlet-dist collapse --run {run_dir} --out {served_dir}`)"
+        )
+    return ckpt
+
+
 def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
     """The main job: data (generated if absent), training, evaluation, collapse and its check."""
     ctx = RunContext.of_config(cfg)
@@ -199,8 +227,10 @@ def run_end_to_end(cfg: Config, resume: bool = True) -> dict[str, Any]:
         summary["served_dir"] = str(served_dir)
         summary["training_embedding_params"] = report["training_embedding_params"]
         summary["served_embedding_params"] = report["served_embedding_params"]
-        summary["collapse_check"] = check_collapsed(run_dir, served_dir, held_out)
-        summary["serving_check"] = check_serving(run_dir, served_dir, held_out)
+        trained = metrics["checkpoint"]  # the checkpoint this job trained (or found complete)
+        summary["checkpoint"] = trained
+        summary["collapse_check"] = check_collapsed(run_dir, served_dir, held_out, trained)
+        summary["serving_check"] = check_serving(run_dir, served_dir, held_out, checkpoint=trained)
         atomic_write_json(run_dir / "summary.json", summary)
         check = summary["collapse_check"]
         logger.info(

@@ -63,26 +63,26 @@ RUN_BY: dict[str, tuple[str, ...]] = {
         "tests/test_preprocess.py::test_synthetic_mlperf_days_end_to_end",
         "tests/test_preprocess.py::test_cli_preprocess_with_process_pool",
     ),
-    "mlet-dist run --config events.toml": (
+    ".venv/bin/mlet-dist run --config events.toml": (
         "tests/test_synthetic_schema.py::test_shipped_config_end_to_end",
         "tests/test_schema.py::test_docs_worked_example_is_a_valid_schema",
     ),
-    "mlet-dist preprocess --config events.toml": (
+    ".venv/bin/mlet-dist preprocess --config events.toml": (
         "tests/test_schema_dist.py::test_preprocess_stream_two_ranks_collapse_predict",
     ),
-    "mlet-dist train --config events.toml": (
+    ".venv/bin/mlet-dist train --config events.toml": (
         "tests/test_schema_dist.py::test_preprocess_stream_two_ranks_collapse_predict",
     ),
-    "mlet-dist collapse --run runs/default": (
+    ".venv/bin/mlet-dist collapse --run runs/default": (
         "tests/test_schema_dist.py::test_preprocess_stream_two_ranks_collapse_predict",
     ),
-    "mlet-dist predict --serving served": (
+    ".venv/bin/mlet-dist predict --serving served --data new_events": (
         "tests/test_schema_dist.py::test_collapse_is_exact_and_predict_reads_the_training_inputs",
     ),
-    "mlet-dist run --config configs/schema_synthetic.toml": (
+    ".venv/bin/mlet-dist run --config configs/schema_synthetic.toml": (
         "tests/test_synthetic_schema.py::test_shipped_config_end_to_end",
     ),
-    "mlet-dist run --config configs/movielens_features.toml": (
+    ".venv/bin/mlet-dist run --config configs/movielens_features.toml": (
         "tests/test_schema_movielens.py::test_preset_trains_collapses_and_predicts",
     ),
     # operations

@@ -277,7 +277,7 @@ def test_shards_partition_the_runs_and_the_torchx_component_passes_them(tmp_path
     from torchx import specs
 
     app = components.sweep(
-        "--data.batch_size=64", config="c.toml", sweep_file="s.toml", work="w", stage="tune",
+        "--data.batch_size=64", config="c.toml", sweep="s.toml", work="w", stage="tune",
         shards=3, jobs=2,
     )  # fmt: skip
     (role,) = app.roles
@@ -291,7 +291,7 @@ def test_shards_partition_the_runs_and_the_torchx_component_passes_them(tmp_path
         assert (args.command, args.stage, args.shard, args.jobs) == ("sweep", "tune", (i, 3), 2)
         assert rest == ["--data.batch_size=64"]
     with pytest.raises(ValueError, match="one replica"):
-        components.sweep(config="c", sweep_file="s", work="w", stage="report", shards=2)
+        components.sweep(config="c", sweep="s", work="w", stage="report", shards=2)
 
 
 def test_report_of_an_unfinished_sweep_is_marked_partial(swept, tmp_path):

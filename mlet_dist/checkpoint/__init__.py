@@ -12,6 +12,8 @@ Layout of a run directory::
         integrity.json               size and CRC-32 of every other file, written last
     RUN/checkpoints/step_00000120.tmp/     an unfinished checkpoint: never used
     RUN/checkpoints/step_00000120.damaged/ a damaged checkpoint a resume moved aside
+    RUN/checkpoints.earlier-1/       an earlier run's checkpoints, moved aside by a run started
+                                     over in the same directory (--no-resume)
     RUN/loss_curve.jsonl             the loss curve across restarts (rank 0; a resumed run drops
                                      the points after its checkpoint first; see
                                      mlet_dist.distributed.elastic)
@@ -53,6 +55,7 @@ from mlet_dist.checkpoint.plan_json import (
 from mlet_dist.checkpoint.safe import SafeFileSystemReader, SafeLoadPlanner, dcp_load
 from mlet_dist.checkpoint.store import (
     MODEL_KEYS,
+    RESUME_KEYS,
     check_model_config,
     latest_checkpoint,
     list_checkpoints,
@@ -61,6 +64,7 @@ from mlet_dist.checkpoint.store import (
     model_config_diff,
     resume_checkpoint,
     save_checkpoint,
+    set_aside_checkpoints,
 )
 
 __all__ = [
@@ -72,6 +76,7 @@ __all__ = [
     "OLD_PLAN_FILE",
     "PLAN_FILE",
     "PLAN_FORMAT",
+    "RESUME_KEYS",
     "TRAIN_STATE",
     "CheckpointError",
     "SafeFileSystemReader",
@@ -91,6 +96,7 @@ __all__ = [
     "resume_checkpoint",
     "save_checkpoint",
     "saved_plan",
+    "set_aside_checkpoints",
     "verify_checkpoint",
     "write_integrity",
 ]

@@ -218,16 +218,13 @@ def check_optimizer_resharding(
             bad.append(f"{table} ({_describe(before)} in the checkpoint, {_describe(now)} now)")
     if not bad:
         return
-    shown = "; ".join(bad[:8]) + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
     raise CheckpointError(
         f"cannot resume {path}: it was saved on world size {saved_ws}, this job has world size "
         f"{world_size}, and TorchRec cannot reshard the fused optimizer state of column-based "
-        f"tables (row-wise Adagrad keeps one value per row of each column shard) to another world "
-        f"size or column split. Tables: {shown}. Fix: resume on {saved_ws} rank(s) with the same "
-        f"dist.sharding_types and dist.min_partition as the saved run, or, for a run that must "
-        f"change world size, constrain dist.sharding_types to ['table_wise'] or ['row_wise'] "
-        f"from the start. The weights alone do reshard (`mlet-dist collapse` reads this checkpoint "
-        f"on one process)."
+        f"tables ({bad[0]}{more}). Start over with --no-resume or a new train.run_dir, or resume "
+        f"on {saved_ws} rank(s) with the same [dist] config (dist.sharding_types = "
+        f"['table_wise'] or ['row_wise'] resumes on any world size)"
     )
 
 

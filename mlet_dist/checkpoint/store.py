@@ -39,38 +39,80 @@ MODEL_KEYS = {
     "model": None,  # every key
     "data": {"num_embeddings_per_feature", "dense", "sparse", "tables"},
 }
+# Keys a resumed run must keep besides MODEL_KEYS: the data its saved position counts batches of.
+RESUME_KEYS = {"data": {"source"}}
+
+# Where a run started over (--no-resume) puts the earlier run's checkpoints/: checkpoints.earlier-N.
+EARLIER_CHECKPOINTS = "checkpoints.earlier"
 
 
-def model_config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys defining the model's parameters that differ between two config dicts.
+def model_config_diff(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    keys: dict[str, set[str] | None] = MODEL_KEYS,
+) -> list[str]:
+    """Keys defining the model's parameters (``keys``: section -> keys, None = all) that differ
+    between two config dicts.
 
     A key missing from ``saved`` (a checkpoint written before the key existed, e.g.
     ``model.w1_dtype``) counts as its default, the behaviour the checkpoint was written under.
     """
     defaults = Config().to_dict()
     diffs = []
-    for section, keys in MODEL_KEYS.items():
+    for section, names in keys.items():
         a = {**defaults.get(section, {}), **saved.get(section, {})}
         b = current.get(section, {})
-        for key in sorted(set(a) | set(b)) if keys is None else sorted(keys):
+        for key in sorted(set(a) | set(b)) if names is None else sorted(names):
             if a.get(key) != b.get(key):
                 diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} != config {b.get(key)!r}")
     return diffs
 
 
-def check_model_config(path: Path, saved: dict[str, Any], cfg: Config) -> None:
-    """Refuses a checkpoint (``saved``: its config dict) written with another model config.
+def check_model_config(
+    path: Path, saved: dict[str, Any], cfg: Config, resume: bool = False
+) -> None:
+    """Refuses a checkpoint (``saved``: its config dict) written with another model config, and,
+    to ``resume`` training from it, with another data source (:data:`RESUME_KEYS`).
 
     Raises:
         CheckpointError: the differing keys are named.
     """
-    diffs = model_config_diff(saved, cfg.to_dict())
+    current = cfg.to_dict()
+    model = model_config_diff(saved, current)
+    data = model_config_diff(saved, current, RESUME_KEYS) if resume else []
+    diffs = model + data
     if diffs:
+        what = " and ".join(w for w, d in (("model config", model), ("data source", data)) if d)
         raise CheckpointError(
-            f"checkpoint {path} was written with a different model config; differing keys: "
+            f"checkpoint {path} was written with a different {what}; differing keys: "
             + "; ".join(diffs)
-            + ". Use a new train.run_dir, or restore these values."
+            + ". Restore these values, or start over with --no-resume or a new train.run_dir."
         )
+
+
+def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
+    """Moves an earlier run's ``checkpoints/`` aside to ``checkpoints.earlier-N`` (kept, never
+    deleted), so that a run started over (``--no-resume``) never mixes its steps with them: its
+    ``evaluate`` and ``collapse`` then see only its own. Rank 0, under the run's exclusive lock.
+
+    Returns:
+        Where they went, or None when the run had no checkpoints directory.
+    """
+    root = checkpoint_dir(run_dir)
+    if not root.exists():
+        return None
+    n = 1
+    while (aside := root.with_name(f"{EARLIER_CHECKPOINTS}-{n}")).exists():
+        n += 1
+    found = [p.name for p in list_checkpoints(run_dir)]
+    root.rename(aside)
+    logger.warning(
+        "--no-resume: moved the earlier run's checkpoints (%s) aside to %s; this run starts at "
+        "step 0",
+        ", ".join(found) or "none complete",
+        aside,
+    )
+    return aside
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -49,8 +49,9 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
     if tp in (int, float, str, bool):
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
             return value
+        hint = ": write true or false (TOML's lower case)" if tp is bool else ""
         raise ConfigError(
-            f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})"
+            f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__}){hint}"
         )
     if origin is list:
         (item_tp,) = typing.get_args(tp)

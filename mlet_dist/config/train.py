@@ -19,7 +19,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of model init and data order."""
     log_every: int = 50
-    """Log training loss every N steps (rank 0)."""
+    """Log the step, training loss and samples/s every N steps (rank 0; at INFO when no progress bar shows on a terminal, e.g. in Slurm/TorchX log files)."""
     checkpoint_every: int = 0
     """Write a checkpoint every N steps (0 = only at the end)."""
     run_dir: str = "runs/default"

@@ -447,10 +447,20 @@ def read_criteo_tsv(
     table_sizes = check_table_sizes(num_embeddings_per_feature)
     if max_rows < 0:
         raise ValueError(f"max_rows must be >= 0 (0 = all rows), got {max_rows}")
-    parts = [
-        _parse_chunk(path, data, first_line, table_sizes)
-        for first_line, data in iter_line_blocks(path, stop=max_rows)
-    ]
-    arrays = CriteoArrays.concat(parts)
+    arrays = CriteoArrays.concat(list(iter_criteo_tsv(path, table_sizes, max_rows=max_rows)))
     logger.debug("read %d rows from %s", len(arrays), path)
     return arrays
+
+
+def iter_criteo_tsv(
+    path: str | Path,
+    num_embeddings_per_feature: Sequence[int],
+    max_rows: int = 0,
+    chunk_bytes: int = 0,
+) -> Iterator[CriteoArrays]:
+    """:func:`read_criteo_tsv` in chunks (blocks of about ``chunk_bytes`` decompressed bytes;
+    0 = ~8 MB), in bounded memory; no chunk for an empty file. Same errors."""
+    path = Path(path)
+    table_sizes = check_table_sizes(num_embeddings_per_feature)
+    for first_line, data in iter_line_blocks(path, stop=max_rows, chunk_bytes=chunk_bytes):
+        yield _parse_chunk(path, data, first_line, table_sizes)

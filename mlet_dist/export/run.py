@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from tqdm import tqdm
 
 from mlet_dist.checkpoint import (
     CheckpointError,
@@ -299,7 +300,14 @@ def _collapse_pass(
     groups = make_groups(list(layouts.values()))
     sink = ParquetSink(staging / "parquet", options.row_group_rows)
     collapsed: dict[str, list[CollapsedBlock]] = {}
-    for name, layout in layouts.items():
+    bar = tqdm(  # rank 0, on a terminal
+        layouts.items(),
+        desc="collapse",
+        unit=" tables",
+        leave=False,
+        disable=True if rank else None,
+    )
+    for name, layout in bar:
         collapsed[name] = collapse_table(
             layout,
             local[name],

@@ -132,11 +132,14 @@ def summarize(
         v["epoch"] = _stats([r["chosen"]["epoch"] for r in runs])
         v["test_aucs"] = [r["chosen"]["test"]["auc"] for r in runs]
         buckets: dict[str, list[float]] = {}
+        rows: dict[str, int] = {}  # test rows per bucket (the same split and counts every seed)
         for r in runs:
             for b, m in r["chosen"]["test"].get("buckets", {}).items():
+                rows[b] = max(rows.get(b, 0), int(m.get("rows", 0)))
                 if m.get("auc") is not None and math.isfinite(m["auc"]):  # one-class bucket: nan
                     buckets.setdefault(b, []).append(m["auc"])
         v["test_auc_buckets"] = {b: _stats(a) for b, a in buckets.items()}
+        v["test_rows_buckets"] = rows
         v["seconds"] = _stats([r["seconds"] for r in runs])
     base = {v["d"]: v for v in variants.values() if v["k"] == 0}
     ks = sorted({v["k"] for v in variants.values() if v["k"]})
@@ -234,12 +237,16 @@ def markdown(report: dict[str, Any], title: str, num_tables: int) -> str:
         )
     buckets = sorted({b for v in report["variants"] for b in v["test_auc_buckets"]},
                      key=_bucket_order)  # fmt: skip
+    bucket_rows = {  # how many test rows each bucket's AUC is over (a small bucket is noisy)
+        b: max(v.get("test_rows_buckets", {}).get(b, 0) for v in report["variants"])
+        for b in buckets
+    }
     lines += [
         "",
         "## Frontier (test split, mean ± std over seeds)",
         "",
         "| variant | recipe | served B/row | eval AUC | test AUC | test log loss | epoch | "
-        + " | ".join(f"AUC {b}" for b in buckets) + " |",
+        + " | ".join(f"AUC {b} ({bucket_rows[b]} rows)" for b in buckets) + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(buckets),
     ]  # fmt: skip
     for v in report["variants"]:

@@ -29,6 +29,7 @@ from mlet_dist.sweep.spec import (
     _point_name,
     best_recipes,
     config_key,
+    frontier_count,
     frontier_runs,
     load_sweep,
     tune_runs,
@@ -145,11 +146,14 @@ def run_all(
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
             raise RuntimeError(f"sweep run {run.run_dir} failed: {tail[0]}")
         r = read_result(run)
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / done[0] * (len(todo) - done[0])  # the runs so far, `jobs` at a time
         logger.info(
-            "[%d/%d] %s %s %s seed %d: eval AUC %.4f (epoch %d), %.0f s (%.0f s elapsed)",
+            "[%d/%d] %s %s %s seed %d: eval AUC %.4f (epoch %d), %.0f s (%.0f s elapsed, "
+            "ETA of this stage %s)",
             done[0], len(todo), run.stage, run.variant, run.recipe + " " + _point_name(run.point),
-            run.seed, r["chosen"]["eval"]["auc"], r["chosen"]["epoch"], r["seconds"],
-            time.perf_counter() - t0,
+            run.seed, r["chosen"]["eval"]["auc"], r["chosen"]["epoch"], r["seconds"], elapsed,
+            _duration(eta),
         )  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -159,6 +163,13 @@ def run_all(
 
 
 # -- entry points ------------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    """``"42 s"``, ``"12 min"`` or ``"3.5 h"``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _num_tables(data: DataConfig) -> int:
@@ -228,6 +239,12 @@ def _sweep_into(
     atomic_write_json(work / "sweep_work.json", {"config": cfg.to_dict(), "spec": asdict(spec)})
     ensure_data(cfg)
     tune = tune_runs(cfg, spec, work)
+    n_frontier = frontier_count(spec)
+    logger.info(
+        "sweep: %d tune runs, then %d frontier runs: %d in all (stage %s, shard %d/%d); each "
+        "run's time and the ETA of its stage are logged as the runs finish",
+        len(tune), n_frontier, len(tune) + n_frontier, stage, *shard,
+    )  # fmt: skip
     if stage in ("all", "tune"):
         run_all(tune, jobs, threads, keep, shard)
         if stage == "tune":

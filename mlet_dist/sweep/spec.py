@@ -245,6 +245,11 @@ def best_recipes(
     return best
 
 
+def frontier_count(spec: SweepSpec) -> int:
+    """How many runs :func:`frontier_runs` makes (known before the tune stage picks recipes)."""
+    return sum(len(_sides(spec, d)) for d in spec.dims) * spec.seeds
+
+
 def frontier_runs(
     base: Config, spec: SweepSpec, work: Path, best: dict[int, tuple[str, dict[str, Any], float]]
 ) -> list[RunSpec]:

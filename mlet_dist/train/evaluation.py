@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.train_pipeline import EvalPipelineSparseDist
+from tqdm import tqdm
 
 from mlet_dist.config import Config
 from mlet_dist.data import (
@@ -155,7 +156,7 @@ def predictions(
         rows: keep the positions below it (drops the padding of :func:`array_batches`).
         pipelined: run the forwards through TorchRec's ``EvalPipelineSparseDist``.
     """
-    local = local_predictions(model, batches, env, id_counts, pipelined)
+    local = local_predictions(model, batches, env, id_counts, pipelined, rows)
     if env.world_size == 1:
         merged = local
     else:
@@ -181,9 +182,11 @@ def local_predictions(
     env: DistEnv,
     id_counts: list[np.ndarray] | None = None,
     pipelined: bool = False,
+    rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """This rank's logits, labels and row positions (and rarest-id counts, and the batches'
-    sample weights when they have them), on the CPU.
+    sample weights when they have them), on the CPU. Rank 0 shows a progress bar of all ranks'
+    rows on a terminal (of ``rows`` rows, with its ETA, when known).
 
     Position of row i of this rank's batch b (of s rows): ``offset_b + rank * s + i``, where
     ``offset_b`` counts the rows of all ranks' earlier batches.
@@ -198,9 +201,14 @@ def local_predictions(
     if id_counts is not None:
         out["rarest"] = [torch.zeros(0, dtype=torch.int64)]
     offset = 0
+    bar = tqdm(
+        desc="evaluate", total=rows, unit=" rows", leave=False, mininterval=1.0,
+        disable=True if env.rank else None,  # None: on a terminal only
+    )  # fmt: skip
     try:
         for batch, output in _forwards(model, batches, env.device, pipelined):
             size = batch.labels.numel()
+            bar.update(min(size * env.world_size, rows - bar.n) if rows else size * env.world_size)
             out["position"].append(offset + env.rank * size + torch.arange(size))
             offset += size * env.world_size
             if id_counts is not None:
@@ -213,6 +221,7 @@ def local_predictions(
             if weights is not None:
                 out.setdefault("weights", [torch.zeros(0)]).append(weights.float().cpu())
     finally:
+        bar.close()
         model.train(was_training)
     return {k: torch.cat(v) for k, v in out.items()}
 

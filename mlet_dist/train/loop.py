@@ -11,6 +11,7 @@ every rank when the loss diverges.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -199,8 +200,16 @@ class Trainer:
                 f"{cfg.data.batch_size}): lower the batch size or add data"
             )
         total = per_epoch * cfg.train.epochs
-        if cfg.train.max_steps:
-            total = min(total, cfg.train.max_steps)
+        limit = f"train.epochs = {cfg.train.epochs} of {per_epoch} steps"
+        if cfg.train.max_steps and cfg.train.max_steps < total:
+            total, limit = cfg.train.max_steps, f"train.max_steps = {cfg.train.max_steps}"
+        if self.step >= total:  # a finished run resumed: nothing is written, not even config.json
+            logger.warning(
+                "run %s is already complete at step %d (%s); nothing to train: raise "
+                "train.max_steps or train.epochs to train further, or start over with --no-resume",
+                cfg.train.run_dir, self.step, limit,
+            )  # fmt: skip
+            return {"steps": self.step, "steps_this_run": 0, "nothing_to_train": True}
         losses: list[list[float]] = []
         validations: list[dict[str, Any]] = []
         seen = 0
@@ -217,6 +226,10 @@ class Trainer:
             disable=not (env.is_rank0 and cfg.train.progress),
             mininterval=1.0,
         )
+        # Without a bar on a terminal (train.progress = false, or a log file under Slurm/TorchX)
+        # every log_every steps reach the log at INFO: step, loss and throughput.
+        log_level = logging.DEBUG if cfg.train.progress and sys.stderr.isatty() else logging.INFO
+        last_log = (self.step, seen, time.perf_counter())
         # Resume: the stream starts at the next batch the checkpoint has not trained on; the
         # position saved is that of the last batch trained, not of those in flight.
         stream = PositionedBatches(source, self.epoch, self.batch_in_epoch, total - self.step)
@@ -266,7 +279,13 @@ class Trainer:
                     value = loss.detach().item()
                     losses.append([self.step, value])
                     bar.set_postfix(loss=f"{value:.4f}")
-                    logger.debug("step %d loss %.5f", self.step, value)
+                    now = time.perf_counter()
+                    rate = (seen - last_log[1]) * env.world_size / max(now - last_log[2], 1e-9)
+                    logger.log(
+                        log_level, "step %d/%d loss %.5f  %.0f samples/s",
+                        self.step, total, value, rate,
+                    )  # fmt: skip
+                    last_log = (self.step, seen, now)
                     guard.log_loss(self.step, value)
                     monitor.log(self.step, value, learning_rates(self.optimizer), env.device)
                 monitor.rec_metrics(self.step, last=self.step == total)

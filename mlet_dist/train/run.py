@@ -12,9 +12,11 @@ from typing import Any
 
 from mlet_dist.checkpoint import (
     check_model_config,
+    list_checkpoints,
     read_train_state,
     resume_checkpoint,
     saved_plan,
+    set_aside_checkpoints,
 )
 from mlet_dist.config import Config
 from mlet_dist.context import RunContext
@@ -80,9 +82,11 @@ def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) 
         splits = load_splits(cfg.data, ctx.schema)
         _log_data(ctx, splits)
         last = resume_checkpoint(run_dir, fallback) if resume else None  # verified
+        # --no-resume into a run with checkpoints: they are moved aside at start() (never mixed)
+        earlier = not resume and bool(list_checkpoints(run_dir))
         plan = None  # the saved plan when it fits: TorchRec's planning is not reproducible
-        if last is not None:
-            check_model_config(last, read_train_state(last)["config"], cfg)  # before any write
+        if last is not None:  # before any write
+            check_model_config(last, read_train_state(last)["config"], cfg, resume=True)
             plan = saved_plan(last, cfg.to_dict()["dist"], env.world_size, env.device.type)
         trainer = Trainer(cfg, env, plan=plan, schema=ctx.schema)
         if last is not None:
@@ -94,6 +98,8 @@ def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) 
 
         def start() -> None:  # every check passed: from here on the run directory is written
             if env.is_rank0:
+                if earlier:
+                    set_aside_checkpoints(run_dir)
                 remove_stale_checkpoints(run_dir)
                 atomic_write_json(run_dir / "config.json", cfg.to_dict())
                 if vocabs:  # where `mlet-dist collapse` finds them
@@ -110,14 +116,16 @@ def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) 
         train_stats = trainer.fit(
             splits.train, on_start=start, validate=validate if has_eval else None
         )
-        trainer.save()
+        done = train_stats.pop("nothing_to_train", False)  # resumed a finished run: last
+        checkpoint = last if done else trainer.save()
         metrics: dict[str, Any] = {"train": train_stats, "world_size": env.world_size}
+        metrics["checkpoint"] = str(checkpoint)  # what evaluate/collapse of `mlet-dist run` use
         for split in ("eval", "test"):
             if splits.has(split):
                 metrics[split] = trainer.evaluate(getattr(splits, split), split, counts)
         if "eval" in metrics:  # TensorBoard's eval AUC at the last step (train.tensorboard)
             log_evaluation(cfg.train, env, run_dir, trainer.step, metrics["eval"])
-        if env.is_rank0:
+        if env.is_rank0 and not (done and (run_dir / "metrics.json").exists()):
             atomic_write_json(run_dir / "metrics.json", metrics)
             if "eval" in metrics:
                 e = metrics["eval"]

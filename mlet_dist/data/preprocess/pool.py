@@ -95,11 +95,15 @@ class Workers:
             )
         return self._pool
 
-    def run(self, fn: Callable[..., Any], jobs: list[tuple], desc: str) -> list[Any]:
-        """``[fn(*job) for job in jobs]``, in parallel; rows reported by the jobs on a bar."""
+    def run(
+        self, fn: Callable[..., Any], jobs: list[tuple], desc: str, total: int | None = None
+    ) -> list[Any]:
+        """``[fn(*job) for job in jobs]``, in parallel; rows reported by the jobs on a bar (of
+        ``total`` rows, with its ETA, when known)."""
         global _PROGRESS, _ABORT
         bar = tqdm(
             desc=desc,
+            total=total,
             unit="rows",
             unit_scale=True,
             disable=not self.progress or not jobs,

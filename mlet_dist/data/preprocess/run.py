@@ -250,7 +250,7 @@ def _preprocess_into(
                 len(parts),
             )
         t_write = time.perf_counter()
-        pool.run(write_part, todo, "preprocess")
+        pool.run(write_part, todo, "preprocess", total=_rows([t[0] for t in todo]))
         write_seconds = time.perf_counter() - t_write
 
     part_stats = [json.loads(part_state_path(out, p).read_text()) for p in parts]
@@ -280,6 +280,14 @@ def _preprocess_into(
     return summary
 
 
+def _rows(parts: list[Part]) -> int | None:
+    """The lines of ``parts`` (the total of a progress bar), None where one runs to the end of
+    its file (its length was not counted)."""
+    if any(p.stop == 0 for p in parts):
+        return None
+    return sum(p.stop - p.start for p in parts)
+
+
 def _count_ids(
     pool: Workers, out: Path, parts: list[Any], settings: PreprocessSettings
 ) -> tuple[list[Any] | None, list[dict[str, Any]], float]:
@@ -299,7 +307,7 @@ def _count_ids(
     train_parts = [p for p in parts if p.split == "train"]
     jobs = [(p, str(out), settings) for p in train_parts if not counts_path(out, p).is_file()]
     t_count = time.perf_counter()
-    count_stats = pool.run(count_part, jobs, "count ids")
+    count_stats = pool.run(count_part, jobs, "count ids", total=_rows([j[0] for j in jobs]))
     count_seconds = time.perf_counter() - t_count
     return merge_counts(out, train_parts, settings), count_stats, count_seconds
 

@@ -109,6 +109,17 @@ class DataSource(Protocol):
         """One raw file's rows: Criteo-layout arrays, or with a declared schema its rows
         (encoded with ``vocabs``, the ``ids = 'vocab'`` tables' vocabularies)."""
 
+    def iter_read(
+        self,
+        path: str | Path,
+        *,
+        chunk_rows: int = 1 << 16,
+        in_file_order: bool = False,
+        vocabs: Mapping[str, Vocabulary] | None = None,
+    ) -> Iterator[Rows]:
+        """:meth:`read` in chunks of about ``chunk_rows`` rows, at least one (maybe empty): in
+        bounded memory where the format streams (Criteo TSV, Parquet/CSV named columns)."""
+
     def iter_table(self, path: str | Path, chunk_rows: int = 1 << 16) -> Iterator[pa.Table]:
         """A declared schema's named columns of one raw file, not encoded yet, in chunks."""
 
@@ -227,6 +238,18 @@ class RowSource:
             return self.read_rows(path, max_rows=max_rows, in_file_order=in_file_order)
         table = self.read_table(path, max_rows=max_rows, in_file_order=in_file_order)
         return encode_table(table, self.schema, path, vocabs)
+
+    def iter_read(
+        self,
+        path: str | Path,
+        *,
+        chunk_rows: int = 1 << 16,
+        in_file_order: bool = False,
+        vocabs: Mapping[str, Vocabulary] | None = None,
+    ) -> Iterator[Rows]:
+        rows = self.read(path, in_file_order=in_file_order, vocabs=vocabs)  # whole, then cut
+        for start in range(0, max(len(rows), 1), chunk_rows):
+            yield rows.slice(start, start + chunk_rows)
 
     def iter_table(self, path: str | Path, chunk_rows: int = 1 << 16) -> Iterator[pa.Table]:
         table = self.read_table(path, max_rows=self.cfg.max_rows)  # read whole, then cut

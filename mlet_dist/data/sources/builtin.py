@@ -13,7 +13,7 @@ declared schema, files with named columns.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ from mlet_dist.config import ConfigError, SyntheticConfig
 from mlet_dist.data.arrays import CriteoArrays
 from mlet_dist.data.avazu import read_avazu_csv
 from mlet_dist.data.batching import BatchSource
-from mlet_dist.data.columns import iter_columns_file, read_columns_file
-from mlet_dist.data.criteo import read_criteo_tsv
+from mlet_dist.data.columns import encode_table, iter_columns_file, read_columns_file
+from mlet_dist.data.criteo import iter_criteo_tsv, read_criteo_tsv
 from mlet_dist.data.movielens import read_movielens, read_movielens_table
 from mlet_dist.data.parquet import ParquetBatchSource
 from mlet_dist.data.schema_shards import SchemaCodec, summary_vocabularies
@@ -39,6 +39,7 @@ from mlet_dist.data.sources.base import (
 )
 from mlet_dist.data.synthetic import ensure_synthetic
 from mlet_dist.data.synthetic_schema import ensure_schema_synthetic, generated_files
+from mlet_dist.data.vocab import Vocabulary
 
 __all__ = [
     "AvazuSource",
@@ -60,6 +61,29 @@ class _CriteoTsv(RowSource):
     ) -> CriteoArrays:
         return read_criteo_tsv(path, self.cfg.num_embeddings_per_feature, max_rows=max_rows)
 
+    def iter_read(
+        self,
+        path: str | Path,
+        *,
+        chunk_rows: int = 1 << 16,
+        in_file_order: bool = False,
+        vocabs: Mapping[str, Vocabulary] | None = None,
+    ) -> Iterator[Rows]:
+        if not self.schema.criteo:
+            yield from super().iter_read(
+                path, chunk_rows=chunk_rows, in_file_order=in_file_order, vocabs=vocabs
+            )
+            return
+        sizes, max_rows = self.cfg.num_embeddings_per_feature, self.cfg.max_rows
+        # TSV blocks of about chunk_rows lines (a Criteo line is ~100-250 bytes)
+        chunks = iter_criteo_tsv(path, sizes, max_rows=max_rows, chunk_bytes=160 * chunk_rows)
+        empty = True
+        for chunk in chunks:
+            empty = False
+            yield chunk
+        if empty:
+            yield CriteoArrays.concat([])
+
 
 class _Columns(RowSource):
     """With a declared schema, raw files are Parquet/CSV/TSV files with named columns, streamed."""
@@ -68,6 +92,22 @@ class _Columns(RowSource):
         self, path: str | Path, *, max_rows: int = 0, in_file_order: bool = False
     ) -> pa.Table:
         return read_columns_file(path, self.schema, self.cfg.csv_columns, max_rows=max_rows)
+
+    def iter_read(
+        self,
+        path: str | Path,
+        *,
+        chunk_rows: int = 1 << 16,
+        in_file_order: bool = False,
+        vocabs: Mapping[str, Vocabulary] | None = None,
+    ) -> Iterator[Rows]:
+        if self.schema.criteo:  # Criteo TSV (_CriteoTsv)
+            yield from super().iter_read(
+                path, chunk_rows=chunk_rows, in_file_order=in_file_order, vocabs=vocabs
+            )
+            return
+        for table in self.iter_table(path, chunk_rows):
+            yield encode_table(table, self.schema, path, vocabs)
 
     def iter_table(self, path: str | Path, chunk_rows: int = 1 << 16) -> Iterator[pa.Table]:
         cfg = self.cfg
