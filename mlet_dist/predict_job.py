@@ -151,7 +151,8 @@ def request_decoder(
 
 def _criteo_request(table: pa.Table, schema: FeatureSchema, sizes: list[int]):
     columns = [*schema.dense_names, *schema.feature_names]
-    missing = [c for c in columns if c not in table.column_names]
+    given = table.to_pydict()
+    missing = [c for c in columns if c not in given]
     if missing:
         raise CriteoFormatError(
             f"request: no column {missing[0]!r} (the Criteo layout: int_0..int_12, cat_0..cat_25; "
@@ -159,7 +160,7 @@ def _criteo_request(table: pa.Table, schema: FeatureSchema, sizes: list[int]):
         )
     fields = []
     for c in columns:
-        values = table.column(c).to_pylist()
+        values = given[c]
         bad = next((v for v in values if isinstance(v, (bool, float, list, dict))), None)
         if bad is not None:
             kind = "an integer" if c in schema.dense_names else "a hex string like '68fd1e64'"

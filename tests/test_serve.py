@@ -95,10 +95,16 @@ class Server:
             self.stop()
             raise AssertionError(f"serve did not start: {line!r} {self.proc.stderr.read()[-2000:]}")
         self.url = line.split()[-1]
+        self.terminated = False
+
+    def terminate(self) -> None:
+        """SIGTERM, once (a second one during the shutdown would kill the interpreter)."""
+        if not self.terminated and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.terminated = True
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             return self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -271,9 +277,9 @@ def test_parquet_body_metadata_and_healthz(served, server) -> None:
 
 
 def test_sigterm_answers_the_requests_in_flight(served) -> None:
-    """Requests wait in a batch (max wait 1.5 s) when SIGTERM arrives: each is answered, then the
-    server exits 0. The portable program, through HTTP."""
-    s = Server(served["out"], "--max-wait-ms", "1500", "--predictor", "export")
+    """Requests wait in batches (max wait 1.5 s, at most 3 rows) when SIGTERM arrives: each is
+    answered, then the server exits 0. The portable program, through HTTP."""
+    s = Server(served["out"], "--max-wait-ms", "1500", "--max-batch", "3", "--predictor", "export")
     try:
 
         async def go():
@@ -283,7 +289,7 @@ def test_sigterm_answers_the_requests_in_flight(served) -> None:
                     asyncio.create_task(_post(session, s.url, [row])) for row in served["rows"][:8]
                 ]
                 await asyncio.sleep(0.5)  # sent; the batch is still waiting
-                s.proc.send_signal(signal.SIGTERM)
+                s.terminate()
                 return await asyncio.gather(*tasks)
 
         answers = asyncio.run(go())

@@ -10,10 +10,13 @@ Routes::
     GET  /metadata  the manifest (manifest.json as loaded)
 
 Requests are decoded by the ``decode`` function the command gives (the run's raw-row mapping:
-:func:`mlet_dist.predict_job.request_decoder`, the same as ``mlet-dist predict``), in a thread
-pool; decoded rows wait in a queue and are scored together (dynamic batching): a batch closes when
-it holds ``max_batch`` rows or ``max_wait_ms`` after its first request arrived, and one thread
-runs the predictor, batch after batch. A bad request (no or a wrong column, malformed JSON or
+:func:`mlet_dist.predict_job.request_decoder`, the same as ``mlet-dist predict``); decoded rows
+wait in a queue and are scored together (dynamic batching): a batch closes when it holds
+``max_batch`` rows or ``max_wait_ms`` after its first request arrived. Decoding and the predictor
+run on the event loop's thread (the predictor uses torch's intra-op threads): handing each request
+to worker threads cost 5x the batch-1 latency on a busy 2-core machine (thread wake-ups of
+milliseconds, ``benchmarks/results/serve-load_cpu2_2026-12-04.md``); while a batch is scored, new
+requests wait in the socket and join the next one. A bad request (no or a wrong column, malformed JSON or
 Parquet, an empty body) gets 400 with the reason (naming the column); the server goes on.
 
 Start: the manifest's checksums are verified (every file) and the predictor loaded before the
@@ -31,7 +34,6 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,14 +132,13 @@ class _Pending:
 
 class Batcher:
     """Dynamic batching: requests queue up; one task closes batches (``max_batch`` rows or
-    ``max_wait_ms`` after the first) and scores each in one predictor call on one thread."""
+    ``max_wait_ms`` after the first) and scores each in one predictor call."""
 
     def __init__(self, predictor: Any, num_features: int, options: ServeOptions) -> None:
         self.predictor = predictor
         self.num_features = num_features
         self.options = options
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="predictor")
         self.task: asyncio.Task | None = None
         self.batches = 0
 
@@ -154,13 +155,14 @@ class Batcher:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-        self.executor.shutdown(wait=True)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         wait_s = self.options.max_wait_ms / 1000
+        carried: _Pending | None = None  # the request that did not fit the previous batch
         while True:
-            batch = [await self.queue.get()]
+            batch = [carried if carried is not None else await self.queue.get()]
+            carried = None
             rows, deadline = batch[0].rows, loop.time() + wait_s
             while rows < self.options.max_batch:
                 try:
@@ -174,18 +176,16 @@ class Batcher:
                     except TimeoutError:
                         break
                 if rows + item.rows > self.options.max_batch:
-                    self.queue.put_nowait(item)  # the next batch's first (order kept enough)
+                    carried = item  # the next batch's first
                     break
                 batch.append(item)
                 rows += item.rows
-            await self._score(batch)
+            self._score(batch)
 
-    async def _score(self, batch: list[_Pending]) -> None:
+    def _score(self, batch: list[_Pending]) -> None:
         try:
             inputs = merge_inputs([p.inputs for p in batch], self.num_features)
-            out = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._call, inputs
-            )
+            out = self._call(inputs)
         except Exception as e:  # the predictor failed: every request of the batch is told
             for p in batch:
                 if not p.future.done():
@@ -213,15 +213,13 @@ def make_app(
     with it (after the requests in flight are answered)."""
     num_features = len(manifest["serving"]["feature_order"])
     batcher = Batcher(predictor, num_features, options)
-    decoder = ThreadPoolExecutor(2, thread_name_prefix="decode")
     kind = manifest.get("predictor_used", "")
 
     async def predict(request: web.Request) -> web.Response:
-        loop = asyncio.get_running_loop()
         try:
             body = await request.read()
             table = request_table(body, request.content_type)
-            inputs = await loop.run_in_executor(decoder, decode, table)
+            inputs = decode(table)
         except web.HTTPException:
             raise
         except MletError as e:  # RequestError, the decoder's column errors
@@ -246,7 +244,6 @@ def make_app(
         batcher.start()
         yield
         await batcher.stop()
-        decoder.shutdown(wait=True)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app.add_routes(
