@@ -310,3 +310,35 @@ def test_serve_refuses_a_tampered_directory_before_listening(served, tmp_path, c
     assert cli.main(["serve", "--serving", str(copy), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "predictor.pt2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_merged_requests_are_the_rows_of_one_batch_with_multi_hot_features() -> None:
+    """Dynamic batching of jagged inputs: merging requests (variable ids per feature and row,
+    empty bags included) gives the feature-major layout of all their rows in order."""
+    import torch
+
+    from mlet_dist.serving.server import merge_inputs
+
+    rng = np.random.default_rng(0)
+    num_features, requests = 3, []
+    for batch in (2, 1, 4):
+        ids = [
+            [list(rng.integers(0, 100, rng.integers(0, 4))) for _ in range(batch)]
+            for _ in range(num_features)
+        ]  # ids[f][row]
+        requests.append((torch.rand(batch, 5), ids))
+
+    def inputs(dense, ids):
+        values = [v for per_feature in ids for row in per_feature for v in row]
+        lengths = [len(row) for per_feature in ids for row in per_feature]
+        return (
+            dense,
+            torch.tensor(values, dtype=torch.int64),
+            torch.tensor(lengths, dtype=torch.int32),
+        )
+
+    merged = merge_inputs([inputs(d, i) for d, i in requests], num_features)
+    all_ids = [[row for _, ids in requests for row in ids[f]] for f in range(num_features)]
+    expected = inputs(torch.cat([d for d, _ in requests]), all_ids)
+    for got, want in zip(merged, expected, strict=True):
+        assert torch.equal(got, want)

@@ -254,7 +254,6 @@ def make_app(
         ]
     )
     app.cleanup_ctx.append(lifecycle)
-    app["batcher"] = batcher
     return app
 
 
