@@ -18,6 +18,12 @@ format with :func:`mlet_dist.modules.quantize.quantize_rows` and served by Torch
 - ``export``: ``serving/predictor.pt2`` (``torch.export.load(...).module()``);
 - ``aoti``: ``serving/predictor_aoti.pt2`` (``torch._inductor.aoti_load_package``).
 
+The artifacts load with the registry's loaders (:data:`mlet_dist.serving.artifacts.ARTIFACTS`), as
+``mlet-dist predict`` / ``serve`` load them. The default serving path is the kind
+``--predictor auto`` picks among those built (:func:`mlet_dist.serving.artifacts.auto_order`:
+AOTInductor where it compiled, else torch.export); the report checks it against the targets
+(batch-1 latency <= 1.2x TorchScript's, batch-4096 throughput >= 1.0x).
+
 Each (format, repeat) is one fresh worker process that loads every predictor of that format (RSS
 increase and seconds per load, in the order above, after importing torch, fbgemm_gpu, torchrec and
 mlet_dist), checks its outputs against ``eager``, then
@@ -211,14 +217,12 @@ def _load(kind: str, spec: dict[str, Any]):
     """The predictor ``kind`` of the worker's format, built or loaded as a server would."""
     import torch
 
-    if kind == "export":
-        return torch.export.load(spec["artifacts"]["export"]).module()
-    if kind == "aoti":
-        return torch._inductor.aoti_load_package(spec["artifacts"]["aoti"])
-    if kind == "torchscript":
+    from mlet_dist.serving.artifacts import ARTIFACTS
+
+    if kind in ARTIFACT_PREDICTORS:  # the loader predict and serve use
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.load(spec["artifacts"]["torchscript"])
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript, measured on purpose
+            return ARTIFACTS[kind].load(spec["artifacts"][kind])
     from mlet_dist.config import config_from_dict
     from mlet_dist.models import build_dlrm, build_tables
     from mlet_dist.modules.mlet import served_tables
@@ -417,6 +421,7 @@ def run_serving_suite(
         "refused": {dtype: built[dtype]["refused"] for dtype in DTYPES if built[dtype]["refused"]},
         "skipped": {dtype: built[dtype]["skipped"] for dtype in DTYPES if built[dtype]["skipped"]},
         "ratios": _ratios(rows),
+        "default_path": _default_path(rows),
         "torch": torch.__version__,
     }
 
@@ -479,6 +484,42 @@ def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     / rb[f"throughput_{bs}"]["samples_per_s"]
                 )
             out.append(q)
+    return out
+
+
+TARGET_LATENCY_B1 = 1 / 1.2
+"""The default path's batch-1 speed vs TorchScript must be at least this (latency <= 1.2x)."""
+TARGET_THROUGHPUT_4096 = 1.0
+
+
+def _default_path(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per format: the kind ``--predictor auto`` loads among those built, its speed vs
+    TorchScript and whether it meets the targets."""
+    from mlet_dist.serving.artifacts import auto_order
+
+    by = {(r["dtype"], r["predictor"]): r for r in rows if r["status"] == "ok"}
+    out = []
+    for dtype in DTYPES:
+        built = [k for k in ARTIFACT_PREDICTORS if (dtype, k) in by and k != "torchscript"]
+        ts = by.get((dtype, "torchscript"))
+        if not built or ts is None:
+            continue
+        kind = auto_order(built)[0]
+        r = by[(dtype, kind)]
+        lat = ts["latency_ms"]["median"] / r["latency_ms"]["median"]
+        thr = r["throughput_4096"]["samples_per_s"] / ts["throughput_4096"]["samples_per_s"]
+        out.append(
+            {
+                "dtype": dtype,
+                "predictor": kind,
+                "label": LABELS[kind],
+                "latency_ms_b1": r["latency_ms"]["median"],
+                "torchscript_latency_ms_b1": ts["latency_ms"]["median"],
+                "speedup_latency_b1": lat,
+                "speedup_throughput_4096": thr,
+                "meets_targets": lat >= TARGET_LATENCY_B1 and thr >= TARGET_THROUGHPUT_4096,
+            }
+        )
     return out
 
 
@@ -576,6 +617,36 @@ def serving_markdown(record: dict[str, Any]) -> str:
             for q in res["ratios"]
         ],
     )
+    if res.get("default_path"):
+        lines += [
+            "",
+            "## The default serving path (`--predictor auto`) vs the targets",
+            "",
+            "Targets: batch-1 latency <= 1.2x TorchScript's (speed >= 0.83x), batch-4096 "
+            "throughput >= 1.0x TorchScript's.",
+            "",
+        ]
+        lines += _table(
+            [
+                "tables",
+                "auto loads",
+                "latency b1 ms (TorchScript)",
+                "speed b1",
+                "speed b4096",
+                "targets",
+            ],
+            [
+                [
+                    d["dtype"],
+                    d["label"],
+                    f"{d['latency_ms_b1']:.3f} ({d['torchscript_latency_ms_b1']:.3f})",
+                    _x(d["speedup_latency_b1"]),
+                    _x(d["speedup_throughput_4096"]),
+                    "met" if d["meets_targets"] else "NOT met",
+                ]
+                for d in res["default_path"]
+            ],
+        )
     lines += ["", "## Served-table memory per format (MiB)", ""]
     lines += _table(
         ["format", "tables", "held by the TBE", "predictor.pt2", "predictor.pt", "AOTI package"],

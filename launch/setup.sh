@@ -70,9 +70,9 @@ fi
 "${PIP[@]}" install --no-deps "$FBGEMM_PKG" "torchrec==$TORCHREC_VERSION"
 # torchrec's own requirements except fbgemm-gpu, then the rest of the stack.
 "${PIP[@]}" install numpy tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath \
-  "torchx==$TORCHX_VERSION" "pyarrow>=14" tensorboard pytest hypothesis ruff matplotlib import-linter
+  "torchx==$TORCHX_VERSION" "pyarrow>=14" tensorboard "aiohttp>=3.9" pytest hypothesis ruff matplotlib import-linter
 "${PIP[@]}" install --no-deps -e "$ROOT"
-"$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, torchx, pyarrow, tensorboard, mlet_dist" \
+"$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, torchx, pyarrow, tensorboard, aiohttp, mlet_dist" \
   || { echo "setup.sh: import check failed in $VENV" >&2; exit 1; }
 echo "$stamp_value" >"$stamp_file"
 echo "setup.sh: ready: $VENV ($MLET_DEVICE)"

@@ -170,6 +170,14 @@ def _collapse_args(p: argparse.ArgumentParser) -> None:
             dest="artifacts",
             help=artifact.help,
         )
+        if artifact.skip_flag:  # --no-aoti
+            p.add_argument(
+                artifact.skip_flag,
+                action="append_const",
+                const=artifact.kind,
+                dest="skip",
+                help=f"do not write {artifact.path} (written by default where it can be built)",
+            )
 
 
 def _collapse(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -182,6 +190,7 @@ def _collapse(args: argparse.Namespace, overrides: list[str]) -> int:
         allow_plain=args.allow_plain,
         predictor=not args.no_predictor,
         artifacts=args.artifacts or (),
+        **({"skip": args.skip} if args.skip else {}),
     )
     collapse_run(args.run, args.out, options)
     return 0
@@ -203,8 +212,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
         "--predictor",
         default="auto",
         choices=predictor_choices(),
-        help="auto (default): the torch.export program serving/predictor.pt2, or TorchScript "
-        "where that is all the directory has",
+        help="auto (default): the AOTInductor package where the directory has one (and it "
+        "loads), else the torch.export program serving/predictor.pt2, else TorchScript",
     )
 
 
@@ -221,6 +230,49 @@ def _predict(args: argparse.Namespace, overrides: list[str]) -> int:
         kind=args.predictor,
     )
     print(json.dumps(result))
+    return 0
+
+
+# -- serve ---------------------------------------------------------------------------------------
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--serving", required=True, help="output directory of `mlet-dist collapse`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=non_negative_int, default=8080, help="0: any free port")
+    p.add_argument(
+        "--max-batch", type=positive_int, default=4096, help="rows per predictor call at most"
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=2.0,
+        help="how long a batch waits for more requests after its first (default 2 ms)",
+    )
+    p.add_argument(
+        "--predictor",
+        default="auto",
+        choices=predictor_choices(),
+        help="auto (default): the AOTInductor package where the directory has one, else the "
+        "torch.export program",
+    )
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: all)")
+
+
+def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mlet_dist.predict_job import request_decoder
+    from mlet_dist.serving.server import ServeOptions, serve
+
+    _no_overrides("serve", overrides)
+    if not args.max_wait_ms >= 0:
+        raise ConfigError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        predictor=args.predictor,
+        threads=args.threads,
+    )
+    serve(args.serving, request_decoder, options)
     return 0
 
 
@@ -375,6 +427,15 @@ COMMANDS: tuple[Command, ...] = (
         _predict_args,
         _predict,
         config=False,
+    ),
+    Command(
+        "serve",
+        "serve a serving directory over HTTP (POST /predict, /healthz, /metadata)",
+        _serve_args,
+        _serve,
+        config=False,
+        epilog="JSON or Parquet rows in the manifest's feature schema; dynamic batching; "
+        "checksums verified at start; SIGTERM answers the requests in flight, then exits",
     ),
     Command(
         "run",

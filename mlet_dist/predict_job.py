@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,20 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mlet_dist.config import ConfigError, config_from_dict
-from mlet_dist.data import require_rows
+from mlet_dist.data import CriteoFormatError, require_rows
+from mlet_dist.data.columns import encode_table
+from mlet_dist.data.criteo import parse_lines
 from mlet_dist.data.movielens import MOVIES_FILE, USERS_FILE
 from mlet_dist.data.sources import source_of
 from mlet_dist.data.vocab import read_vocabularies
-from mlet_dist.schema import schema_of
+from mlet_dist.schema import FeatureSchema, schema_of
 from mlet_dist.serving.manifest import MANIFEST, ServingError, verify_manifest
 from mlet_dist.serving.predict import (
     data_config,
     data_source,
     load_predictor,
     predict_arrays,
+    serving_tensors,
     table_sizes,
 )
 from mlet_dist.utils.files import atomic_path, check_output
@@ -127,6 +130,86 @@ class _ProbabilityWriter:
         self._file.close()
 
 
+def _raw_rows(serving_dir: str | Path, manifest: dict[str, Any], verified: bool):
+    """(the run's data source, its schema, its vocabularies): how raw rows map to the predictor's
+    inputs, as in training."""
+    data_cfg = config_from_dict({"data": data_config(manifest)}, "the manifest's config").data
+    # the features the model was trained on; the weight column (data.weight) is no model input:
+    # the inputs need not have it
+    schema = dataclasses.replace(schema_of(data_cfg), weight="")
+    vocabs = serving_vocabularies(serving_dir, manifest, schema, verified=verified)
+    # the raw format of the run's source; Criteo-layout ids reduced modulo the served tables' rows
+    raw = dataclasses.replace(
+        data_cfg,
+        source=data_source(manifest),
+        num_embeddings_per_feature=table_sizes(manifest),
+        max_rows=0,  # every row of the inputs (data.max_rows was the run's training limit)
+    )
+    return source_of(raw, schema), schema, vocabs
+
+
+def request_decoder(
+    serving_dir: str | Path, manifest: dict[str, Any]
+) -> Callable[[pa.Table], tuple[Any, Any, Any]]:
+    """The ``mlet-dist serve`` request decoder: rows of named columns -> the predictor's inputs,
+    mapped as ``predict`` maps the run's raw rows.
+
+    Columns: a declared schema's (``[[data.sparse]]``, ``[[data.dense]]``: each feature's
+    ``column`` or name; encoded by :func:`mlet_dist.data.columns.encode_table`, vocabularies
+    included; no label needed); the Criteo preset's ``int_0..int_12`` (integers, null = missing)
+    and ``cat_0..cat_25`` (hex hashes as in Criteo TSV, null = missing; parsed by the TSV reader).
+
+    Raises (when called):
+        CriteoFormatError: a missing column or a bad value; the message names the column.
+
+    Raises:
+        ServingError: the run's raw rows are of a source whose raw format is not columns of the
+            schema (Avazu CSV mapped onto the Criteo layout).
+    """
+    _, schema, vocabs = _raw_rows(serving_dir, manifest, verified=True)
+    name = data_source(manifest)
+    if schema.criteo and name != "criteo":
+        raise ServingError(
+            f"mlet-dist serve reads Criteo-layout rows of runs trained on data.source = 'criteo' "
+            f"or rows of a declared schema; {serving_dir} was trained on {name!r}: score its "
+            f"files with `mlet-dist predict`"
+        )
+    if schema.criteo:
+        return lambda table: _criteo_request(table, schema, table_sizes(manifest))
+    return lambda table: _schema_request(table, schema, vocabs)
+
+
+def _criteo_request(table: pa.Table, schema: FeatureSchema, sizes: list[int]):
+    columns = [*schema.dense_names, *schema.feature_names]
+    given = table.to_pydict()
+    missing = [c for c in columns if c not in given]
+    if missing:
+        raise CriteoFormatError(
+            f"request: no column {missing[0]!r} (the Criteo layout: int_0..int_12, cat_0..cat_25; "
+            f"null for a missing value)"
+        )
+    fields = []
+    for c in columns:
+        values = given[c]
+        bad = next((v for v in values if isinstance(v, (bool, float, list, dict))), None)
+        if bad is not None:
+            kind = "an integer" if c in schema.dense_names else "a hex string like '68fd1e64'"
+            raise CriteoFormatError(f"request: column {c!r}: {bad!r} is not {kind} or null")
+        texts = ["" if v is None else str(v) for v in values]
+        if any(ch in t for t in texts for ch in "\t\r\n"):
+            raise CriteoFormatError(f"request: column {c!r}: a value holds a tab or line break")
+        fields.append(texts)
+    lines = "".join("0\t" + "\t".join(row) + "\n" for row in zip(*fields, strict=True))
+    arrays, _ = parse_lines("request", lines.encode(), 1, sizes)
+    return serving_tensors(arrays.dense, arrays.sparse)
+
+
+def _schema_request(table: pa.Table, schema: FeatureSchema, vocabs: dict[str, Any]):
+    if schema.label not in table.column_names:  # no label in a request: the encoder wants one
+        table = table.append_column(schema.label, pa.array(np.zeros(table.num_rows, np.float32)))
+    return encode_table(table, schema, "request", vocabs).serving_tensors()
+
+
 def predict_file(
     serving_dir: str | Path,
     data: str | Path | Sequence[str | Path],
@@ -179,19 +262,7 @@ def predict_file(
         hint="choose another --out file",
     )
     predictor, manifest = load_predictor(serving_dir, verify, kind)
-    data_cfg = config_from_dict({"data": data_config(manifest)}, "the manifest's config").data
-    # the features the model was trained on; the weight column (data.weight) is no model input:
-    # the inputs need not have it
-    schema = dataclasses.replace(schema_of(data_cfg), weight="")
-    vocabs = serving_vocabularies(serving_dir, manifest, schema, verified=verify == "all")
-    # the raw format of the run's source; Criteo-layout ids reduced modulo the served tables' rows
-    raw = dataclasses.replace(
-        data_cfg,
-        source=data_source(manifest),
-        num_embeddings_per_feature=table_sizes(manifest),
-        max_rows=0,  # every row of the inputs (data.max_rows was the run's training limit)
-    )
-    source = source_of(raw, schema)
+    source, _, vocabs = _raw_rows(serving_dir, manifest, verified=verify == "all")
     scored = 0
     first_bad: tuple[float, Path | str, int] | None = None  # value, file, data row
     bad_rows = 0

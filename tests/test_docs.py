@@ -58,6 +58,14 @@ RUN_BY: dict[str, tuple[str, ...]] = {
     ".venv/bin/mlet-dist predict --serving": (
         "tests/test_serving.py::test_predict_command_writes_one_probability_per_line",
     ),
+    ".venv/bin/mlet-dist serve --serving": (
+        "tests/test_serve.py::test_served_answers_equal_predict_at_batch_1",
+        "tests/test_serve.py::test_sigterm_answers_the_requests_in_flight",
+    ),
+    # a request missing columns: 400 naming the first
+    "curl -s localhost:8080/predict -d": (
+        "tests/test_serve.py::test_concurrent_burst_of_valid_and_malformed_requests",
+    ),
     # data
     ".venv/bin/mlet-dist preprocess --config configs/criteo_1tb.toml": (
         "tests/test_preprocess.py::test_synthetic_mlperf_days_end_to_end",

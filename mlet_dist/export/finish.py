@@ -77,7 +77,8 @@ def build_predictor(
     staged: StagedCollapse, model_cfg: ModelConfig, schema: FeatureSchema, options: CollapseOptions
 ) -> dict[str, Any]:
     """Writes the serving predictors of the served DLRM (TorchRec's quantized EBC) into the staging
-    directory: the default one and the optional ``options.artifacts``
+    directory: the portable one, those written by default unless ``options.skip``, and the
+    optional ``options.artifacts``
     (:func:`mlet_dist.serving.artifacts.write_artifacts`).
 
     Args:
@@ -101,7 +102,7 @@ def build_predictor(
         staged.dense_state,
         options.quantize,
     )
-    return write_artifacts(model, staged.staging, options.artifacts)
+    return write_artifacts(model, staged.staging, options.artifacts, options.skip)
 
 
 def _table_report(tables: list[EmbeddingBagConfig]) -> list[dict[str, Any]]:

@@ -8,7 +8,12 @@ from mlet_dist.config import ConfigError
 from mlet_dist.export.sinks import DEFAULT_ROW_GROUP_ROWS
 from mlet_dist.modules.collapse import DEFAULT_CHUNK_ROWS
 from mlet_dist.modules.quantize import check_dtype
-from mlet_dist.serving.artifacts import ARTIFACTS, optional_artifacts
+from mlet_dist.serving.artifacts import (
+    ARTIFACTS,
+    default_artifacts,
+    optional_artifacts,
+    skipped_by_environment,
+)
 from mlet_dist.serving.manifest import ServingError
 
 
@@ -33,7 +38,12 @@ class CollapseOptions:
             (:func:`mlet_dist.serving.artifacts.optional_artifacts`): 'aoti' (the AOTInductor
             package ``serving/predictor_aoti.pt2``; if it cannot be compiled the collapse is
             refused, nothing is published), 'torchscript' (``serving/predictor.pt``, deprecated in
-            torch 2.13; for torchrec.inference's C++ server).
+            torch 2.13; for torchrec.inference's C++ server). 'aoti' is also written without being
+            asked where it can be built (:func:`mlet_dist.serving.artifacts.default_artifacts`);
+            asked for, it is required.
+        skip: kinds written by default not to write (``--no-aoti``); default (None): those the
+            environment variable ``MLET_DIST_SKIP_ARTIFACTS`` names (the test suite's opt-out)
+            that ``artifacts`` does not ask for.
 
     Example::
 
@@ -46,10 +56,16 @@ class CollapseOptions:
     predictor: bool = True
     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS
     artifacts: tuple[str, ...] = ()
+    skip: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        kinds = (self.artifacts,) if isinstance(self.artifacts, str) else self.artifacts
-        object.__setattr__(self, "artifacts", tuple(kinds))  # any iterable of kinds
+        if self.skip is None:  # the environment's opt-out, except for the kinds asked for
+            kinds = self.artifacts if not isinstance(self.artifacts, str) else (self.artifacts,)
+            skip = tuple(k for k in skipped_by_environment() if k not in kinds)
+            object.__setattr__(self, "skip", skip)
+        for name in ("artifacts", "skip"):  # any iterable of kinds
+            kinds = getattr(self, name)
+            object.__setattr__(self, name, (kinds,) if isinstance(kinds, str) else tuple(kinds))
 
     def check(self) -> None:
         """Refuses options that cannot be honoured, before any work.
@@ -72,6 +88,17 @@ class CollapseOptions:
                 f"unknown optional serving artifact {unknown[0]!r}; the kinds are "
                 f"{[a.kind for a in optional]}"
             )
+        defaults = {a.kind for a in default_artifacts()}
+        unknown = [k for k in self.skip if k not in defaults]
+        if unknown:
+            raise ConfigError(
+                f"{unknown[0]!r} is not written by default, so it cannot be skipped; the kinds "
+                f"written by default are {sorted(defaults)}"
+            )
+        both = [k for k in self.artifacts if k in self.skip]
+        if both:
+            a = ARTIFACTS[both[0]]
+            raise ConfigError(f"{a.flag} and {a.skip_flag} contradict each other: drop one")
         if not self.predictor and self.artifacts:
             raise CollapseError(
                 "--no-predictor (predictor=False) writes no predictor, so there is nothing to "

@@ -12,8 +12,16 @@ loader :func:`mlet_dist.serving.predict.load_predictor` uses. A new serving form
         build=lambda build, path: ..., load=lambda path: ..., flag="--mine", help="also write ...",
     ))
 
-Built in (in this order): ``export`` (``serving/predictor.pt2``, the default, always written with
-the predictor), ``aoti`` (``--aoti``) and ``torchscript`` (``--torchscript``).
+Built in (in this order): ``export`` (``serving/predictor.pt2``, the portable program, always
+written with the predictor), ``aoti`` (``serving/predictor_aoti.pt2``: written by default where a
+C++ compiler is present, ``--no-aoti`` skips it, ``--aoti`` requires it) and ``torchscript``
+(``--torchscript``). ``--predictor auto`` loads the fast default (AOTInductor) when the directory
+has it and falls back to the portable program with a one-line note when it does not load.
+
+Why AOTInductor by default: the ExportedProgram runs its graph (~120 aten calls for a DLRM) one
+node at a time in Python (``torch.export.load(...).module()`` is an ``fx.GraphModule``): 5-10x
+TorchScript's batch-1 latency; the AOTInductor package runs the same program as compiled C++
+(benchmarks/results/serving-default_cpu2_2026-12-04.md).
 
 The command line reads this registry for its flags and choices before it imports torch (``--help``
 and a refused argument must not wait seconds for torch and TorchRec), so this module imports only
@@ -24,15 +32,24 @@ the standard library at its top: each builder and loader imports torch and
 from __future__ import annotations
 
 import io
+import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_KIND = "export"
-"""The default predictor: always written when the collapse writes a predictor."""
+"""The portable predictor: always written when the collapse writes a predictor."""
 AUTO = "auto"
-"""``--predictor auto``: the default predictor, or the one a directory has (see ``choose_predictor``)."""
+"""``--predictor auto``: the fast default predictor, else the portable one, else the one a directory
+has (see ``choose_predictor``)."""
+SKIP_ENV = "MLET_DIST_SKIP_ARTIFACTS"
+"""Environment variable: comma-separated kinds written by default that collapses in this process
+skip (``CollapseOptions.skip``'s default). The test suite sets it to 'aoti' (tests/conftest.py):
+an AOTInductor compile is ~10 s per collapse."""
 
 
 class ServingBuild:
@@ -70,6 +87,9 @@ class Artifact:
             written with the predictor.
         help: the flag's help text.
         check: called before a collapse that asks for it starts (refuses early, e.g. no compiler).
+        by_default: written without being asked where ``check`` passes and the build succeeds
+            (otherwise the collapse logs a one-line note and writes the others);
+            ``--no-<kind>`` skips it, ``flag`` requires it. ``--predictor auto`` prefers it.
     """
 
     kind: str
@@ -81,10 +101,16 @@ class Artifact:
     flag: str = ""
     help: str = ""
     check: Callable[[], None] | None = None
+    by_default: bool = False
 
     @property
     def optional(self) -> bool:
         return bool(self.flag)
+
+    @property
+    def skip_flag(self) -> str:
+        """The collapse flag that skips a kind written by default ('' for the others)."""
+        return f"--no-{self.kind}" if self.by_default else ""
 
     def entry(self) -> dict[str, Any]:
         """Its manifest entry (``write_manifest`` adds ``bytes`` and ``sha256``)."""
@@ -110,6 +136,24 @@ def optional_artifacts() -> list[Artifact]:
     return [a for a in ARTIFACTS.values() if a.optional]
 
 
+def default_artifacts() -> list[Artifact]:
+    """The optional kinds written without being asked where they can be built (``aoti``)."""
+    return [a for a in ARTIFACTS.values() if a.optional and a.by_default]
+
+
+def skipped_by_environment() -> tuple[str, ...]:
+    """The kinds :data:`SKIP_ENV` names (the default of ``CollapseOptions.skip``)."""
+    return tuple(k.strip() for k in os.environ.get(SKIP_ENV, "").split(",") if k.strip())
+
+
+def auto_order(kinds: Iterable[str]) -> list[str]:
+    """The known ``kinds`` in the order ``--predictor auto`` tries them: those written by default
+    (the fast ones) first, then registry order (the portable program before TorchScript)."""
+    there = set(kinds)
+    known = [a for a in ARTIFACTS.values() if a.kind in there]
+    return [a.kind for a in sorted(known, key=lambda a: not a.by_default)]
+
+
 def predictor_choices() -> tuple[str, ...]:
     """The ``--predictor`` choices: 'auto' and every kind."""
     return (AUTO, *ARTIFACTS)
@@ -128,8 +172,14 @@ def write_serialized(path: Path, save: Callable[[io.BytesIO], Any]) -> None:
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
-def write_artifacts(model: Any, out: Path, kinds: Iterable[str] = ()) -> dict[str, Any]:
-    """Writes the default predictor and the optional ``kinds`` of a serving model into ``out``.
+def write_artifacts(
+    model: Any, out: Path, kinds: Iterable[str] = (), skip: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Writes the portable predictor, the kinds written by default (unless in ``skip``) and the
+    optional ``kinds`` of a serving model into ``out``.
+
+    A kind written by default that cannot be built here (no C++ compiler, a lowering failure) is
+    left out with a one-line note (logged); one asked for in ``kinds`` is refused instead.
 
     Returns:
         {"artifacts": {kind: manifest entry}, "signature": the program's inputs and output
@@ -138,15 +188,32 @@ def write_artifacts(model: Any, out: Path, kinds: Iterable[str] = ()) -> dict[st
     Raises:
         AOTIError: 'aoti' was asked for and AOTInductor could not compile the program.
     """
+    from mlet_dist.serving.manifest import ServingError
     from mlet_dist.serving.predictor import input_signature
 
-    build, wanted, entries = ServingBuild(model), set(kinds), {}
+    build, wanted, skipped, entries = ServingBuild(model), set(kinds), set(skip), {}
     for artifact in ARTIFACTS.values():
-        if artifact.optional and artifact.kind not in wanted:
+        asked = not artifact.optional or artifact.kind in wanted
+        if not asked and (not artifact.by_default or artifact.kind in skipped):
             continue
         path = out / artifact.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        artifact.build(build, path)
+        try:
+            if not asked and artifact.check is not None:
+                artifact.check()
+            artifact.build(build, path)
+        except ServingError as e:  # AOTIError: no compiler, or it could not be compiled
+            if asked:
+                raise
+            path.unlink(missing_ok=True)
+            logger.warning(
+                "%s not written (%s): serving uses the portable %s; %s skips this note",
+                artifact.path,
+                str(e).split("; ")[0],
+                ARTIFACTS[DEFAULT_KIND].path,
+                artifact.skip_flag,
+            )
+            continue
         entries[artifact.kind] = artifact.entry()
     return {"artifacts": entries, "signature": input_signature(build.exported())}
 
@@ -220,9 +287,10 @@ register(
         build=_build_aoti,
         load=_load_aoti,
         flag="--aoti",
-        help="also compile the predictor with AOTInductor (serving/predictor_aoti.pt2); refused "
-        "with the reason if it cannot be compiled",
+        help="require the AOTInductor predictor (serving/predictor_aoti.pt2, written by default "
+        "where a C++ compiler is present): refused with the reason if it cannot be compiled",
         check=_check_aoti,
+        by_default=True,
     )
 )
 register(

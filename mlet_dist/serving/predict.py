@@ -5,14 +5,17 @@ Rows are given as arrays (any object with ``dense`` (B, 13) and ``sparse`` (B, F
 :class:`mlet_dist.data.CriteoArrays`); reading input files is the job of ``mlet-dist predict``
 (:func:`mlet_dist.predict_job.predict_file`), which knows the data sources.
 
-The predictor is the manifest's default, the ``torch.export`` program ``serving/predictor.pt2``
-(``torch.export.load``), or, when asked for, another kind the directory has (the AOTInductor
-package, the TorchScript file: :mod:`mlet_dist.serving.artifacts` loads each). A directory written
-before torch.export became the default has only TorchScript, which is then used.
+The predictor ('auto') is the AOTInductor package ``serving/predictor_aoti.pt2`` where the
+directory has it (written by default where a C++ compiler is present), else (or when it does not
+load here, with a one-line note) the portable ``torch.export`` program ``serving/predictor.pt2``;
+or, when asked for, another kind the directory has (:mod:`mlet_dist.serving.artifacts` loads
+each). A directory written before torch.export became the default has only TorchScript, which is
+then used.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,8 +24,10 @@ import numpy as np
 import torch
 
 from mlet_dist.config import ConfigError
-from mlet_dist.serving.artifacts import ARTIFACTS, AUTO, predictor_choices
+from mlet_dist.serving.artifacts import ARTIFACTS, AUTO, auto_order, predictor_choices
 from mlet_dist.serving.manifest import ServingError, artifacts, read_manifest, verify_manifest
+
+logger = logging.getLogger(__name__)
 
 
 class ServingRows(Protocol):
@@ -82,8 +87,9 @@ def data_source(manifest: dict[str, Any]) -> str:
 
 
 def choose_predictor(manifest: dict[str, Any], kind: str = AUTO) -> tuple[str, str]:
-    """(kind, path) of the predictor to use: ``kind``, or for 'auto' the torch.export program,
-    else (a directory written before it was the default) the one it has (TorchScript).
+    """(kind, path) of the predictor to use: ``kind``, or for 'auto' the first of
+    :func:`mlet_dist.serving.artifacts.auto_order` the directory has (the AOTInductor package, the
+    torch.export program, TorchScript).
 
     Raises:
         ValueError: ``kind`` is not 'auto' or a registered kind (:mod:`mlet_dist.serving.artifacts`).
@@ -99,7 +105,7 @@ def choose_predictor(manifest: dict[str, Any], kind: str = AUTO) -> tuple[str, s
             "again without it"
         )
     if kind == AUTO:
-        known = [k for k in ARTIFACTS if k in there]  # registry order: the default first
+        known = auto_order(there)  # the fast default first, then the portable program
         if not known:
             raise ServingError(
                 f"this version cannot load the predictors of this serving directory "
@@ -138,20 +144,33 @@ def load_predictor(
     if verify not in ("all", "predictor"):
         raise ValueError(f"verify must be 'all' or 'predictor', got {verify!r}")
     try:
-        kind, rel = choose_predictor(read_manifest(serving_dir), kind)
+        manifest = read_manifest(serving_dir)
+        kind_asked, (kind, _) = kind, choose_predictor(manifest, kind)
     except ServingError as e:
         raise ServingError(f"{serving_dir}: {e}") from None
-    manifest = verify_manifest(serving_dir, only=None if verify == "all" else {rel})
-    path = str(Path(serving_dir) / rel)
-    try:
-        predictor = ARTIFACTS[kind].load(path)
-    except Exception as e:  # each loader raises its own types (version, platform, operators)
-        lines = str(e).strip().splitlines() or [""]
-        written = manifest.get("versions", {})
-        raise ServingError(
-            f"cannot load {path} ({kind}): {type(e).__name__}: {lines[0][:300]}; it was written "
-            f"with torch {written.get('torch')}, fbgemm {written.get('fbgemm-gpu-cpu') or written.get('fbgemm-gpu')}, "
-            f"this is torch {torch.__version__}"
-        ) from e
+    there = artifacts(manifest)
+    # 'auto': the others it has, in order, if the fast one does not load here (another platform)
+    tries = auto_order(there)[auto_order(there).index(kind) :] if kind_asked == AUTO else [kind]
+    if verify == "all":
+        manifest = verify_manifest(serving_dir)
+    for i, kind in enumerate(tries):
+        if verify != "all":  # a file that differs is refused, never replaced by another kind
+            manifest = verify_manifest(serving_dir, only={there[kind]})
+        path = str(Path(serving_dir) / there[kind])
+        try:
+            predictor = ARTIFACTS[kind].load(path)
+            break
+        except Exception as e:  # each loader raises its own types (version, platform, operators)
+            lines = str(e).strip().splitlines() or [""]
+            written = manifest.get("versions", {})
+            fbgemm = written.get("fbgemm-gpu-cpu") or written.get("fbgemm-gpu")
+            error = ServingError(
+                f"cannot load {path} ({kind}): {type(e).__name__}: {lines[0][:300]}; it was "
+                f"written with torch {written.get('torch')}, fbgemm {fbgemm}, this is torch "
+                f"{torch.__version__}"
+            )
+            if i + 1 == len(tries):
+                raise error from e
+            logger.warning("%s; using %s instead", error, there[tries[i + 1]])
     manifest["predictor_used"] = kind
     return predictor, manifest
