@@ -145,6 +145,8 @@ def load_predictor(
     path = str(Path(serving_dir) / rel)
     try:
         predictor = ARTIFACTS[kind].load(path)
+    except ServingError:
+        raise
     except Exception as e:  # each loader raises its own types (version, platform, operators)
         lines = str(e).strip().splitlines() or [""]
         written = manifest.get("versions", {})
