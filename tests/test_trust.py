@@ -297,3 +297,126 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(case, served, tmp_path, capsy
     code = cli.main(["predict", "--serving", str(served), "--data", str(tmp_path / "x.tsv"), "--out", str(tmp_path / "p.txt")])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and MANIFEST in err, err
+
+
+# -- config and sweep validation ------------------------------------------------------------------
+
+from mlet_dist.config import ConfigError, load_config  # noqa: E402
+from mlet_dist.sweep.spec import load_sweep  # noqa: E402
+
+BAD_KEYS = [
+    "--optim.embedding_lr=-0.1",
+    "--optim.dense_lr=-1e-3",
+    "--optim.dense_lr=0.0",
+    "--optim.embedding_lr=nan",
+    "--optim.projection_lr=-0.02",
+    "--optim.eps=0.0",
+    "--optim.warmup_steps=-1",
+    "--optim.decay_steps=-5",
+    "--train.log_every=0",
+    "--train.epochs=0",
+    "--train.epochs=-1",
+    "--train.max_steps=-1",
+    "--train.checkpoint_every=-1",
+    "--train.seed=-3",
+    "--data.eval_batch_size=0",
+    "--data.max_rows=-1",
+    "--model.inner_dim=-64",
+    "--model.projection_init_std=-1.0",
+    "--model.dense_arch_layer_sizes=[-4, 16]",
+    "--dist.hbm_cap_gb=-1.0",
+    "--dist.ddr_cap_gb=inf",
+    "--dist.min_partition=-4",
+    "--synthetic.dense_missing_rate=1.5",
+    "--synthetic.zipf_exponent=-1.0",
+]
+
+
+@pytest.mark.parametrize("override", BAD_KEYS)
+def test_a_value_out_of_range_is_refused_naming_the_key(override, capsys) -> None:
+    key = override[2:].split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+    code = cli.main(["train", override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and key in err, err
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "dims = 8\n[[baseline]]\nname='a'\n",
+        "dims = ['8']\n[[baseline]]\nname='a'\n",
+        "inner_dims = [true]\n[[baseline]]\nname='a'\n",
+        "inner_dims = []\nbaseline = 'a'\n",
+        "inner_dims = []\nbaseline = ['a']\n",
+        "inner_dims = []\n[baseline]\nname='a'\n",
+        "inner_dims = []\n[[baseline]]\nname=3\n",
+        "inner_dims = []\n[[baseline]]\nname='a'\nset = 'optim.dense_lr=1'\n",
+        "inner_dims = []\n[[baseline]]\nname='a'\ngrid = {'optim.dense_lr' = 0.1}\n",
+        "inner_dims = []\n[[baseline]]\nname='a'\ngrid = {'optim.dense_lr' = []}\n",
+        "inner_dims = []\nepsilon = nan\n[[baseline]]\nname='a'\n",
+        "inner_dims = []\nepsilon = -0.1\n[[baseline]]\nname='a'\n",
+        "inner_dims = []\nseeds = 1.5\n[[baseline]]\nname='a'\n",
+    ],
+)
+def test_a_malformed_sweep_file_is_one_line(text, tmp_path, capsys) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=str(path)):
+        load_sweep(path)
+    code = cli.main(["sweep", "--sweep", str(path), "--work", str(tmp_path / "w")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and str(path) in err, err
+
+
+def test_a_failing_sweep_run_is_one_line_naming_the_run_and_its_log(tmp_path, capsys) -> None:
+    from mlet_dist.sweep.runner import SweepRunError, run_all
+    from mlet_dist.sweep.spec import RunSpec
+
+    cfg = load_config(None, [f"--data.dir={tmp_path / 'missing'}",
+                             f"--train.run_dir={tmp_path / 'w' / 'runs' / 'r1'}"])  # fmt: skip
+    run = RunSpec("tune", "baseline", 0, 8, "a", {}, 0, cfg.to_dict(), 1)
+    with pytest.raises(SweepRunError) as e:
+        run_all([run], jobs=1, threads=1, keep=False)
+    message = str(e.value)
+    log = tmp_path / "w" / "runs" / "r1.log"
+    assert len(message.splitlines()) == 1 and str(run.run_dir) in message and str(log) in message
+    last = log.read_text().strip().splitlines()[-1]
+    assert "missing" in last and last[-100:] in message  # the run's own error, and its log
+
+
+def _criteo_tsv(path: Path, rows: int = 64) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = [
+        "\t".join(
+            [
+                str(int(rng.integers(0, 2))),
+                *(str(int(v)) for v in rng.integers(0, 9, 13)),
+                *(f"{int(v):08x}" for v in rng.integers(0, 50, 26)),
+            ]
+        )
+        for _ in range(rows)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_table_that_cannot_fit_is_the_plan_commands_message_in_train(tmp_path, capsys) -> None:
+    data = _criteo_tsv(tmp_path / "d.tsv")
+    args = ["--data.source=criteo", f"--data.train_files=['{data}']", "--dist.ddr_cap_gb=0.0001",
+            "--data.num_embeddings_per_feature=" + str([5000] * 26), "--train.progress=false",
+            f"--train.run_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert cli.main(["plan", *args, "--world-size", "1", "--device", "cpu",
+                     "--out", str(tmp_path / "plan.json")]) == 1  # fmt: skip
+    planned = capsys.readouterr().err
+    assert "no sharding plan fits" in planned
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "no sharding plan fits" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    plan_message = " ".join(planned.split("mlet-dist plan:", 1)[1].split())
+    assert plan_message in " ".join(err.split())  # the same message, with its checked fix
+    assert not (tmp_path / "run" / "config.json").exists()

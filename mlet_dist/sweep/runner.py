@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mlet_dist.config import Config, ConfigError, config_from_dict, load_config
+from mlet_dist.errors import MletError
 from mlet_dist.schema import schema_of
 from mlet_dist.sweep.report import markdown, plot, summarize
 from mlet_dist.sweep.spec import (
@@ -35,6 +36,10 @@ from mlet_dist.sweep.spec import (
 )
 
 logger = logging.getLogger("mlet_dist.sweep")
+
+
+class SweepRunError(MletError, RuntimeError):
+    """One run of the sweep failed; the message names it, its last error line and its log."""
 
 
 def read_result(run: RunSpec) -> dict[str, Any] | None:
@@ -138,11 +143,17 @@ def run_all(
         if keep:
             cmd.append("--keep-runs")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        (run.run_dir.parent / f"{run.run_dir.name}.log").write_text(proc.stdout + proc.stderr)
+        log = run.run_dir.parent / f"{run.run_dir.name}.log"
+        log.write_text(proc.stdout + proc.stderr)
         done[0] += 1
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-            raise RuntimeError(f"sweep run {run.run_dir} failed: {tail[0]}")
+        if proc.returncode != 0 or read_result(run) is None:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [
+                f"exit code {proc.returncode}, no {RESULT_FILE}"
+            ]
+            raise SweepRunError(
+                f"sweep run {run.run_dir} failed: {tail[0][:300]} (its log: {log}); fix the "
+                f"cause and run the same command again (finished runs are kept)"
+            )
         r = read_result(run)
         logger.info(
             "[%d/%d] %s %s %s seed %d: eval AUC %.4f (epoch %d), %.0f s (%.0f s elapsed)",
