@@ -19,7 +19,7 @@ from mlet_dist.data import (
     require_rows,
 )
 from mlet_dist.data.sources import concat_rows
-from mlet_dist.data.vocab import load_run_vocabularies
+from mlet_dist.data.vocab import check_shard_vocabularies, load_run_vocabularies
 from mlet_dist.distributed.parallelize import build_sharded_model
 from mlet_dist.export import CollapseOptions, collapse_run, load_served, load_unsharded
 from mlet_dist.metrics import binary_metrics
@@ -75,6 +75,8 @@ def evaluate_run(
                 train_rows = None
         else:
             splits = load_splits(cfg.data, schema)
+            # streamed shards: mapped with the vocabularies the run trained on, or refused
+            check_shard_vocabularies(ctx.run_dir, ctx.source.vocabularies(), "evaluate")
             arrays, train_rows = getattr(splits, split), splits.train
             if arrays is not None and len(arrays) == 0:
                 key = f"{split}_fraction"

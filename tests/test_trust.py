@@ -420,3 +420,163 @@ def test_a_table_that_cannot_fit_is_the_plan_commands_message_in_train(tmp_path,
     plan_message = " ".join(planned.split("mlet-dist plan:", 1)[1].split())
     assert plan_message in " ".join(err.split())  # the same message, with its checked fix
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+# -- CSV and numeric edge cases -------------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from mlet_dist.config import DataConfig  # noqa: E402
+from mlet_dist.data.columns import ColumnError  # noqa: E402
+from mlet_dist.data.sources import source_of  # noqa: E402
+from mlet_dist.schema import schema_of  # noqa: E402
+
+COLUMNS_TOML = """
+[data]
+source = "files"
+label = "y"
+[[data.dense]]
+name = "x"
+[[data.sparse]]
+name = "u"
+num_embeddings = 1000
+[[data.sparse]]
+name = "n"
+ids = "int"
+num_embeddings = 1000
+"""
+
+
+@pytest.fixture
+def columns_schema(tmp_path):
+    (tmp_path / "c.toml").write_text(COLUMNS_TOML)
+    return schema_of(load_config(tmp_path / "c.toml").data)
+
+
+def _read(schema, path, csv_columns=()):
+    return source_of(DataConfig(source="files", csv_columns=list(csv_columns)), schema).read(path)
+
+
+def _hash(text: str, rows: int) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % rows
+
+
+NULLISH = ["NA", "null", "nan", "N/A", "NULL", "None", "#N/A", "-nan", "NaN", "n/a", "1.#QNAN"]
+
+
+def test_csv_ids_equal_the_same_parquet_values_pyarrows_null_strings_included(
+    columns_schema, tmp_path
+) -> None:
+    n = len(NULLISH)
+    pq.write_table(
+        pa.table({"y": [1] * n, "x": [1.0] * n, "u": NULLISH, "n": list(range(n))}),
+        tmp_path / "a.parquet",
+    )
+    lines = ["y,x,u,n", *(f"1,1.0,{v},{i}" for i, v in enumerate(NULLISH))]
+    (tmp_path / "a.csv").write_text("\n".join(lines) + "\n")
+    csv, parquet = _read(columns_schema, tmp_path / "a.csv"), _read(columns_schema, tmp_path / "a.parquet")  # fmt: skip
+    expected = [_hash(v, 1000) for v in NULLISH]  # the documented hash of each string
+    for rows in (csv, parquet):
+        assert rows.ids[0][:, 0].tolist() == expected and rows.lengths[0].tolist() == [1] * n
+    # only an empty field is missing (an empty bag), in both formats
+    (tmp_path / "b.csv").write_text("y,x,u,n\n1,,,\n")
+    empty = _read(columns_schema, tmp_path / "b.csv")
+    assert empty.lengths[0].tolist() == [0] and empty.lengths[1].tolist() == [0]
+    assert empty.dense.tolist() == [[0.0]]
+
+
+@pytest.mark.parametrize("csv_columns", [(), ("y", "x", "u", "n")])
+def test_a_byte_order_mark_hides_no_column(columns_schema, tmp_path, csv_columns) -> None:
+    text = "y,x,u,n\n1,2.0,abc,7\n0,3.0,def,8\n"
+    (tmp_path / "plain.csv").write_text(text)
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    want = _read(columns_schema, tmp_path / "plain.csv", csv_columns)
+    got = _read(columns_schema, tmp_path / "bom.csv", csv_columns)
+    assert len(got.labels) == 2  # the header with its mark is skipped as a header
+    np.testing.assert_array_equal(got.labels, want.labels)
+    for a, b in zip(got.ids, want.ids):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("text", ["y,x,u,n\n", "y,x,u,n", "y,x,u,n\r\n"])
+def test_a_header_only_csv_is_a_file_without_rows(columns_schema, tmp_path, text, capsys) -> None:
+    path = tmp_path / "h.csv"
+    path.write_text(text)
+    assert len(_read(columns_schema, path).labels) == 0
+    (tmp_path / "c2.toml").write_text(COLUMNS_TOML)
+    code = cli.main(["train", "--config", str(tmp_path / "c2.toml"), f"--data.train_files=['{path}']",
+                     f"--train.run_dir={tmp_path / 'run'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no data rows" in err, err
+
+
+def test_an_empty_csv_is_named_empty(columns_schema, tmp_path) -> None:
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(ColumnError, match="the file is empty"):
+        _read(columns_schema, tmp_path / "e.csv")
+
+
+def test_uint64_ids_at_or_above_2_63_are_hashed_or_refused_in_one_line(tmp_path) -> None:
+    big = [2**63, 2**64 - 1, 2**63 + 12345, 7]
+    for ids, rows_of in (("hash", lambda v: v % 1000), ("int", None)):
+        (tmp_path / f"{ids}.toml").write_text(COLUMNS_TOML.replace('ids = "int"', f'ids = "{ids}"'))
+        schema = schema_of(load_config(tmp_path / f"{ids}.toml").data)
+        path = tmp_path / f"{ids}.parquet"
+        pq.write_table(pa.table({"y": [1] * 4, "x": [0.0] * 4, "u": ["a"] * 4,
+                                 "n": pa.array(big, pa.uint64())}), path)  # fmt: skip
+        if rows_of is None:
+            with pytest.raises(ColumnError, match=f"id {2**63} is outside its table"):
+                _read(schema, path)
+            continue
+        assert _read(schema, path).ids[1][:, 0].tolist() == [rows_of(v) for v in big]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "Infinity"])
+def test_non_finite_dense_values_are_refused_naming_the_row(
+    columns_schema, tmp_path, value
+) -> None:
+    (tmp_path / "d.csv").write_text(f"y,x,u,n\n1,1.0,a,1\n0,{value},b,2\n")
+    with pytest.raises(ColumnError, match=r"column 'x'.*data row 2 holds"):
+        _read(columns_schema, tmp_path / "d.csv")
+    pq.write_table(pa.table({"y": [1, 0], "x": [1.0, float(value)], "u": ["a", "b"], "n": [1, 2]}),
+                   tmp_path / "d.parquet")  # fmt: skip
+    with pytest.raises(ColumnError, match=r"column 'x'.*data row 2 holds"):
+        _read(columns_schema, tmp_path / "d.parquet")
+
+
+def test_non_finite_eval_rows_fail_training_instead_of_a_nan_log_loss(tmp_path, capsys) -> None:
+    (tmp_path / "c.toml").write_text(COLUMNS_TOML)
+    rows = "\n".join(f"{i % 2},{i}.0,u{i % 5},{i % 9}" for i in range(64))
+    (tmp_path / "train.csv").write_text("y,x,u,n\n" + rows + "\n")
+    (tmp_path / "eval.csv").write_text("y,x,u,n\n1,1.0,u1,1\n0,nan,u2,2\n")
+    code = cli.main(["train", "--config", str(tmp_path / "c.toml"), "--train.progress=false",
+                     f"--data.train_files=['{tmp_path / 'train.csv'}']",
+                     f"--data.eval_files=['{tmp_path / 'eval.csv'}']",
+                     f"--train.run_dir={tmp_path / 'run'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "eval.csv" in err and "data row 2" in err, err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_json_files_are_strict_json(tmp_path) -> None:
+    from mlet_dist.utils.files import atomic_write_json
+
+    def strict(text):
+        def refuse(token):
+            raise ValueError(f"non-standard JSON token {token}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    obj = {"auc": float("nan"), "ne": float("inf"), "rows": 3, "b": [{"x": -float("inf")}, 0.5]}
+    atomic_write_json(tmp_path / "m.json", obj)
+    assert strict((tmp_path / "m.json").read_text()) == {
+        "auc": None, "ne": None, "rows": 3, "b": [{"x": None}, 0.5]
+    }  # fmt: skip
+    root = tmp_path / "served"
+    root.mkdir()
+    write_manifest(root, {"source": {"config": {"optim": {"eps": float("nan")}}}})
+    assert strict((root / MANIFEST).read_text())["source"]["config"]["optim"]["eps"] is None

@@ -21,7 +21,7 @@ from typing import Any
 
 from mlet_dist import __version__
 from mlet_dist.errors import MletError
-from mlet_dist.utils.files import sha256_file
+from mlet_dist.utils.files import finite_json, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "mlet_dist.serving/2"
@@ -81,7 +81,7 @@ def write_manifest(root: Path, content: dict[str, Any]) -> dict[str, Any]:
     for artifact in (manifest.get("serving") or {}).get("artifacts", {}).values():
         entry = by_path[artifact["path"]]
         artifact.update(bytes=entry["bytes"], sha256=entry["sha256"])
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (root / MANIFEST).write_text(json.dumps(finite_json(manifest), indent=1, allow_nan=False))
     return manifest
 
 

@@ -23,7 +23,8 @@ from mlet_dist.context import RunContext
 from mlet_dist.data import Splits, load_splits
 from mlet_dist.data.vocab import (
     RUN_VOCAB_FILE,
-    check_resumed_vocabularies,
+    VOCAB_DIR,
+    check_shard_vocabularies,
     record_run_vocabularies,
 )
 from mlet_dist.distributed.planning import make_plan
@@ -92,7 +93,7 @@ def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) 
         # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with
         vocabs = ctx.source.vocabularies()
         if last is not None:
-            check_resumed_vocabularies(run_dir, vocabs)
+            check_shard_vocabularies(run_dir, vocabs, "resume")
 
         def start() -> None:  # every check passed: from here on the run directory is written
             if env.is_rank0:
@@ -135,6 +136,7 @@ RUN_FILES = (
     "loss_curve.jsonl",
     "summary.json",
     RUN_VOCAB_FILE,
+    VOCAB_DIR,
     "checkpoints",
 )
 

@@ -32,6 +32,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -220,8 +221,22 @@ def atomic_write_text(final: str | Path, text: str) -> None:
     atomic_write(final, lambda f: f.write(text.encode()))
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None: strict JSON has no NaN or
+    Infinity (Python's ``json`` writes them as bare tokens other readers reject), so a metric
+    that is undefined (e.g. the AUC of rows of one class) is written as ``null``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(final: str | Path, obj: Any) -> None:
-    atomic_write_text(final, json.dumps(obj, indent=1) + "\n")
+    """``obj`` as strict JSON (non-finite floats as ``null``: :func:`finite_json`), atomically."""
+    atomic_write_text(final, json.dumps(finite_json(obj), indent=1, allow_nan=False) + "\n")
 
 
 def _exchange(a: Path, b: Path) -> bool:
