@@ -222,15 +222,13 @@ def atomic_write_text(final: str | Path, text: str) -> None:
 
 
 def finite_json(obj: Any) -> Any:
-    """``obj`` with every NaN or infinite float replaced by None: strict JSON has no NaN or
-    Infinity (Python's ``json`` writes them as bare tokens other readers reject), so a metric
-    that is undefined (e.g. the AUC of rows of one class) is written as ``null``."""
+    """``obj`` with NaN/inf floats as None: strict JSON has no NaN (an undefined metric is null)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
+    if isinstance(obj, (dict, list, tuple)):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        out = {k: finite_json(v) for k, v in items}
+        return out if isinstance(obj, dict) else list(out.values())
     return obj
 
 
