@@ -57,7 +57,8 @@ def _inputs():
 
 @pytest.fixture(scope="module")
 def program_bytes() -> bytes:
-    program = torch.export.export(_Tiny(), _inputs())
+    batch = {0: torch.export.Dim("batch")}  # a dynamic size: the program holds shape expressions
+    program = torch.export.export(_Tiny(), _inputs(), dynamic_shapes=(batch, None, None))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()
@@ -125,7 +126,43 @@ def _legacy_weights(marker: Path):
     return edit
 
 
+def _program_json(edit_program):
+    def edit(name, payload, extra):
+        if name.endswith("models/model.json"):
+            program = json.loads(payload)
+            edit_program(program)
+            return json.dumps(program).encode()
+        return payload
+
+    return edit
+
+
+def _touch(marker: Path) -> str:
+    return f"__import__('pathlib').Path('{marker}').touch()"
+
+
+def _shape_expression(marker: Path):
+    """torch.export's deserializer hands shape expressions to ``sympy.sympify`` (eval)."""
+
+    def edit(program):
+        size = program["graph_module"]["graph"]["tensor_values"]["dense"]["sizes"][0]
+        size["as_expr"]["expr_str"] += f" + 0*len(str({_touch(marker)}))"
+
+    return _program_json(edit)
+
+
+def _guard(marker: Path):
+    """``ExportedProgram.module()`` compiles the program's guards with ``exec``."""
+
+    def edit(program):
+        program["guards_code"] = [f"L['dense'].size()[1] == 3 and {_touch(marker)} is None"]
+
+    return _program_json(edit)
+
+
 CRAFTED = {
+    "shape expression": _shape_expression,
+    "guard": _guard,
     "pickled weights": _pickled_weight,
     "pickled sample inputs": _pickled_sample_inputs,
     "opaque pickled constant": _opaque_constant,
@@ -145,6 +182,7 @@ def _serving_dir(root: Path, predictor: bytes) -> Path:
 def test_an_intact_program_loads_and_predicts(program_bytes, tmp_path) -> None:
     predictor, manifest = load_predictor(_serving_dir(tmp_path / "s", program_bytes))
     assert predictor(*_inputs()).shape == (4,)
+    assert predictor(torch.randn(7, 3), *_inputs()[1:]).shape == (7,)  # the dynamic batch
     assert manifest["predictor_used"] == "export"
 
 
@@ -156,7 +194,7 @@ def test_a_crafted_predictor_runs_no_code_and_is_refused_in_one_line(
     crafted = _rewrite(program_bytes, CRAFTED[attack](marker))
     # the oracle: torch's own loader runs the pickle (the attack is real)
     try:
-        torch.export.load(io.BytesIO(crafted)).module()
+        torch.export.load(io.BytesIO(crafted)).module()(*_inputs())
     except Exception:
         pass
     assert marker.exists(), f"the {attack} archive does not attack torch.export.load"
@@ -170,6 +208,35 @@ def test_a_crafted_predictor_runs_no_code_and_is_refused_in_one_line(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "predictor.pt2" in err, err
     assert not marker.exists() and not (tmp_path / "p.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "key,text",
+    [
+        ("name", 'x"); import os; ("'),
+        ("target", "torch.ops.aten.add\nimport os"),
+        ("as_name", "a b"),
+        ("stack_trace", 'File "x", line 1, in f\rimport os'),
+        ("nn_module_stack", "L['self']\nimport os"),
+        ("expr_str", "exec(bytes((105, 109)))"),
+        ("expr_str", "Symbol('s0').__class__"),
+        ("expr_str", "Symbol('s0'), open('x')"),
+        ("guards_code", "L['dense'].size()[0] == 4 and open('x')"),
+        ("guards_code", "L['dense'].__class__"),
+    ],
+)
+def test_program_text_torch_would_run_is_refused(key, text) -> None:
+    from mlet_dist.serving.safe_load import check_program_json
+
+    with pytest.raises(ServingError, match="which torch would run"):
+        check_program_json({"graph_module": {"nodes": [{key: text}]}}, "models/model.json", "p.pt2")
+    good = {
+        "expr_str": "Add(Mul(Integer(26), Symbol('s37', positive=True, integer=True)), Integer(1))",
+        "guards_code": "(L['lengths'].size()[0] // 26) == L['dense'].size()[0]",
+        "name": "dlrm.sparse_arch.tbes.0.weights_host",
+        "stack_trace": 'File "m.py", line 3, in forward\n    return x',
+    }
+    check_program_json({"nodes": [{k: v} for k, v in good.items()]}, "models/model.json", "p.pt2")
 
 
 def test_compiled_code_inside_an_export_archive_is_refused(program_bytes, tmp_path) -> None:

@@ -14,6 +14,10 @@ the loaders must not run code from the files:
   (``pickle.loads``), legacy pickled weight files and AOTInductor code. TorchBind constants (the
   fbgemm lookup's handle) are read by TorchScript's unpickler, which builds only registered C++
   classes and tensors: they are kept.
+- :func:`check_program_json` holds the program's text that torch would run to small grammars
+  before torch reads it: shape expressions (torch.export hands them to ``sympy.sympify``, an
+  ``eval``), input guards (``ExportedProgram.module()`` compiles them with ``exec``) and names (FX
+  writes them into the Python code it generates and runs).
 - :func:`check_graph` refuses a loaded program whose graph calls anything but operators
   (``torch.ops.*`` overloads, higher-order operators, symbolic-shape arithmetic): torch.export's
   deserializer resolves any ``torch.<attr>...`` name, so a crafted graph could call
@@ -28,6 +32,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import re
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,6 +98,12 @@ def check_export_archive(path: str | Path) -> None:
                 raise _refuse(path, f"it holds a pickled legacy payload ({name})")
             if inner.startswith("data/constants/") and "opaque_obj" in inner:
                 raise _refuse(path, f"it holds a pickled object ({name})")
+            if inner.startswith("models/") and inner.endswith(".json"):
+                try:
+                    program = json.loads(archive.read(name))
+                except ValueError as e:
+                    raise ServingError(f"cannot load {path}: {name} is not JSON ({e})") from None
+                check_program_json(program, name, path)
             if inner.endswith("_config.json") and inner.startswith(
                 ("data/weights/", "data/constants/")
             ):
@@ -103,6 +114,84 @@ def check_export_archive(path: str | Path) -> None:
                         raise _refuse(path, f"its entry {fqn!r} ({name}) is a pickle")
                     if str(entry.get("path_name", "")).startswith("opaque_obj"):
                         raise _refuse(path, f"its entry {fqn!r} ({name}) is a pickled object")
+
+
+# -- the program's JSON: what torch hands to ``sympy.sympify`` (eval) and to ``exec`` ---------------
+
+_SYMPY_NAMES = frozenset(
+    # torch.utils._sympy.functions (the deserializer's sympy_functions), then sympy's own
+    "FloorDiv ModularIndexing Where PythonMod Mod CleanDiv CeilToInt FloorToInt CeilDiv LShift "
+    "RShift PowByNatural FloatPow FloatTrueDiv IntTrueDiv IsNonOverlappingAndDenseIndicator "
+    "TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat Identity "
+    "Symbol Integer Rational Float Add Mul Pow Max Min Abs floor ceiling Eq Ne Lt Le Gt Ge "
+    "Equality Unequality StrictLessThan StrictGreaterThan LessThan GreaterThan And Or Not "
+    "Piecewise ExprCondPair true false True False oo zoo nan "
+    "positive negative integer real nonnegative nonpositive finite infinite even odd zero "
+    "nonzero commutative".split()
+)
+_SYMBOL = re.compile(r"[a-z]+[0-9]+\Z")  # s37, u0: the names torch gives shape symbols
+_EXPR_TOKENS = re.compile(
+    r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|'(?P<symbol>[A-Za-z_][A-Za-z0-9_]*)'"
+    r"|[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|\*\*|//|==|!=|<=|>=|[-+*/%(),<>=&|~])"
+)
+_GUARD_TOKENS = re.compile(
+    r"\s*(?:L\['[A-Za-z_][A-Za-z0-9_]*'\](?:\.(?:size|stride)\(\)\[[0-9]+\]"
+    r"|\.storage_offset\(\))?|[0-9]+|\b(?:and|or|not)\b|\*\*|//|==|!=|<=|>=|[-+*%()<>])"
+)
+_NAME_KEYS = frozenset(
+    "name as_name target fqn buffer_name parameter_name tensor_constant_name custom_obj_name "
+    "forward_arg_names class_fqn arg input_name output_name".split()
+)
+_NAME = re.compile(r"[A-Za-z0-9_.]+\Z")
+
+
+def _whole(tokens: re.Pattern[str], text: str, names_ok: bool) -> bool:
+    """Whether ``text`` is made of ``tokens`` only (and, for sympy, only allowed names)."""
+    pos = 0
+    while pos < len(text):
+        m = tokens.match(text, pos)
+        if not m or m.end() == pos:
+            return not text[pos:].strip()
+        name = m.groupdict().get("name")
+        if names_ok and name and name not in _SYMPY_NAMES and not _SYMBOL.match(name):
+            return False
+        pos = m.end()
+    return True
+
+
+def check_program_json(program: Any, where: str, path: str | Path) -> None:
+    """Refuses a torch.export program (the archive's ``models/*.json``) with text torch would run:
+    a shape expression (``sympy.sympify`` evaluates it) or guard (``exec``) outside their small
+    grammars, a name that is not a dotted identifier (FX writes names into generated code), or a
+    line break where code is generated.
+
+    Raises:
+        ServingError: naming the key and the text.
+    """
+
+    def refuse(key: str, text: str) -> ServingError:
+        return _refuse(
+            path, f"its program ({where}) has {key} {text[:80]!r}, which torch would run"
+        )
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, key)
+        elif isinstance(node, str):
+            if "\r" in node or ("\n" in node and key != "stack_trace"):
+                raise refuse(key, node)
+            if key == "expr_str" and not _whole(_EXPR_TOKENS, node, names_ok=True):
+                raise refuse(key, node)
+            if key == "guards_code" and not _whole(_GUARD_TOKENS, node, names_ok=False):
+                raise refuse(key, node)
+            if key in _NAME_KEYS and node and not _NAME.match(node):
+                raise refuse(key, node)
+
+    walk(program, "")
 
 
 def _allowed_targets() -> tuple[set[Any], tuple[type, ...]]:
