@@ -647,3 +647,33 @@ def test_json_files_are_strict_json(tmp_path) -> None:
     root.mkdir()
     write_manifest(root, {"source": {"config": {"optim": {"eps": float("nan")}}}})
     assert strict((root / MANIFEST).read_text())["source"]["config"]["optim"]["eps"] is None
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [
+        "grid = {'optim.embedding_lr' = [0.1, -1.0]}",
+        "grid = {'train.log_every' = [0]}",
+        "set = {'train.epochs' = 0}",
+        "set = {'model.dense_arch_layer_sizes' = [-3, 8]}",
+    ],
+)
+def test_a_value_the_config_refuses_stops_the_sweep_before_any_run(grid, tmp_path, capsys) -> None:
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(f"inner_dims = []\ndims = [4, 8]\ntune_dim = 8\n[[baseline]]\nname = 'a'\n{grid}\n")  # fmt: skip
+    work = tmp_path / "w"
+    code = cli.main(["sweep", "--sweep", str(sweep), "--work", str(work),
+                     "--data.test_fraction=0.1", f"--data.dir={tmp_path / 'data'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "sweep recipe a" in err, err
+    assert not work.exists() and not (tmp_path / "data").exists()  # nothing ran, nothing made
+
+
+def test_a_sweep_without_a_test_split_is_refused_before_any_run(tmp_path, capsys) -> None:
+    sweep = tmp_path / "s.toml"
+    sweep.write_text("inner_dims = []\ndims = [8]\ntune_dim = 8\n[[baseline]]\nname = 'a'\n")
+    code = cli.main(["sweep", "--sweep", str(sweep), "--work", str(tmp_path / "w"),
+                     f"--data.dir={tmp_path / 'data'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "test_fraction" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "data").exists()

@@ -29,6 +29,7 @@ from mlet_dist.sweep.spec import (
     SweepSpec,
     _point_name,
     best_recipes,
+    check_variants,
     config_key,
     frontier_runs,
     load_sweep,
@@ -78,9 +79,12 @@ def execute(run: RunSpec, keep: bool = False) -> dict[str, Any]:
     for e in range(1, run.epochs + 1):
         cfg.train.epochs = e
         metrics = train(cfg, resume=True)
-        if "eval" not in metrics:
+        missing = [s for s in ("eval", "test") if s not in metrics]
+        if missing:
             raise ConfigError(
-                "the sweep needs an eval split: set data.eval_fraction > 0 or data.eval_files"
+                f"the sweep needs eval and test splits (it tunes on eval, reports test), this "
+                f"run has no {missing[0]} split: set data.eval_fraction > 0 (or data.eval_files) "
+                f"and data.test_fraction > 0, or preprocess them"
             )
         epochs.append({"epoch": e, **{s: metrics[s] for s in ("eval", "test") if s in metrics}})
         auc = metrics["eval"]["auc"]
@@ -216,6 +220,16 @@ def sweep(
     """
     work = Path(work)
     _check_work_dir(work, cfg)
+    if cfg.data.source != "parquet":  # streamed shards have the splits preprocess wrote
+        if (
+            not (cfg.data.eval_files or cfg.data.eval_fraction > 0)
+            or not cfg.data.test_fraction > 0
+        ):
+            raise ConfigError(
+                "the sweep needs eval and test splits (it tunes on eval, reports test): set "
+                "data.eval_fraction > 0 (or data.eval_files) and data.test_fraction > 0"
+            )
+    check_variants(cfg, spec)
     work.mkdir(parents=True, exist_ok=True)
     (work / "sweep_work.json").write_text(
         json.dumps({"config": cfg.to_dict(), "spec": asdict(spec)}, indent=1)

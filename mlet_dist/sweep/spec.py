@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from mlet_dist.config import Config, ConfigError, apply_key, config_from_dict
+from mlet_dist.config import Config, ConfigError, apply_key, config_from_dict, validate
 
 RESULT_FILE = "result.json"
 RUN_SPEC_FILE = "sweep_run.json"
@@ -218,6 +218,10 @@ def variant_config(
         cfg.model.dense_arch_layer_sizes = [*cfg.model.dense_arch_layer_sizes[:-1], d]
     cfg.train.seed = base.train.seed + seed
     cfg.train.progress = False
+    try:  # refused here, before any run starts, rather than in the run
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{origin} (k = {k}, d = {d}, {_point_name(point)}): {e}") from None
     return cfg
 
 
@@ -235,6 +239,20 @@ def _sides(spec: SweepSpec, d: int) -> list[tuple[str, int, list[Recipe]]]:
     # k == d adds no width to train with: MLET(k, d) is swept for k > d only.
     sides += [("mlet", k, spec.mlet) for k in spec.inner_dims if k > d]
     return sides
+
+
+def check_variants(base: Config, spec: SweepSpec) -> None:
+    """Builds the config of every variant the sweep may train (each d, side, recipe and grid
+    point), so that a value the config refuses stops the sweep before any run starts.
+
+    Raises:
+        ConfigError: naming the recipe, k, d, the grid point and the key.
+    """
+    for d in sorted({*spec.dims, spec.tune_dim}):
+        for _, k, recipes in _sides(spec, d):
+            for recipe in recipes:
+                for point in _points(recipe):
+                    variant_config(base, k, d, recipe, point, 0)
 
 
 def tune_runs(base: Config, spec: SweepSpec, work: Path) -> list[RunSpec]:
