@@ -677,3 +677,11 @@ def test_a_sweep_without_a_test_split_is_refused_before_any_run(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert code == 2 and "test_fraction" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("value", [str(2**63), str(2**64 - 1), "1.5", "abc"])
+def test_a_csv_int_id_that_is_no_int64_is_one_line(columns_schema, tmp_path, value) -> None:
+    (tmp_path / "i.csv").write_text(f"y,x,u,n\n1,1.0,a,{value}\n")
+    with pytest.raises(ColumnError, match="ids = 'int' takes ids") as e:
+        _read(columns_schema, tmp_path / "i.csv")
+    assert "\n" not in str(e.value)

@@ -187,6 +187,12 @@ def iter_columns_file(
             empty = False
             yield chunk.select(needed)
     except (pa.ArrowInvalid, OSError) as e:
+        if "conversion error to int64" in str(e):  # an ids = 'int' column of a CSV
+            raise ColumnError(
+                f"{path}: {e}: ids = 'int' takes ids 0 <= id < num_embeddings (int64); set "
+                f"ids = 'hash' for other values",
+                path=path,
+            ) from e
         raise ColumnError(f"{path}: not a readable {kind} file ({e})", path=path) from e
     if empty:  # no row: an empty table of the columns (the readers accept empty files)
         if kind == "parquet":

@@ -35,6 +35,7 @@ from mlet_dist.sweep.spec import (
     load_sweep,
     tune_runs,
 )
+from mlet_dist.utils.files import finite_json
 
 logger = logging.getLogger("mlet_dist.sweep")
 
@@ -110,7 +111,7 @@ def execute(run: RunSpec, keep: bool = False) -> dict[str, Any]:
         "optim": run.config["optim"],
     }
     tmp = run_dir / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
+    tmp.write_text(json.dumps(finite_json(result), indent=1, allow_nan=False))
     os.replace(tmp, run_dir / RESULT_FILE)
     return result
 
@@ -267,7 +268,7 @@ def sweep(
         logger.warning("partial report: %s", report["meta"]["partial"])
     n = _num_tables(cfg)
     title = title or f"mlet-dist sweep: {cfg.data.source} ({work.name})"
-    (work / "sweep.json").write_text(json.dumps(report, indent=1))
+    (work / "sweep.json").write_text(json.dumps(finite_json(report), indent=1, allow_nan=False))
     (work / "sweep.md").write_text(markdown(report, title, n))
     plot(report, work / "sweep.png", title, n)
     return report
