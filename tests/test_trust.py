@@ -487,6 +487,17 @@ def test_a_table_that_cannot_fit_is_the_plan_commands_message_in_train(tmp_path,
     plan_message = " ".join(planned.split("mlet-dist plan:", 1)[1].split())
     assert plan_message in " ".join(err.split())  # the same message, with its checked fix
     assert not (tmp_path / "run" / "config.json").exists()
+    # the same for evaluate, on a run trained where the tables fit
+    fits = [a for a in args if "ddr_cap_gb" not in a and "num_embeddings" not in a]
+    fits += ["--data.num_embeddings_per_feature=" + str([64] * 26), "--train.max_steps=2",
+             "--data.batch_size=16"]  # fmt: skip
+    code = cli.main(["train", *fits])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--run", str(tmp_path / "run"), "--split", "train",
+                     "--dist.ddr_cap_gb=0.00001"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "no sharding plan fits" in err and len(err.strip().splitlines()) == 1, err
 
 
 # -- CSV and numeric edge cases -------------------------------------------------------------------

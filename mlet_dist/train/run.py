@@ -10,8 +10,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from torchrec.distributed.planner.types import PlannerError
-
 from mlet_dist.checkpoint import (
     check_model_config,
     read_train_state,
@@ -27,7 +25,7 @@ from mlet_dist.data.vocab import (
     check_shard_vocabularies,
     record_run_vocabularies,
 )
-from mlet_dist.distributed.planning import make_plan
+from mlet_dist.distributed.planning import planner_errors
 from mlet_dist.quality import training_id_counts
 from mlet_dist.train.loop import Trainer, remove_stale_checkpoints
 from mlet_dist.utils.files import (
@@ -87,7 +85,8 @@ def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) 
         if last is not None:
             check_model_config(last, read_train_state(last)["config"], cfg)  # before any write
             plan = saved_plan(last, cfg.to_dict()["dist"], env.world_size, env.device.type)
-        trainer = _trainer(ctx, plan)
+        with planner_errors(cfg, env):  # a layout the planner cannot place: plan's message
+            trainer = Trainer(cfg, env, plan=plan, schema=ctx.schema)
         if last is not None:
             trainer.load(last, verify=False)
         # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with
@@ -139,17 +138,6 @@ RUN_FILES = (
     VOCAB_DIR,
     "checkpoints",
 )
-
-
-def _trainer(ctx: RunContext, plan: Any) -> Trainer:
-    """The run's Trainer; a table layout TorchRec's planner cannot place is the `mlet-dist plan`
-    error (the tables, memory needed vs available and a fix checked with the planner)."""
-    cfg, env = ctx.cfg, ctx.env
-    try:
-        return Trainer(cfg, env, plan=plan, schema=ctx.schema)
-    except PlannerError:
-        make_plan(cfg, env.world_size, env.device.type, local_world_size=env.local_world_size)
-        raise  # the dry run found a plan after all: the planner's own error
 
 
 def _previous_run(path: Path) -> str | None:
