@@ -266,16 +266,30 @@ def test_a_graph_calling_python_functions_is_refused(tmp_path) -> None:
     check_graph(ok, "p.pt2")  # operators only
 
 
-def test_weights_only_loading_also_guards_torchscript(tmp_path) -> None:
+@pytest.mark.parametrize("kind", ["torchscript", "aoti"])
+def test_the_other_loaders_force_weights_only_torch_loads(kind, tmp_path, monkeypatch) -> None:
+    """Inside the TorchScript and AOTInductor loaders, a torch.load that asks for
+    weights_only=False (as torch's own loaders do) still refuses a pickle that runs code."""
     from mlet_dist.serving.artifacts import ARTIFACTS
 
     marker = tmp_path / "marker"
-    scripted = torch.jit.script(torch.nn.Linear(2, 1))
-    path = tmp_path / "p.pt"
-    torch.jit.save(scripted, str(path))
-    assert ARTIFACTS["torchscript"].load(str(path))(torch.ones(1, 2)).shape == (1, 1)
+    payload = _pickled_marker(marker)
+    refused = []
+
+    def load(*args, **kwargs):  # stands in for torch.jit.load / aoti_load_package
+        try:
+            torch.load(io.BytesIO(payload), weights_only=False)
+        except Exception as e:  # the unpickler refuses it
+            refused.append(type(e).__name__)
+        return "loaded"
+
+    monkeypatch.setattr(torch.jit, "load", load)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", load)
+    assert ARTIFACTS[kind].load(str(tmp_path / "p")) == "loaded"
+    assert refused == ["UnpicklingError"] and not marker.exists()
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored after the load
-    assert not marker.exists()
+    torch.load(io.BytesIO(payload), weights_only=False)  # outside: torch's default behaviour
+    assert marker.exists()  # (the oracle: the payload is a real attack)
 
 
 # -- manifests: paths stay inside, keys and types are checked -------------------------------------
