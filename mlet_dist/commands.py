@@ -20,7 +20,7 @@ from typing import Any
 
 from mlet_dist.config import ConfigError, load_config
 from mlet_dist.serving.artifacts import optional_artifacts, predictor_choices
-from mlet_dist.utils.files import check_output
+from mlet_dist.utils.files import check_output, finite_json
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     metrics = evaluate_run(args.run, split=args.split, files=args.data, overrides=overrides)
     if _is_rank0():
-        print(json.dumps(metrics, indent=1))
+        print(json.dumps(finite_json(metrics), indent=1, allow_nan=False))
     return 0
 
 

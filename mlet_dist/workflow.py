@@ -20,8 +20,9 @@ from mlet_dist.data import (
     require_rows,
 )
 from mlet_dist.data.sources import concat_rows
-from mlet_dist.data.vocab import load_run_vocabularies
+from mlet_dist.data.vocab import check_shard_vocabularies, load_run_vocabularies
 from mlet_dist.distributed.parallelize import build_sharded_model
+from mlet_dist.distributed.planning import planner_errors
 from mlet_dist.export import CollapseOptions, collapse_run, load_served, load_unsharded
 from mlet_dist.metrics import binary_metrics
 from mlet_dist.quality import training_id_counts
@@ -76,6 +77,8 @@ def evaluate_run(
                 train_rows = None
         else:
             splits = load_splits(cfg.data, schema)
+            # streamed shards: mapped with the vocabularies the run trained on, or refused
+            check_shard_vocabularies(ctx.run_dir, ctx.source.vocabularies(), "evaluate")
             arrays, train_rows = getattr(splits, split), splits.train
             if arrays is not None and len(arrays) == 0:
                 key = f"{split}_fraction"
@@ -88,7 +91,8 @@ def evaluate_run(
         counts = None
         if train_rows is not None:
             counts = training_id_counts(train_rows, schema.feature_sizes)
-        model = build_sharded_model(cfg, ctx.env, schema=schema)
+        with planner_errors(cfg, ctx.env):
+            model = build_sharded_model(cfg, ctx.env, schema=schema)
         load_weights(model, ckpt, cfg)
         metrics = evaluate(model, cfg, ctx.env, arrays, name, counts, schema=schema)
         metrics["checkpoint"] = str(ckpt)

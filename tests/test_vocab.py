@@ -252,8 +252,9 @@ def test_preprocess_train_collapse_predict_on_raw_values(tmp_path):
 
     from mlet_dist.checkpoint import latest_checkpoint
     from mlet_dist.data import make_batches
+    from mlet_dist.data.schema_shards import summary_vocabularies
     from mlet_dist.data.sources import concat_rows
-    from mlet_dist.data.vocab import VocabularyError
+    from mlet_dist.data.vocab import VocabularyError, read_vocabularies
     from mlet_dist.export import CollapseOptions, collapse_run, load_unsharded
     from mlet_dist.predict_job import predict_file
     from mlet_dist.serving.manifest import ServingError, read_manifest
@@ -337,31 +338,79 @@ def test_preprocess_train_collapse_predict_on_raw_values(tmp_path):
     with pytest.raises(ServingError, match="words.parquet"):
         predict_file(served_copy, [data], tmp_path / "q.txt", verify="predictor")
 
-    # the collapse needs the vocabularies the run trained on: changed -> a one-line error
-    pq.write_table(swapped, shards / "vocab" / "words.parquet")
+    # the run keeps its own copy of its vocabularies (issue 28): preprocessing other rows into
+    # its shard directory replaces the vocabularies there, not the run's
+    assert sorted(p.name for p in (tmp_path / "run" / "vocab").iterdir()) == [
+        "t_user.parquet",
+        "words.parquet",
+    ]
+    other = write_data(tmp_path / "other.parquet", _big_rows(240, seed=9))
+    preprocess_from_config(
+        load_config(config, [f"--data.train_files=['{other}']"]).data, out_dir=shards
+    )
+    assert (
+        read_vocabularies(shards, summary_vocabularies(shards, schema), "s")["words"]
+        != (read_vocabularies(tmp_path / "run", record["vocabularies"], "r")["words"])
+    )
+    # ... so the run still collapses to the same served model (its own copy) ...
+    collapse_run(cfg.train.run_dir, tmp_path / "served2", CollapseOptions(quantize="fp32"))
+    assert predict_file(tmp_path / "served2", [data], tmp_path / "p2.txt")["rows"] == 240
+    np.testing.assert_array_equal(np.loadtxt(tmp_path / "p2.txt"), np.loadtxt(out))
+    # ... and every reader of the new shards refuses them: their ids mean other values
+    for split in ("eval", "test"):
+        with pytest.raises(VocabularyError, match="other vocabularies") as e:
+            evaluate_run(cfg.train.run_dir, split=split)
+        assert "\n" not in str(e.value)
+    # the run's own copy changed: refused by its sha256, in one line
+    pq.write_table(swapped, tmp_path / "run" / "vocab" / "words.parquet")
     with pytest.raises(VocabularyError, match="does not match its sha256") as e:
-        collapse_run(cfg.train.run_dir, tmp_path / "served2", CollapseOptions(quantize="fp32"))
+        collapse_run(cfg.train.run_dir, tmp_path / "served3", CollapseOptions(quantize="fp32"))
     assert "\n" not in str(e.value)
+    # a truncated record: one line, for the collapse and for evaluate --data
+    text = (tmp_path / "run" / "vocab.json").read_text()
+    (tmp_path / "run" / "vocab.json").write_text(text[: len(text) // 2])
+    with pytest.raises(VocabularyError, match="damaged or truncated") as e:
+        collapse_run(cfg.train.run_dir, tmp_path / "served3", CollapseOptions(quantize="fp32"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(VocabularyError, match="damaged or truncated"):
+        evaluate_run(cfg.train.run_dir, files=[str(data)])
     (tmp_path / "run" / "vocab.json").unlink()
     with pytest.raises(VocabularyError, match="vocab.json is missing"):
-        collapse_run(cfg.train.run_dir, tmp_path / "served2", CollapseOptions(quantize="fp32"))
+        collapse_run(cfg.train.run_dir, tmp_path / "served3", CollapseOptions(quantize="fp32"))
 
 
 def test_lookup_and_resume_record(tmp_path):
     from mlet_dist.data.vocab import (
         Vocabulary,
         VocabularyError,
-        check_resumed_vocabularies,
+        check_shard_vocabularies,
         record_run_vocabularies,
+        write_vocabularies,
     )
 
     vocab = Vocabulary("t", pa.array([7, 3]), np.array([3, 2]))
     assert vocab.lookup(pa.array([3, 5, 7, 3])).tolist() == [2, 0, 1, 2]
     with pytest.raises(VocabularyError, match="holds int64"):
         vocab.lookup(pa.array(["7"]), "f.csv: column 'user'")  # a CSV reads ids as text
-    entries = {"t": {"path": "vocab/t.parquet", "values": 2, "sha256": "a" * 64}}
-    record_run_vocabularies(tmp_path, tmp_path / "shards", entries)
-    check_resumed_vocabularies(tmp_path, entries)  # the same: accepted
+    shards = tmp_path / "shards"
+    sha = write_vocabularies(shards, {"t": vocab})["t"]["sha256"]
+    entries = {"t": {"path": "vocab/t.parquet", "values": 2, "sha256": sha}}
+    run = tmp_path / "run"
+    run.mkdir()
+    record_run_vocabularies(run, shards, entries)
+    assert (run / "vocab" / "t.parquet").read_bytes() == (
+        shards / "vocab" / "t.parquet"
+    ).read_bytes()
+    check_shard_vocabularies(run, entries, "resume")  # the same: accepted
     changed = {"t": {**entries["t"], "sha256": "b" * 64}}
-    with pytest.raises(ConfigError, match="other vocabularies"):
-        check_resumed_vocabularies(tmp_path, changed)
+    with pytest.raises(VocabularyError, match="other vocabularies"):
+        check_shard_vocabularies(run, changed, "resume")
+    # a vocabulary of the shards that differs from its summary entry is not copied
+    with pytest.raises(VocabularyError, match="does not match its sha256"):
+        record_run_vocabularies(tmp_path / "run2", shards, changed)
+    for damaged in ("", "{", '{"vocabularies": []}', '{"parquet_dir": 3, "vocabularies": {}}',
+                    '{"parquet_dir": "x", "vocabularies": {"t": {"path": 1}}}'):  # fmt: skip
+        (run / "vocab.json").write_text(damaged)
+        with pytest.raises(VocabularyError, match="damaged or truncated") as e:
+            check_shard_vocabularies(run, entries, "evaluate")
+        assert "\n" not in str(e.value)

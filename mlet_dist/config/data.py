@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mlet_dist.config.error import ConfigError
+from mlet_dist.config.error import ConfigError, check_number
 from mlet_dist.config.features import DenseFeatureConfig, SparseFeatureConfig, TableConfig
 
 # MLPerf DLRMv2 per-feature hash sizes for Criteo 1TB (40M cap on the largest features).
@@ -88,6 +88,8 @@ class DataConfig:
             raise ConfigError("data.eval_fraction and data.test_fraction must be in [0, 1)")
         if self.batch_size <= 0:
             raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
+        check_number("data.eval_batch_size", self.eval_batch_size, 1)
+        check_number("data.max_rows", self.max_rows, 0, why="0 = all rows")
         if not 0 <= self.frequency_threshold <= 65535:
             raise ConfigError(
                 f"data.frequency_threshold must be in [0, 65535] (0 = off), got "

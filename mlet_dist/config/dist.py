@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mlet_dist.config.error import check_number
+
 
 @dataclass
 class DistConfig:
@@ -24,3 +26,9 @@ class DistConfig:
     """Per-host DDR cap given to the planner in GB (0 = the default)."""
     min_partition: int = 0
     """Smallest column-wise shard width (0 = planner default); set below k to split columns."""
+
+    def check(self) -> None:
+        """Checks of this section alone."""
+        check_number("dist.hbm_cap_gb", self.hbm_cap_gb, 0, why="0 = the device default")
+        check_number("dist.ddr_cap_gb", self.ddr_cap_gb, 0, why="0 = the default")
+        check_number("dist.min_partition", self.min_partition, 0, why="0 = planner default")

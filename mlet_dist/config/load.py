@@ -191,3 +191,4 @@ def validate(cfg: Config) -> None:
     cfg.data.check()
     cfg.train.check()
     cfg.synthetic.check()
+    cfg.dist.check()

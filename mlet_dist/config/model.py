@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mlet_dist.config.error import ConfigError
+from mlet_dist.config.error import ConfigError, check_number
 
 
 @dataclass
@@ -42,6 +42,17 @@ class ModelConfig:
         m = self
         if m.embedding_dim <= 0:
             raise ConfigError(f"model.embedding_dim must be positive, got {m.embedding_dim}")
+        per_table = (
+            (f"model.inner_dim_per_table.{t}", k) for t, k in m.inner_dim_per_table.items()
+        )
+        for name, k in [("model.inner_dim", m.inner_dim), *per_table]:
+            check_number(name, k, 0, why="0 = a single-layer table")
+        check_number("model.projection_init_std", m.projection_init_std, 0, why="0 = 1/sqrt(k)")
+        check_number("model.dcn_num_layers", m.dcn_num_layers, 1)
+        check_number("model.dcn_low_rank_dim", m.dcn_low_rank_dim, 1)
+        for key in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+            for width in getattr(m, key):
+                check_number(f"model.{key} (each size)", width, 1)
         if m.dense_arch_layer_sizes and m.dense_arch_layer_sizes[-1] != m.embedding_dim:
             raise ConfigError(
                 f"model.dense_arch_layer_sizes must end with embedding_dim={m.embedding_dim} (the "

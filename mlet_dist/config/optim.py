@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mlet_dist.config.error import ConfigError
+from mlet_dist.config.error import ConfigError, check_number
 from mlet_dist.config.model import ModelConfig
 
 
@@ -37,6 +37,13 @@ class OptimConfig:
     def check(self, model: ModelConfig) -> None:
         """Checks of this section (the W1 scaling needs the model's inner dimensions)."""
         m = model
+        for key in ("embedding_lr", "dense_lr"):
+            check_number(f"optim.{key}", getattr(self, key), 0, above=True,
+                         why="a negative rate trains by gradient ascent")  # fmt: skip
+        check_number("optim.projection_lr", self.projection_lr, 0, why="0 = dense_lr")
+        check_number("optim.eps", self.eps, 0, above=True)
+        for key in ("warmup_steps", "decay_start_step", "decay_steps"):
+            check_number(f"optim.{key}", getattr(self, key), 0)
         if self.w1_lr_scaling == "sqrt_d_over_k":
             ks = {m.inner_dim, *m.inner_dim_per_table.values()}
             if len(ks) > 1:

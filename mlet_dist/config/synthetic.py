@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mlet_dist.config.data import DEFAULT_SYNTHETIC_CARDINALITIES
-from mlet_dist.config.error import ConfigError
+from mlet_dist.config.error import ConfigError, check_number
 
 
 @dataclass
@@ -42,3 +42,12 @@ class SyntheticConfig:
                 f"synthetic.days and synthetic.rows_per_day must be positive, got "
                 f"{self.days} and {self.rows_per_day}"
             )
+        for key in ("dense_missing_rate", "sparse_missing_rate"):
+            check_number(f"synthetic.{key}", getattr(self, key), 0, why="a fraction in [0, 1)")
+            if getattr(self, key) >= 1:
+                raise ConfigError(f"synthetic.{key} must be < 1, got {getattr(self, key)}")
+        check_number("synthetic.zipf_exponent", self.zipf_exponent, 0, above=True)
+        check_number("synthetic.teacher_rank", self.teacher_rank, 1)
+        check_number("synthetic.teacher_scale", self.teacher_scale, 0)
+        check_number("synthetic.teacher_spectrum_decay", self.teacher_spectrum_decay, 0)
+        check_number("synthetic.seed", self.seed, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mlet_dist.config.error import ConfigError
+from mlet_dist.config.error import ConfigError, check_number
 
 
 @dataclass
@@ -44,3 +44,8 @@ class TrainConfig:
                 "train.sync_every must be >= 1, train.metrics_every >= -1 (-1 = off), "
                 "train.eval_every >= 0"
             )
+        check_number("train.epochs", self.epochs, 1, why="passes over the training split")
+        check_number("train.max_steps", self.max_steps, 0, why="0 = no limit")
+        check_number("train.log_every", self.log_every, 1, why="steps between logged losses")
+        check_number("train.checkpoint_every", self.checkpoint_every, 0, why="0 = at the end")
+        check_number("train.seed", self.seed, 0)

@@ -93,7 +93,8 @@ def _first_line(path: Path, kind: str) -> list[str]:
     """The fields of a CSV/TSV file's first line, unquoted as pyarrow reads them (the header's
     column names, or a line to compare with csv_columns)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
+    # utf-8-sig: a byte-order mark is not part of the first column's name (pyarrow drops it too)
+    with opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="") as f:
         line = f.readline().rstrip("\r\n")
     return next(csv.reader([line], delimiter="," if kind == "csv" else "\t"), [])
 
@@ -153,6 +154,12 @@ def iter_columns_file(
             names = list(csv_columns) or first
     except (pa.ArrowInvalid, OSError) as e:
         raise ColumnError(f"{path}: not a readable {kind} file ({e})", path=path) from e
+    if not any(names):
+        raise ColumnError(
+            f"{path}: the file is empty (no header line, no rows); write the rows with a header "
+            f"line of column names, or name the columns in data.csv_columns",
+            path=path,
+        )
     missing = [c for c in needed if c not in names]
     if missing:
         raise ColumnError(
@@ -180,12 +187,30 @@ def iter_columns_file(
             empty = False
             yield chunk.select(needed)
     except (pa.ArrowInvalid, OSError) as e:
+        if "conversion error to int64" in str(e):  # an ids = 'int' column of a CSV
+            raise ColumnError(
+                f"{path}: {e}: ids = 'int' takes ids 0 <= id < num_embeddings (int64); set "
+                f"ids = 'hash' for other values",
+                path=path,
+            ) from e
         raise ColumnError(f"{path}: not a readable {kind} file ({e})", path=path) from e
     if empty:  # no row: an empty table of the columns (the readers accept empty files)
         if kind == "parquet":
             yield pq.read_schema(path).empty_table().select(needed)
         else:
-            yield pa.table({c: pa.array([], pa.string()) for c in needed})
+            types = _csv_types(schema, needed)  # as the rows would have been read: no wrong kind
+            yield pa.table({c: pa.array([], types[c]) for c in needed})
+
+
+def _csv_types(schema: FeatureSchema, needed: list[str]) -> dict[str, pa.DataType]:
+    """The type of each needed CSV column as :func:`_csv_chunks` yields it."""
+    types = {c: pa.string() for c in needed}
+    for f in schema.sparse:
+        c = f.column or f.name
+        text = f.ids in ("hash", "vocab") or f.max_length > 1 or f.chars
+        one = pa.string() if text and not (f.max_length > 1 and f.ids == "int") else pa.int64()
+        types[c] = pa.list_(one) if f.max_length > 1 else one
+    return types
 
 
 def _csv_chunks(
@@ -218,10 +243,18 @@ def _csv_chunks(
         block_size=max(1 << 18, 64 * chunk_rows),
     )
     parse = pcsv.ParseOptions(delimiter="," if kind == "csv" else "\t")
+    # Only an empty field is missing: pyarrow's default null strings ("NA", "null", "nan", "N/A"
+    # ...) would make the id "NA" of a CSV file missing where the same Parquet value is an id.
     convert = pcsv.ConvertOptions(
-        column_types=types, include_columns=needed, strings_can_be_null=True
+        column_types=types, include_columns=needed, strings_can_be_null=True, null_values=[""]
     )
-    with pcsv.open_csv(path, read, parse, convert) as reader:
+    try:
+        reader = pcsv.open_csv(path, read, parse, convert)
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" in str(e):  # a header line without a newline, and no row
+            return
+        raise
+    with reader:
         for batch in reader:
             table = pa.Table.from_batches([batch])
             for c in multi:  # "a|b|c" -> ["a", "b", "c"]
@@ -281,17 +314,20 @@ def _ids(
         hashed = stable_hash(codes.dictionary.to_pylist())
         return hashed[codes.indices.to_numpy(zero_copy_only=False)] % np.uint64(rows)
     if pa.types.is_integer(t) or pa.types.is_boolean(t):
-        ids = values.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        # two's-complement uint64 (uint64 ids >= 2**63 too: no int64 cast that could overflow)
+        unsigned = pa.types.is_unsigned_integer(t)
+        wide = values.cast(pa.uint64() if unsigned else pa.int64())
+        ids = wide.to_numpy(zero_copy_only=False)
         if f.ids == "hash":
-            return ids.view(np.uint64) % np.uint64(rows)
-        bad = np.flatnonzero((ids < 0) | (ids >= rows))
+            return (ids if unsigned else ids.view(np.uint64)) % np.uint64(rows)
+        bad = np.flatnonzero((ids >= rows) if unsigned else ((ids < 0) | (ids >= rows)))
         if bad.size:
             raise ColumnError(
                 f"{where}: id {ids[bad[0]]} is outside its table of {rows} rows (ids = 'int'): "
                 f"set ids = 'hash', or num_embeddings > {int(ids.max())}",
                 path=path,
             )
-        return ids
+        return ids.astype(np.int64)
     raise ColumnError(
         f"{where}: holds {t} values; categorical ids must be ints or strings (a list column for "
         f"a multi-hot feature)",
@@ -393,6 +429,14 @@ def encode_table(
                 path,
                 "declare it as a [[data.sparse]] feature, or fix the data",
             )
+            bad = np.flatnonzero(~np.isfinite(x))
+            if bad.size:
+                raise ColumnError(
+                    f"{path}: column {c!r} (dense feature {f.name}): data row {bad[0] + 1} holds "
+                    f"{x[bad[0]]}; dense values must be finite numbers (leave a missing value "
+                    f"empty: it reads as 0): fix or drop those rows",
+                    path=path,
+                )
             if f.transform == "log1p":
                 x = np.log1p(np.maximum(x, 0.0))
             cols.append(x.astype(np.float32))

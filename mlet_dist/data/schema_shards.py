@@ -111,7 +111,12 @@ def summary_vocabularies(out_dir: str | Path, schema: FeatureSchema) -> dict[str
     if not schema.vocab_tables:
         return {}
     path = Path(out_dir) / "summary.json"
-    entries = json.loads(path.read_text()).get("vocabularies", {}) if path.is_file() else {}
+    try:
+        entries = json.loads(path.read_text()).get("vocabularies", {}) if path.is_file() else {}
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(
+            f"{path} is damaged or truncated ({e}); preprocess data.parquet_dir again"
+        ) from None
     missing = [t.name for t in schema.vocab_tables if t.name not in entries]
     if missing:
         raise ConfigError(

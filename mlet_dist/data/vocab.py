@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ import pyarrow.parquet as pq
 from mlet_dist.config import ConfigError
 from mlet_dist.data.arrays import CriteoFormatError
 from mlet_dist.schema import FeatureSchema
-from mlet_dist.utils.files import atomic_write_json, sha256_file
+from mlet_dist.utils.files import atomic_path, atomic_write_json, sha256_file
 
 __all__ = [
     "RUN_VOCAB_FILE",
@@ -48,7 +49,7 @@ __all__ = [
     "VocabularyCounter",
     "VocabularyError",
     "build_vocabularies",
-    "check_resumed_vocabularies",
+    "check_shard_vocabularies",
     "load_run_vocabularies",
     "read_vocabularies",
     "record_run_vocabularies",
@@ -84,7 +85,8 @@ def _flat(col: pa.ChunkedArray | pa.Array, max_length: int) -> pa.Array:
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
     if pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
-        return col.cast(pa.int64())
+        # uint64 ids >= 2**63 as their two's complement (the same bits), not an overflow error
+        return col.cast(pa.int64(), safe=not pa.types.is_unsigned_integer(col.type))
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         return col.cast(pa.string())
     return col  # refused by the encoder (not ints or strings)
@@ -279,28 +281,82 @@ def read_vocabularies(
 def record_run_vocabularies(
     run_dir: Path, parquet_dir: str | Path, entries: Mapping[str, Mapping[str, Any]]
 ) -> None:
-    """Writes ``RUN/vocab.json``: the preprocess output a run streams and its vocabularies
-    (``entries``: :func:`mlet_dist.data.schema_shards.summary_vocabularies`)."""
-    record = {"parquet_dir": str(Path(parquet_dir).resolve()), "vocabularies": dict(entries)}
-    atomic_write_json(run_dir / RUN_VOCAB_FILE, record)
+    """Copies the vocabularies a run trains on into ``RUN/vocab/<table>.parquet`` and writes
+    ``RUN/vocab.json`` (the preprocess output it streams, and each copy's path, relative to the
+    run, and sha256; ``entries``: :func:`mlet_dist.data.schema_shards.summary_vocabularies`).
+
+    The run keeps its own copy: preprocessing into the same ``data.parquet_dir`` again replaces
+    the files there, never the vocabularies the run's rows mean.
+
+    Raises:
+        VocabularyError: a vocabulary of ``parquet_dir`` differs from its sha256 in ``entries``.
+    """
+    copies = read_vocabularies(parquet_dir, entries, f"{Path(parquet_dir) / 'summary.json'}")
+    own = {}
+    for name, entry in entries.items():
+        rel = vocab_file(name)
+        target = Path(run_dir) / rel
+        if not (target.is_file() and sha256_file(target) == entry["sha256"]):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(Path(parquet_dir) / entry["path"], tmp)
+        own[name] = {"path": rel, "values": len(copies[name]), "sha256": entry["sha256"]}
+    record = {"parquet_dir": str(Path(parquet_dir).resolve()), "copy": True, "vocabularies": own}
+    atomic_write_json(Path(run_dir) / RUN_VOCAB_FILE, record)
 
 
-def check_resumed_vocabularies(run_dir: Path, entries: Mapping[str, Mapping[str, Any]]) -> None:
-    """Raises ConfigError when a resumed run recorded other vocabularies than ``entries`` (its
-    rows would mean other values)."""
-    path = run_dir / RUN_VOCAB_FILE
+def _read_record(path: Path) -> dict[str, Any]:
+    """``RUN/vocab.json``, its shape checked; a damaged or truncated one is a one-line error."""
+    try:
+        record = json.loads(path.read_text())
+        entries = record["vocabularies"]
+        ok = isinstance(record.get("parquet_dir"), str) and all(
+            isinstance(e, dict)
+            and isinstance(e.get("path"), str)
+            and isinstance(e.get("sha256"), str)
+            for e in entries.values()
+        )
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        ok, error = False, f" ({type(e).__name__}: {e})"
+    else:
+        error = ""
+    if not ok:
+        raise VocabularyError(
+            f"{path} is damaged or truncated{error}: it records the vocabularies the run trained "
+            f"on; restore it from a copy, or train a new run",
+            path=path,
+        )
+    return record
+
+
+def check_shard_vocabularies(
+    run_dir: str | Path, entries: Mapping[str, Mapping[str, Any]], use: str
+) -> None:
+    """Refuses shards mapped with other vocabularies than the run trained on (their rows would
+    mean other values): ``entries`` are the shards' (``summary_vocabularies``), compared by
+    sha256 with the run's record; ``use`` says what would read them ('resume', 'evaluate').
+
+    Raises:
+        VocabularyError: the run recorded other vocabularies, or its record is damaged.
+    """
+    path = Path(run_dir) / RUN_VOCAB_FILE
     if not entries or not path.is_file():
         return
-    had = json.loads(path.read_text()).get("vocabularies", {})
+    had = _read_record(path)["vocabularies"]
     if {t: e["sha256"] for t, e in had.items()} != {t: e["sha256"] for t, e in entries.items()}:
-        raise ConfigError(
-            f"{path}: run {run_dir} trained on other vocabularies than data.parquet_dir holds now "
-            f"(preprocessed again?): resume with the shards it trained on, or train a new run"
+        raise VocabularyError(
+            f"{path}: run {run_dir} trained on other vocabularies than the shards of "
+            f"data.parquet_dir hold now (preprocessed again?); refusing to {use} with them: their "
+            f"ids mean other values. Point data.parquet_dir at the shards it trained on (the "
+            f"run's own copy of its vocabularies is in {Path(run_dir) / VOCAB_DIR}), or train a "
+            f"new run",
+            path=path,
         )
 
 
 def _run_record(run_dir: str | Path, schema: FeatureSchema) -> tuple[Path, dict, str]:
-    """(preprocess output, vocabulary entries, origin) of a run's ``RUN/vocab.json``."""
+    """(where the vocabulary files are, their entries, origin) of a run's ``RUN/vocab.json``:
+    the run's own copies (or, recorded by an older version, the preprocess output)."""
     path = Path(run_dir) / RUN_VOCAB_FILE
     if not path.is_file():
         raise VocabularyError(
@@ -308,8 +364,8 @@ def _run_record(run_dir: str | Path, schema: FeatureSchema) -> tuple[Path, dict,
             f"vocabularies it trained on; train it on the shards of `mlet-dist preprocess`",
             path=path,
         )
-    record = json.loads(path.read_text())
-    entries = record.get("vocabularies", {})
+    record = _read_record(path)
+    entries = record["vocabularies"]
     missing = [t.name for t in schema.vocab_tables if t.name not in entries]
     if missing:
         raise VocabularyError(
@@ -317,7 +373,14 @@ def _run_record(run_dir: str | Path, schema: FeatureSchema) -> tuple[Path, dict,
             f"shards of `mlet-dist preprocess`",
             path=path,
         )
-    return Path(record["parquet_dir"]), entries, f"{path}, recorded when run {run_dir} trained"
+    root = Path(run_dir) if record.get("copy") else Path(record["parquet_dir"])
+    for entry in entries.values():  # a record names files of its root only
+        rel = Path(entry["path"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise VocabularyError(
+                f"{path}: vocabulary path {entry['path']!r} leaves {root}", path=path
+            )
+    return root, entries, f"{path}, recorded when run {run_dir} trained"
 
 
 def load_run_vocabularies(run_dir: str | Path, schema: FeatureSchema) -> dict[str, Vocabulary]:

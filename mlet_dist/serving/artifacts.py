@@ -229,9 +229,9 @@ def _build_export(build: ServingBuild, path: Path) -> None:
 
 
 def _load_export(path: str) -> Any:
-    import torch
+    from mlet_dist.serving.safe_load import load_export
 
-    return torch.export.load(path).module()
+    return load_export(path)
 
 
 def _build_aoti(build: ServingBuild, path: Path) -> None:
@@ -244,7 +244,10 @@ def _build_aoti(build: ServingBuild, path: Path) -> None:
 def _load_aoti(path: str) -> Any:
     import torch
 
-    return torch._inductor.aoti_load_package(path)
+    from mlet_dist.serving.safe_load import weights_only_loads
+
+    with weights_only_loads():  # its shared library is code: only as safe as its source
+        return torch._inductor.aoti_load_package(path)
 
 
 def _check_aoti() -> None:
@@ -265,7 +268,10 @@ def _build_torchscript(build: ServingBuild, path: Path) -> None:
 def _load_torchscript(path: str) -> Any:
     import torch
 
-    return torch.jit.load(path, map_location="cpu")
+    from mlet_dist.serving.safe_load import weights_only_loads
+
+    with weights_only_loads():  # TorchScript code runs in its interpreter: trust its source
+        return torch.jit.load(path, map_location="cpu")
 
 
 register(

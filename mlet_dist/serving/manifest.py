@@ -21,7 +21,7 @@ from typing import Any
 
 from mlet_dist import __version__
 from mlet_dist.errors import MletError
-from mlet_dist.utils.files import sha256_file
+from mlet_dist.utils.files import finite_json, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "mlet_dist.serving/2"
@@ -81,11 +81,17 @@ def write_manifest(root: Path, content: dict[str, Any]) -> dict[str, Any]:
     for artifact in (manifest.get("serving") or {}).get("artifacts", {}).values():
         entry = by_path[artifact["path"]]
         artifact.update(bytes=entry["bytes"], sha256=entry["sha256"])
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (root / MANIFEST).write_text(json.dumps(finite_json(manifest), indent=1, allow_nan=False))
     return manifest
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
+    """The manifest of a serving directory, its shape checked (:func:`check_manifest`).
+
+    Raises:
+        ServingError: no manifest, not JSON, an unknown format, a missing key or a value of the
+            wrong type, or a path that leaves the directory (named, one line).
+    """
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise ServingError(
@@ -94,14 +100,109 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ServingError(f"{path} is not valid JSON ({e}); collapse the run again") from e
-    if manifest.get("format") not in READABLE_FORMATS:
+    format_ = manifest.get("format") if isinstance(manifest, dict) else None
+    if format_ not in READABLE_FORMATS:
         raise ServingError(
-            f"{path} has format {manifest.get('format')!r}, expected one of {READABLE_FORMATS}; "
+            f"{path} has format {format_!r}, expected one of {READABLE_FORMATS}; "
             f"collapse the run again with this version"
         )
+    check_manifest(manifest, root)
     return manifest
+
+
+def _typed(value: Any, types: type | tuple[type, ...], where: str, path: Path) -> Any:
+    """``value`` when it has one of ``types`` (a bool is no int); else a one-line ServingError."""
+    if isinstance(value, types) and not (isinstance(value, bool) and bool not in _tuple(types)):
+        return value
+    names = "/".join(t.__name__ for t in _tuple(types)).replace("NoneType", "null")
+    raise ServingError(
+        f"{path}: {where} must be {names}, got {json.dumps(value)[:80]}; the manifest was edited "
+        f"or damaged: collapse the run again"
+    )
+
+
+def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def inside(root: str | Path, rel: str, where: str) -> Path:
+    """``root / rel`` when ``rel`` is a relative path that stays inside ``root`` (symbolic links
+    resolved); else a one-line ServingError naming ``where``."""
+    root = Path(root)
+    target = root / rel
+    escapes = (
+        not rel
+        or Path(rel).is_absolute()
+        or ".." in Path(rel).parts
+        or not target.resolve().is_relative_to(root.resolve())
+    )
+    if escapes:
+        raise ServingError(
+            f"{root / MANIFEST}: {where} {rel!r} is not inside the serving directory (absolute, "
+            f"'..' or a link out of it); refusing to read it. Collapse the run again"
+        )
+    return target
+
+
+def check_manifest(manifest: dict[str, Any], root: str | Path) -> None:
+    """Checks the keys and types a reader of a serving directory uses, and that every path the
+    manifest names (files, predictors, vocabularies, tables, model) stays inside ``root``.
+
+    Raises:
+        ServingError: the first key missing or of the wrong type, or the first path outside.
+    """
+    where = Path(root) / MANIFEST
+    paths: list[tuple[str, str]] = []
+    for i, entry in enumerate(_typed(manifest.get("files"), list, "'files'", where)):
+        _typed(entry, dict, f"files[{i}]", where)
+        paths.append((_typed(entry.get("path"), str, f"files[{i}].path", where), "file"))
+        _typed(entry.get("bytes"), int, f"files[{i}].bytes", where)
+        _typed(entry.get("sha256"), str, f"files[{i}].sha256", where)
+    serving = _typed(manifest.get("serving", {}), dict, "'serving'", where)
+    if _typed(serving.get("predictor"), (str, type(None)), "serving.predictor", where):
+        paths.append((serving["predictor"], "serving.predictor"))
+    if serving.get("tables") is not None:
+        paths.append((_typed(serving["tables"], str, "serving.tables", where), "serving.tables"))
+    artifacts_ = _typed(
+        serving.get("artifacts", {}), (dict, type(None)), "serving.artifacts", where
+    )
+    for kind, artifact in (artifacts_ or {}).items():
+        _typed(artifact, dict, f"serving.artifacts.{kind}", where)
+        paths.append(
+            (
+                _typed(artifact.get("path"), str, f"serving.artifacts.{kind}.path", where),
+                f"the {kind} predictor",
+            )
+        )
+    vocabularies = _typed(
+        serving.get("vocabularies", {}), (dict, type(None)), "serving.vocabularies", where
+    )
+    for table, rel in (vocabularies or {}).items():
+        paths.append((_typed(rel, str, f"serving.vocabularies.{table}", where), "vocabulary"))
+    for key in ("dtype",):
+        if key in serving:
+            _typed(serving[key], str, f"serving.{key}", where)
+    if "feature_order" in serving:
+        for f in _typed(serving["feature_order"], list, "serving.feature_order", where):
+            _typed(f, str, "serving.feature_order[]", where)
+    for i, table in enumerate(_typed(manifest.get("tables", []), list, "'tables'", where)):
+        _typed(table, dict, f"tables[{i}]", where)
+        _typed(table.get("rows"), int, f"tables[{i}].rows", where)
+        for f in _typed(table.get("features"), list, f"tables[{i}].features", where):
+            _typed(f, str, f"tables[{i}].features[]", where)
+        for rel in _typed(table.get("parquet", []), list, f"tables[{i}].parquet", where):
+            paths.append((_typed(rel, str, f"tables[{i}].parquet[]", where), "table file"))
+    model = _typed(manifest.get("model", {}), dict, "'model'", where)
+    for key in ("checkpoint", "config"):
+        if model.get(key) is not None:
+            paths.append((_typed(model[key], str, f"model.{key}", where), f"model.{key}"))
+    source = _typed(manifest.get("source", {}), dict, "'source'", where)
+    config = _typed(source.get("config", {}), dict, "source.config", where)
+    _typed(config.get("data", {}), dict, "source.config.data", where)
+    for rel, what in paths:
+        inside(root, rel, what)
 
 
 def artifacts(manifest: dict[str, Any]) -> dict[str, str]:
@@ -147,7 +248,7 @@ def verify_manifest(root: str | Path, only: set[str] | None = None) -> dict[str,
     for entry in manifest["files"]:
         if only is not None and entry["path"] not in only:
             continue
-        path = root / entry["path"]
+        path = inside(root, entry["path"], "file")
         if not path.is_file():
             raise ServingError(f"{path} is listed in {root / MANIFEST} but missing; collapse again")
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:

@@ -160,6 +160,8 @@ def load_predictor(
         try:
             predictor = ARTIFACTS[kind].load(path)
             break
+        except ServingError:  # refused as unsafe or malformed: never replaced by another kind
+            raise
         except Exception as e:  # each loader raises its own types (version, platform, operators)
             lines = str(e).strip().splitlines() or [""]
             written = manifest.get("versions", {})

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from mlet_dist.config import Config, ConfigError, DataConfig, config_from_dict, load_config
+from mlet_dist.data.sources import source_of
+from mlet_dist.errors import MletError
 from mlet_dist.schema import schema_of
 from mlet_dist.sweep.report import markdown, plot, summarize
 from mlet_dist.sweep.spec import (
@@ -28,15 +30,20 @@ from mlet_dist.sweep.spec import (
     SweepSpec,
     _point_name,
     best_recipes,
+    check_variants,
     config_key,
     frontier_count,
     frontier_runs,
     load_sweep,
     tune_runs,
 )
-from mlet_dist.utils.files import OutputLock, atomic_write_json
+from mlet_dist.utils.files import OutputLock, atomic_write_json, finite_json
 
 logger = logging.getLogger("mlet_dist.sweep")
+
+
+class SweepRunError(MletError, RuntimeError):
+    """One run of the sweep failed; the message names it, its last error line and its log."""
 
 
 def read_result(run: RunSpec) -> dict[str, Any] | None:
@@ -75,9 +82,12 @@ def execute(run: RunSpec, keep: bool = False) -> dict[str, Any]:
     for e in range(1, run.epochs + 1):
         cfg.train.epochs = e
         metrics = train(cfg, resume=True)
-        if "eval" not in metrics:
+        missing = [s for s in ("eval", "test") if s not in metrics]
+        if missing:
             raise ConfigError(
-                "the sweep needs an eval split: set data.eval_fraction > 0 or data.eval_files"
+                f"the sweep needs eval and test splits (it tunes on eval, reports test), this "
+                f"run has no {missing[0]} split: set data.eval_fraction > 0 (or data.eval_files) "
+                f"and data.test_fraction > 0, or preprocess them"
             )
         epochs.append({"epoch": e, **{s: metrics[s] for s in ("eval", "test") if s in metrics}})
         auc = metrics["eval"]["auc"]
@@ -103,7 +113,7 @@ def execute(run: RunSpec, keep: bool = False) -> dict[str, Any]:
         "optim": run.config["optim"],
     }
     tmp = run_dir / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
+    tmp.write_text(json.dumps(finite_json(result), indent=1, allow_nan=False))
     os.replace(tmp, run_dir / RESULT_FILE)
     return result
 
@@ -140,11 +150,17 @@ def run_all(
         if keep:
             cmd.append("--keep-runs")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        (run.run_dir.parent / f"{run.run_dir.name}.log").write_text(proc.stdout + proc.stderr)
+        log = run.run_dir.parent / f"{run.run_dir.name}.log"
+        log.write_text(proc.stdout + proc.stderr)
         done[0] += 1
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-            raise RuntimeError(f"sweep run {run.run_dir} failed: {tail[0]}")
+        if proc.returncode != 0 or read_result(run) is None:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [
+                f"exit code {proc.returncode}, no {RESULT_FILE}"
+            ]
+            raise SweepRunError(
+                f"sweep run {run.run_dir} failed: {tail[0][:300]} (its log: {log}); fix the "
+                f"cause and run the same command again (finished runs are kept)"
+            )
         r = read_result(run)
         elapsed = time.perf_counter() - t0
         eta = elapsed / done[0] * (len(todo) - done[0])  # the runs so far, `jobs` at a time
@@ -217,6 +233,16 @@ def sweep(
     """
     work = Path(work)
     _check_work_dir(work, cfg)
+    if not source_of(cfg.data).streamed:  # streamed shards have the splits preprocess wrote
+        if (
+            not (cfg.data.eval_files or cfg.data.eval_fraction > 0)
+            or not cfg.data.test_fraction > 0
+        ):
+            raise ConfigError(
+                "the sweep needs eval and test splits (it tunes on eval, reports test): set "
+                "data.eval_fraction > 0 (or data.eval_files) and data.test_fraction > 0"
+            )
+    check_variants(cfg, spec)
     # the same shard twice at once is refused; other shards (other jobs) run beside it
     with OutputLock(work, "sweep", "the sweep", part=f"shard-{shard[0]}-of-{shard[1]}"):
         return _sweep_into(work, cfg, spec, jobs, threads, keep, stage, shard, title)
@@ -276,7 +302,7 @@ def _sweep_into(
         logger.warning("partial report: %s", report["meta"]["partial"])
     n = _num_tables(cfg.data)
     title = title or f"mlet-dist sweep: {cfg.data.source} ({work.name})"
-    (work / "sweep.json").write_text(json.dumps(report, indent=1))
+    (work / "sweep.json").write_text(json.dumps(finite_json(report), indent=1, allow_nan=False))
     (work / "sweep.md").write_text(markdown(report, title, n))
     plot(report, work / "sweep.png", title, n)
     return report

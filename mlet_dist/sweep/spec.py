@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from mlet_dist.config import Config, ConfigError, apply_key, config_from_dict
+from mlet_dist.config import Config, ConfigError, apply_key, config_from_dict, validate
 
 RESULT_FILE = "result.json"
 RUN_SPEC_FILE = "sweep_run.json"
@@ -73,6 +73,8 @@ class SweepSpec:
             raise ConfigError(f"{origin}: inner_dims must be positive integers")
         if self.seeds < 1 or self.tune_seeds < 1 or self.epochs < 1:
             raise ConfigError(f"{origin}: seeds, tune_seeds and epochs must be at least 1")
+        if not self.epsilon >= 0:
+            raise ConfigError(f"{origin}: epsilon must be >= 0 (an AUC margin), got {self.epsilon}")
         if not self.baseline:
             raise ConfigError(f"{origin}: give at least one [[baseline]] recipe")
         if self.inner_dims and not self.mlet:
@@ -102,23 +104,49 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         if key not in hints:
             raise ConfigError(f"{path}: unknown key {key!r}; valid keys: {', '.join(hints)}")
         if key in ("baseline", "mlet"):
-            recipes = []
-            for i, table in enumerate(value):
-                unknown = set(table) - set(typing.get_type_hints(Recipe))
-                if unknown or "name" not in table:
-                    raise ConfigError(
-                        f"{path}: [[{key}]] #{i + 1}: needs 'name'; unknown keys {sorted(unknown)}"
-                        f" (valid: name, set, grid)"
-                    )
-                recipes.append(Recipe(**table))
-            value = recipes
-        elif hints[key] is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            value = [_recipe(path, key, i, t) for i, t in enumerate(_list(path, key, value))]
+        elif hints[key] is int and not _is_int(value):
             raise ConfigError(f"{path}: {key} = {value!r} must be an integer")
-        elif hints[key] is float and not isinstance(value, (int, float)):
+        elif hints[key] is float and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        ):
             raise ConfigError(f"{path}: {key} = {value!r} must be a number")
+        elif key in ("dims", "inner_dims") and not all(map(_is_int, _list(path, key, value))):
+            raise ConfigError(f"{path}: {key} = {value!r} must be a list of integers")
         setattr(spec, key, value)
     spec.check(str(path))
     return spec
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _list(path: Path, key: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        what = f"[[{key}]] tables" if key in ("baseline", "mlet") else "a list"
+        raise ConfigError(f"{path}: {key} must be {what}, got {value!r}")
+    return value
+
+
+def _recipe(path: Path, key: str, i: int, table: Any) -> Recipe:
+    """One ``[[baseline]]``/``[[mlet]]`` table as a Recipe, its keys and types checked."""
+    where = f"{path}: [[{key}]] #{i + 1}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table (name, set, grid), got {table!r}")
+    unknown = set(table) - set(typing.get_type_hints(Recipe))
+    if unknown or "name" not in table:
+        raise ConfigError(
+            f"{where}: needs 'name'; unknown keys {sorted(unknown)} (valid: name, set, grid)"
+        )
+    if not isinstance(table["name"], str):
+        raise ConfigError(f"{where}: name = {table['name']!r} must be a string")
+    if not isinstance(table.get("set", {}), dict):
+        raise ConfigError(f"{where}: set must be a table of section.key = value")
+    grid = table.get("grid", {})
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{where}: grid must be a table of section.key = [non-empty list]")
+    return Recipe(**table)
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -190,6 +218,10 @@ def variant_config(
         cfg.model.dense_arch_layer_sizes = [*cfg.model.dense_arch_layer_sizes[:-1], d]
     cfg.train.seed = base.train.seed + seed
     cfg.train.progress = False
+    try:  # refused here, before any run starts, rather than in the run
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{origin} (k = {k}, d = {d}, {_point_name(point)}): {e}") from None
     return cfg
 
 
@@ -207,6 +239,20 @@ def _sides(spec: SweepSpec, d: int) -> list[tuple[str, int, list[Recipe]]]:
     # k == d adds no width to train with: MLET(k, d) is swept for k > d only.
     sides += [("mlet", k, spec.mlet) for k in spec.inner_dims if k > d]
     return sides
+
+
+def check_variants(base: Config, spec: SweepSpec) -> None:
+    """Builds the config of every variant the sweep may train (each d, side, recipe and grid
+    point), so that a value the config refuses stops the sweep before any run starts.
+
+    Raises:
+        ConfigError: naming the recipe, k, d, the grid point and the key.
+    """
+    for d in sorted({*spec.dims, spec.tune_dim}):
+        for _, k, recipes in _sides(spec, d):
+            for recipe in recipes:
+                for point in _points(recipe):
+                    variant_config(base, k, d, recipe, point, 0)
 
 
 def tune_runs(base: Config, spec: SweepSpec, work: Path) -> list[RunSpec]:

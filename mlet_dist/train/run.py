@@ -23,9 +23,11 @@ from mlet_dist.context import RunContext
 from mlet_dist.data import Splits, load_splits
 from mlet_dist.data.vocab import (
     RUN_VOCAB_FILE,
-    check_resumed_vocabularies,
+    VOCAB_DIR,
+    check_shard_vocabularies,
     record_run_vocabularies,
 )
+from mlet_dist.distributed.planning import planner_errors
 from mlet_dist.quality import training_id_counts
 from mlet_dist.train.loop import Trainer, remove_stale_checkpoints
 from mlet_dist.train.metrics import log_evaluation
@@ -88,13 +90,14 @@ def train(run: Config | RunContext, resume: bool = True, fallback: bool = True) 
         if last is not None:  # before any write
             check_model_config(last, read_train_state(last)["config"], cfg, resume=True)
             plan = saved_plan(last, cfg.to_dict()["dist"], env.world_size, env.device.type)
-        trainer = Trainer(cfg, env, plan=plan, schema=ctx.schema)
+        with planner_errors(cfg, env):  # a layout the planner cannot place: plan's message
+            trainer = Trainer(cfg, env, plan=plan, schema=ctx.schema)
         if last is not None:
             trainer.load(last, verify=False)
         # ids = 'vocab' tables: the vocabularies the streamed shards were mapped with
         vocabs = ctx.source.vocabularies()
         if last is not None:
-            check_resumed_vocabularies(run_dir, vocabs)
+            check_shard_vocabularies(run_dir, vocabs, "resume")
 
         def start() -> None:  # every check passed: from here on the run directory is written
             if env.is_rank0:
@@ -143,6 +146,7 @@ RUN_FILES = (
     "loss_curve.jsonl",
     "summary.json",
     RUN_VOCAB_FILE,
+    VOCAB_DIR,
     "checkpoints",
 )
 

@@ -38,6 +38,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -233,8 +234,20 @@ def atomic_write_text(final: str | Path, text: str) -> None:
     atomic_write(final, lambda f: f.write(text.encode()))
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats as None: strict JSON has no NaN (an undefined metric is null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (dict, list, tuple)):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        out = {k: finite_json(v) for k, v in items}
+        return out if isinstance(obj, dict) else list(out.values())
+    return obj
+
+
 def atomic_write_json(final: str | Path, obj: Any) -> None:
-    atomic_write_text(final, json.dumps(obj, indent=1) + "\n")
+    """``obj`` as strict JSON (non-finite floats as ``null``: :func:`finite_json`), atomically."""
+    atomic_write_text(final, json.dumps(finite_json(obj), indent=1, allow_nan=False) + "\n")
 
 
 def _exchange(a: Path, b: Path) -> bool:

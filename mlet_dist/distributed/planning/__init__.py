@@ -26,6 +26,7 @@ from mlet_dist.distributed.planning.plan import (
     PlanTarget,
     make_plan,
     plan_target,
+    planner_errors,
 )
 from mlet_dist.distributed.planning.report import dry_run, plan_report, write_report
 from mlet_dist.distributed.planning.text import format_report
@@ -39,5 +40,6 @@ __all__ = [
     "make_plan",
     "plan_report",
     "plan_target",
+    "planner_errors",
     "write_report",
 ]

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -235,6 +236,18 @@ def make_plan(
         raise _no_plan_error(cfg, target, model, tables, stats, e) from e
     check_plan(plan, tables)
     return plan
+
+
+@contextmanager
+def planner_errors(cfg: Config, env: Any) -> Iterator[None]:
+    """Within: TorchRec's PlannerError (the tables cannot be placed on ``env``'s ranks) becomes
+    :func:`make_plan`'s PlanningError, the message of `mlet-dist plan` (the tables, memory needed
+    vs available, and a fix checked with the planner)."""
+    try:
+        yield
+    except PlannerError:
+        make_plan(cfg, env.world_size, env.device.type, local_world_size=env.local_world_size)
+        raise  # the dry run found a plan after all: the planner's own error
 
 
 def _run_planner(
