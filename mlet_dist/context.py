@@ -33,7 +33,7 @@ from mlet_dist.data.sources import DataSource, source_of
 from mlet_dist.distributed.elastic import check_agent_store
 from mlet_dist.distributed.parallelize import DistEnv, init_distributed
 from mlet_dist.schema import FeatureSchema, schema_of
-from mlet_dist.utils.files import hold_run
+from mlet_dist.utils.locks import hold_run
 
 __all__ = ["RunContext", "load_run_config"]
 
@@ -106,7 +106,7 @@ class RunContext:
         check: Callable[[], object] | None = None,
         output: str | Path | None = None,
     ) -> Iterator[RunContext]:
-        """Holds the run's lock for a job (collective; see :func:`mlet_dist.utils.files.hold_run`):
+        """Holds the run's lock for a job (collective; see :func:`mlet_dist.utils.locks.hold_run`):
         rank 0 runs ``check`` (the job's output checks) and takes the lock, shared for readers
         (`evaluate`, `collapse`) or exclusive for `train`, and the output lock of ``output`` (a
         directory the job writes: `collapse --out`); a refusal stops every rank at once."""

@@ -46,7 +46,8 @@ from mlet_dist.config import load_config
 from mlet_dist.data import ensure_source_data
 from mlet_dist.serving.manifest import MANIFEST, verify_manifest
 from mlet_dist.utils import files
-from mlet_dist.utils.files import FileLock, OutputLock, OutputLockedError, staging_dir
+from mlet_dist.utils.files import staging_dir
+from mlet_dist.utils.locks import FileLock, OutputLock, OutputLockedError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,7 @@ def schema_config(tmp_path: Path) -> tuple[Path, Path]:
 
 _HOLD = """
 import signal, sys, time
-from mlet_dist.utils.files import OutputLock
+from mlet_dist.utils.locks import OutputLock
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # released (and its file removed) on exit
 with OutputLock(sys.argv[1], sys.argv[2], part=sys.argv[3]):
     print("locked", flush=True)
@@ -346,7 +347,7 @@ def test_preprocess_generate_and_a_sweep_shard_are_locked_too(trained, tmp_path,
     data = tmp_path / "days"
     generate = ["generate", f"--data.dir={data}", "--synthetic.days=1", "--synthetic.rows_per_day=10"]  # fmt: skip
     work = tmp_path / "work"
-    sweep = ["sweep", "--config", str(trained["config"]), "--sweep", str(REPO / "configs/sweep/default.toml"), "--work", str(work), "--shard", "1/2"]  # fmt: skip
+    sweep = ["sweep", "--config", str(trained["config"]), "--sweep", str(REPO / "configs/sweep/default.toml"), "--work", str(work), "--shard", "1/2", "--data.eval_fraction=0.2", "--data.test_fraction=0.1"]  # fmt: skip
     cases = [(out, "", preprocess), (out, "", criteo), (data, "", generate), (work, "shard-1-of-2", sweep)]  # fmt: skip
     for target, part, argv in cases:
         with output_held(target, argv[0], part) as holder:

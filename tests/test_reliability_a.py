@@ -36,7 +36,7 @@ from dist_utils import run_ranks
 from mlet_dist import cli
 from mlet_dist.checkpoint import latest_checkpoint
 from mlet_dist.utils import files
-from mlet_dist.utils.files import RunLock, RunLockedError
+from mlet_dist.utils.locks import RunLock, RunLockedError
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [50] * 26
@@ -258,7 +258,7 @@ def test_generate_never_overwrites_day_files_it_did_not_write(tmp_path, capsys):
 
 _HOLD = """
 import sys, time
-from mlet_dist.utils.files import RunLock
+from mlet_dist.utils.locks import RunLock
 RunLock(sys.argv[1], "train", shared=sys.argv[2] == "shared").acquire()
 print("locked", flush=True)
 time.sleep(600)

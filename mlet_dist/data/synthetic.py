@@ -38,7 +38,8 @@ from mlet_dist.data.synthetic_teacher import (
     build_teacher,
     sample_rows,
 )
-from mlet_dist.utils.files import OutputLock, atomic_write, check_output
+from mlet_dist.utils.files import atomic_write, check_output
+from mlet_dist.utils.locks import OutputLock
 
 logger = logging.getLogger(__name__)
 

@@ -64,7 +64,8 @@ from mlet_dist.data.synthetic_teacher import (
     teacher_spectrum,
 )
 from mlet_dist.schema import FeatureSchema
-from mlet_dist.utils.files import OutputLock, atomic_write, check_output
+from mlet_dist.utils.files import atomic_write, check_output
+from mlet_dist.utils.locks import OutputLock
 
 logger = logging.getLogger(__name__)
 

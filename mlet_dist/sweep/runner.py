@@ -37,7 +37,8 @@ from mlet_dist.sweep.spec import (
     load_sweep,
     tune_runs,
 )
-from mlet_dist.utils.files import OutputLock, atomic_write_json, finite_json
+from mlet_dist.utils.files import atomic_write_json, finite_json
+from mlet_dist.utils.locks import OutputLock
 
 logger = logging.getLogger("mlet_dist.sweep")
 

@@ -48,7 +48,7 @@ Resumption: each part is written under a temporary name and renamed when complet
 statistics are saved before the rename), so after an interruption a re-run skips the finished
 parts and redoes the others from their start. A re-run with other settings is refused (the
 manifest records them). One preprocessing per output directory at a time: a second one is
-refused while the first holds the output lock (:class:`mlet_dist.utils.files.OutputLock`).
+refused while the first holds the output lock (:class:`mlet_dist.utils.locks.OutputLock`).
 
 Example::
 

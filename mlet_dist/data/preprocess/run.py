@@ -34,7 +34,8 @@ from mlet_dist.data.preprocess.schema import preprocess_schema
 from mlet_dist.data.preprocess.write import write_part
 from mlet_dist.data.sources import source_of
 from mlet_dist.schema import FeatureSchema
-from mlet_dist.utils.files import OutputLock, atomic_write_json, check_output
+from mlet_dist.utils.files import atomic_write_json, check_output
+from mlet_dist.utils.locks import OutputLock
 
 logger = logging.getLogger(__name__)
 

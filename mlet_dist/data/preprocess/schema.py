@@ -45,7 +45,6 @@ from mlet_dist.data.sources import DataSource, source_of
 from mlet_dist.data.vocab import Vocabulary, VocabularyCounter, write_vocabularies
 from mlet_dist.schema import FeatureSchema
 from mlet_dist.utils.files import (
-    OutputLock,
     atomic_write_json,
     check_output,
     remove_path,
@@ -53,6 +52,7 @@ from mlet_dist.utils.files import (
     staging_dir,
     writing,
 )
+from mlet_dist.utils.locks import OutputLock
 
 __all__ = ["CHUNK_ROWS", "preprocess_schema"]
 

@@ -42,7 +42,7 @@ from mlet_dist.data.sources.base import (
 from mlet_dist.data.synthetic import generate_synthetic
 from mlet_dist.data.synthetic_schema import generate_schema_synthetic
 from mlet_dist.schema import FeatureSchema, schema_of
-from mlet_dist.utils.files import OutputLock, OutputLockedError
+from mlet_dist.utils.locks import OutputLock, OutputLockedError
 
 logger = logging.getLogger(__name__)
 
