@@ -5,7 +5,7 @@
 #
 # Why not a plain `pip install -e .`: torchrec's metadata requires the CUDA `fbgemm-gpu`, so pip
 # would pull 2.7 GB of CUDA wheels over the CPU kernels and break the import on CPU machines
-# (see README "Installation"). torchrec and fbgemm are therefore installed without dependencies,
+# (see docs/operations.md#installation). torchrec and fbgemm are therefore installed without dependencies,
 # followed by torchrec's real needs.
 #
 # Environment:
@@ -35,7 +35,7 @@ fi
 # (cp310-cp312 manylinux_2_28 wheels, ~495 MB, 2.8 GB unpacked) is built for the same CUDA 13 (it
 # links libcudart.so.13): both from PyPI, they match. CUDA 13 needs an NVIDIA driver >= 580. A
 # CPU-only torch (a local "+cpu" wheel or index shadowing PyPI) cannot load the CUDA fbgemm-gpu:
-# that is refused below before fbgemm is installed. (Resolved and inspected 2026-11-30; see README.)
+# that is refused below before fbgemm is installed. (Resolved and inspected 2026-11-30; see docs/operations.md#installation.)
 case "$MLET_DEVICE" in
   cpu) FBGEMM_PKG="fbgemm-gpu-cpu==$FBGEMM_VERSION" ;;
   cuda) FBGEMM_PKG="fbgemm-gpu==$FBGEMM_VERSION" ;;

@@ -1,7 +1,7 @@
 """The feature schema: which dense and categorical features a model reads, and its tables.
 
 A config either declares a schema (``[[data.dense]]``, ``[[data.sparse]]``, ``[[data.tables]]``,
-``data.label``; README "Your own data") or declares none, which is the Criteo preset: 13 dense
+``data.label``; docs/own-data.md) or declares none, which is the Criteo preset: 13 dense
 features ``int_0..int_12`` (log1p) and 26 single-id features ``cat_0..cat_25``, each with its own
 table ``t_cat_j`` of ``data.num_embeddings_per_feature[j]`` rows. :func:`schema_of` resolves a
 ``[data]`` section into a validated :class:`FeatureSchema`; every part of the package that shapes

@@ -2,7 +2,7 @@
 ``mlet_dist`` and ``benchmarks``) hold, and they catch a forbidden import and an import circle
 when one is added, in the package and in the benchmarks; the test modules and launch/ (no
 packages: they import each other by name) have no import circle either; no module grows past
-the size a reader can hold (README "Layout")."""
+the size a reader can hold (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -287,7 +287,7 @@ def test_crafted_plan_pt_is_refused(base, tmp_path):
     torch.save(Evil(), ckpt / "plan.pt")
     with pytest.raises(CheckpointError, match=r"plan.pt refers to posix.system") as e:
         train(config(run, base["data"], "--train.max_steps=6"))
-    assert "README 'Trust'" in str(e.value) and "\n" not in str(e.value)
+    assert "docs/operations.md#trust" in str(e.value) and "\n" not in str(e.value)
     assert not MARKER.exists()
 
 

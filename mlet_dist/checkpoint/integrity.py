@@ -3,7 +3,7 @@
 CRC-32 (zlib, stdlib) rather than sha256: it only has to catch accidental damage (a flipped bit,
 a truncated or half-copied file; all bursts up to 32 bits and any other change with probability
 1 - 2**-32), not tampering (whoever can change a shard can rewrite integrity.json too; see
-README "Trust"). It runs at ~1.5 GB/s per core here vs ~0.5 GB/s for hashlib's sha256, and the
+docs/operations.md#trust). It runs at ~1.5 GB/s per core here vs ~0.5 GB/s for hashlib's sha256, and the
 files are split among the ranks, so checking a checkpoint costs about one read of 1/world_size
 of it per rank.
 """

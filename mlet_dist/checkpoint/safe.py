@@ -71,13 +71,13 @@ class RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         raise CheckpointError(
             f"{self.source} refers to {module}.{name}, which {self.what} never holds: refused to "
-            f"load it (a crafted or foreign file could run code this way; see README 'Trust')"
+            f"load it (a crafted or foreign file could run code this way; see docs/operations.md#trust)"
         )
 
     def persistent_load(self, pid: Any) -> Any:
         raise CheckpointError(
             f"{self.source} refers to external data ({str(pid)[:40]}), which {self.what} never "
-            f"holds: refused to load it (see README 'Trust')"
+            f"holds: refused to load it (see docs/operations.md#trust)"
         )
 
 
@@ -125,7 +125,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                 f"the checkpoint value {read_item.dest_index.fqn} needs "
                 f"{found.group(1) if found else 'classes'} that torch.load(weights_only=True) "
                 f"refuses: refused to load it (a crafted or foreign file could run code this way; "
-                f"see README 'Trust')"
+                f"see docs/operations.md#trust)"
             ) from None
         value.seek(0)
         super().load_bytes(read_item, value)  # loads the same, checked bytes

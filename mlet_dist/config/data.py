@@ -63,7 +63,7 @@ class DataConfig:
     prefetch_batches: int = 4
     """Parquet loader: batches prepared ahead by its background thread (0 = no thread)."""
     dense: list[DenseFeatureConfig] = field(default_factory=list)
-    """Declared schema: the dense features, in model input order (README "Your own data"). With no `sparse` declared, the schema is Criteo's (13 dense + 26 single ids, `num_embeddings_per_feature`)."""
+    """Declared schema: the dense features, in model input order (docs/own-data.md). With no `sparse` declared, the schema is Criteo's (13 dense + 26 single ids, `num_embeddings_per_feature`)."""
     sparse: list[SparseFeatureConfig] = field(default_factory=list)
     """Declared schema: the categorical features (KJT keys), in model order. Non-empty = a declared schema (`num_embeddings_per_feature` is then unused)."""
     tables: list[TableConfig] = field(default_factory=list)
@@ -71,7 +71,7 @@ class DataConfig:
     label: str = "label"
     """Declared schema: the label column (0/1, or bool)."""
     weight: str = ""
-    """Declared schema: a column of non-negative sample weights (numbers, no missing value) that weight each row's loss (mean over the batch of weight x log loss) and the evaluation metrics (README "Your own data"); not a model input. Empty = unweighted."""
+    """Declared schema: a column of non-negative sample weights (numbers, no missing value) that weight each row's loss (mean over the batch of weight x log loss) and the evaluation metrics (docs/own-data.md); not a model input. Empty = unweighted."""
     csv_columns: list[str] = field(default_factory=list)
     """source = 'files': the column names of CSV/TSV files without a header line (empty = the first line is the header)."""
 
@@ -131,6 +131,6 @@ def check_weight(data: DataConfig) -> None:
     """Refuses ``data.weight`` without a declared schema (the Criteo preset has no weights)."""
     if data.weight and not data.sparse:
         raise ConfigError(
-            f"data.weight = {data.weight!r} needs a declared schema ([[data.sparse]], README "
-            f'"Your own data"): the Criteo preset has no weight column; remove data.weight'
+            f"data.weight = {data.weight!r} needs a declared schema ([[data.sparse]], docs/own-data.md"
+            f"): the Criteo preset has no weight column; remove data.weight"
         )

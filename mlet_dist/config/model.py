@@ -21,7 +21,7 @@ class ModelConfig:
     pooling: Literal["sum", "mean"] = "sum"
     """Pooling of each bag: 'sum' or 'mean'."""
     projection_init: Literal["normal", "xavier", "orthogonal"] = "orthogonal"
-    """Init of W2 (k × d): 'orthogonal' (orthonormal columns: with optim.w1_lr_scaling the collapsed table then trains exactly like a plain one, README "When does MLET pay off?"), 'normal' (std = projection_init_std) or 'xavier'."""
+    """Init of W2 (k × d): 'orthogonal' (orthonormal columns: with optim.w1_lr_scaling the collapsed table then trains exactly like a plain one, docs/results.md#the-recommended-recipe-the-default-and-why), 'normal' (std = projection_init_std) or 'xavier'."""
     projection_init_std: float = 0.0
     """Std of the 'normal' W2 init; 0 means 1/sqrt(k) (keeps the row norm of W1 @ W2 like W1's)."""
     interaction: Literal["dot", "dcn"] = "dot"
@@ -35,7 +35,7 @@ class ModelConfig:
     dcn_low_rank_dim: int = 32
     """Low-rank dimension of the DCN cross layers."""
     w1_dtype: Literal["fp32", "fp16"] = "fp32"
-    """Storage of the trained tables: W1 of every factorized table and the table itself when k = 0 (a single-layer table is the W1 of its model): 'fp32' or 'fp16' (TorchRec `data_type`, half the W1 bytes; the fused optimizer state stays fp32, W2, the MLPs and the collapsed (served) tables stay fp32; quality: README "fp16 W1"). A checkpoint resumes only under the w1_dtype it was written with."""
+    """Storage of the trained tables: W1 of every factorized table and the table itself when k = 0 (a single-layer table is the W1 of its model): 'fp32' or 'fp16' (TorchRec `data_type`, half the W1 bytes; the fused optimizer state stays fp32, W2, the MLPs and the collapsed (served) tables stay fp32; quality: docs/results.md#fp16-w1). A checkpoint resumes only under the w1_dtype it was written with."""
 
     def check(self) -> None:
         """Checks of this section alone."""

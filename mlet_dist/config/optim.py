@@ -16,7 +16,7 @@ class OptimConfig:
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     """W1 optimizer: 'rowwise_adagrad', 'adagrad', 'sgd' (fbgemm fused) or 'adam' (GPU only)."""
     embedding_lr: float = 0.1
-    """Learning rate of single-layer tables, and of W1 (times sqrt(d / k) under w1_lr_scaling). 0.1: the tuned optimum of row-wise Adagrad on the synthetic teacher and MovieLens (README "When does MLET pay off?")."""
+    """Learning rate of single-layer tables, and of W1 (times sqrt(d / k) under w1_lr_scaling). 0.1: the tuned optimum of row-wise Adagrad on the synthetic teacher and MovieLens (docs/results.md#the-recommended-recipe-the-default-and-why)."""
     dense_optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
     """Optimizer of W2 and the MLPs: 'adagrad', 'adam' or 'sgd'."""
     dense_lr: float = 0.05
@@ -24,7 +24,7 @@ class OptimConfig:
     projection_lr: float = 0.02
     """Learning rate of W2; 0 means the same as dense_lr."""
     w1_lr_scaling: Literal["none", "sqrt_d_over_k", "auto"] = "auto"
-    """'sqrt_d_over_k': W1 of MLET(k, d) trains with embedding_lr * sqrt(d / k). With row-wise Adagrad and W2 of orthonormal columns (model.projection_init = 'orthogonal') a W1 step then moves the collapsed rows W1 @ W2 exactly as far as a plain d-dim table's step at embedding_lr (README "When does MLET pay off?"), so one tuned embedding_lr serves both and MLET differs from the plain table only by what W2 learns. Needs one k for every table. 'auto': the same when every table is factorized with one k, else 'none'. 'none': embedding_lr as it is (W1's steps then move the collapsed table about sqrt(k / d) times further than a plain table's)."""
+    """'sqrt_d_over_k': W1 of MLET(k, d) trains with embedding_lr * sqrt(d / k). With row-wise Adagrad and W2 of orthonormal columns (model.projection_init = 'orthogonal') a W1 step then moves the collapsed rows W1 @ W2 exactly as far as a plain d-dim table's step at embedding_lr (docs/results.md#the-recommended-recipe-the-default-and-why), so one tuned embedding_lr serves both and MLET differs from the plain table only by what W2 learns. Needs one k for every table. 'auto': the same when every table is factorized with one k, else 'none'. 'none': embedding_lr as it is (W1's steps then move the collapsed table about sqrt(k / d) times further than a plain table's)."""
     eps: float = 1e-8
     """Epsilon of the Adagrad/Adam optimizers."""
     warmup_steps: int = 0

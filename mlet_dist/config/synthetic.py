@@ -10,7 +10,7 @@ from mlet_dist.config.error import ConfigError, check_number
 
 @dataclass
 class SyntheticConfig:
-    """Synthetic data drawn from a hidden low-rank 'teacher': Criteo-format day files, or Parquet files in a declared schema's columns (README "Your own data")."""
+    """Synthetic data drawn from a hidden low-rank 'teacher': Criteo-format day files, or Parquet files in a declared schema's columns (docs/own-data.md)."""
 
     days: int = 2
     """Number of files written: day files day_0 … day_{days-1}, or with a declared schema part-00000.parquet …"""

@@ -1,7 +1,7 @@
 """Synthetic data in a declared schema's columns, labelled by a hidden low-rank teacher.
 
-``mlet-dist generate`` with a config that declares features (``[[data.sparse]]``, README "Your
-own data") writes ``synthetic.days`` Parquet files ``part-00000.parquet``, ... of
+``mlet-dist generate`` with a config that declares features (``[[data.sparse]]``, docs/own-data.md)
+writes ``synthetic.days`` Parquet files ``part-00000.parquet``, ... of
 ``synthetic.rows_per_day`` rows each into ``data.dir``, plus ``synthetic_meta.json`` (the config,
 the schema, the files; :func:`generated_files` reads the file list back). The files hold exactly
 the columns the schema reads (:mod:`mlet_dist.data.columns`), so ``data.source = 'synthetic'``

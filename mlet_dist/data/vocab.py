@@ -1,4 +1,4 @@
-"""Vocabularies of the ``ids = 'vocab'`` tables of a declared schema (README "Your own data").
+"""Vocabularies of the ``ids = 'vocab'`` tables of a declared schema (docs/own-data.md).
 
 ``mlet-dist preprocess`` builds one vocabulary per such table from the *training* split: the raw
 values (strings or ints) of all the table's features, every id of a multi-hot bag (after the cut

@@ -351,7 +351,7 @@ def check_agent_store(timeout_s: float = 60.0) -> None:
             f"this worker was restarted (attempt {os.environ.get('TORCHELASTIC_RESTART_COUNT')}) "
             f"on the TCPStore that torchrun shares across restarts, which still holds the previous "
             f"attempt's keys: the process group would hang. Set {STORE_RESTART_FIX}=1 in the "
-            f"environment of torchrun (README 'Run on a cluster'); the TorchX components do"
+            f"environment of torchrun (docs/operations.md#run-on-a-cluster); the TorchX components do"
         )
 
 

@@ -81,7 +81,7 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
             if world_size != 1:
                 raise ConfigError(
                     f"WORLD_SIZE={world_size} but no MASTER_ADDR: launch multi-rank jobs with "
-                    f"torchrun or torchx (see README 'Run on a cluster')"
+                    f"torchrun or torchx (see docs/operations.md#run-on-a-cluster)"
                 )
             dist.init_process_group(
                 backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout

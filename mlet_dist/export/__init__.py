@@ -12,7 +12,7 @@ groups, the quantized serving rows). No rank allocates a whole table unless it o
 program; optionally an AOTInductor package and TorchScript), writes the manifest and swaps the
 result in atomically.
 
-Output directory (README "Serving contract")::
+Output directory (docs/serving.md)::
 
     OUT/manifest.json        tables, files with sha256, source run and config, library versions
     OUT/config.json          the served config (model.inner_dim = 0): the collapsed architecture

@@ -2,7 +2,7 @@
 AOTInductor, TorchScript), the manifest, scoring arrays of rows. The served table formats are
 :mod:`mlet_dist.modules.quantize` (its public names are re-exported here).
 
-See README "Serving contract" for what a serving directory holds.
+See docs/serving.md for what a serving directory holds.
 
 Importing this package does not import torch (the command line reads the artifact registry for its
 flags): the table-format names are imported from :mod:`mlet_dist.modules.quantize` on first use.

@@ -267,5 +267,5 @@ class FilesSource(_Columns):
     ) -> CriteoArrays:
         raise ConfigError(
             "data.source = 'files' reads named columns through a declared schema: declare the "
-            'features ([[data.sparse]], README "Your own data")'
+            "features ([[data.sparse]], docs/own-data.md)"
         )
