@@ -111,7 +111,7 @@ def to_batch(arrays: CriteoArrays) -> Batch:
     )
 
 
-def _to_batch(arrays: CriteoArrays, rows: np.ndarray) -> Batch:
+def _batch_of_rows(arrays: CriteoArrays, rows: np.ndarray) -> Batch:
     if not isinstance(arrays, CriteoArrays):  # FeatureRows of a declared schema
         return arrays.take(rows).to_batch()
     return to_batch(CriteoArrays(arrays.labels[rows], arrays.dense[rows], arrays.sparse[rows]))
@@ -193,7 +193,7 @@ def _iter_batches(
         # Full batches: `local` rows per rank; the tail: an equal share per rank.
         share = min(local, (n - start) // world_size)
         begin = start + rank * share
-        yield _to_batch(arrays, order[begin : begin + share])
+        yield _batch_of_rows(arrays, order[begin : begin + share])
 
 
 @runtime_checkable

@@ -180,9 +180,9 @@ class Batcher:
                     break
                 batch.append(item)
                 rows += item.rows
-            self._score(batch)
+            self._score_batch(batch)
 
-    def _score(self, batch: list[_Pending]) -> None:
+    def _score_batch(self, batch: list[_Pending]) -> None:
         try:
             inputs = merge_inputs([p.inputs for p in batch], self.num_features)
             out = self._call(inputs)
@@ -257,7 +257,7 @@ def make_app(
     return app
 
 
-async def _serve(app: web.Application, options: ServeOptions) -> None:
+async def _listen_until_stopped(app: web.Application, options: ServeOptions) -> None:
     runner = web.AppRunner(app, shutdown_timeout=options.shutdown_timeout, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.port)
@@ -304,4 +304,4 @@ def serve(
         manifest["predictor_used"],
         time.perf_counter() - started,
     )
-    asyncio.run(_serve(make_app(predictor, manifest, decode, options), options))
+    asyncio.run(_listen_until_stopped(make_app(predictor, manifest, decode, options), options))

@@ -33,7 +33,7 @@ from mlet_dist.checkpoint import (
     verify_checkpoint,
 )
 from mlet_dist.config import Config, ConfigError
-from mlet_dist.data import CriteoArrays, build_batch_source
+from mlet_dist.data import BatchSource, CriteoArrays, build_batch_source
 from mlet_dist.distributed.elastic import TrainingGuard
 from mlet_dist.distributed.parallelize import DistEnv, build_sharded_model
 from mlet_dist.distributed.shards import plan_layout
@@ -183,26 +183,7 @@ class Trainer:
                 steps.
         """
         cfg, env = self.cfg, self.env
-        source = build_batch_source(
-            cfg.data,
-            "train",
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=cfg.train.seed,
-            arrays=train,
-            device=env.device,
-            schema=self.schema,
-        )
-        per_epoch = source.num_batches()
-        if per_epoch == 0:
-            raise ConfigError(
-                f"the training split has fewer rows than one batch (data.batch_size = "
-                f"{cfg.data.batch_size}): lower the batch size or add data"
-            )
-        total = per_epoch * cfg.train.epochs
-        limit = f"train.epochs = {cfg.train.epochs} of {per_epoch} steps"
-        if cfg.train.max_steps and cfg.train.max_steps < total:
-            total, limit = cfg.train.max_steps, f"train.max_steps = {cfg.train.max_steps}"
+        source, per_epoch, total, limit = self._training_batches(train)
         if self.step >= total:  # a finished run resumed: nothing is written, not even config.json
             logger.warning(
                 "run %s is already complete at step %d (%s); nothing to train: raise "
@@ -307,7 +288,7 @@ class Trainer:
         bar.close()
         guard.close()
         seconds = time.perf_counter() - t0
-        out = {
+        return {
             "steps": self.step,
             "steps_this_run": self.step - start_step,
             "samples_per_rank": seen,
@@ -316,10 +297,33 @@ class Trainer:
             "loss_curve": losses,
             "pipeline": cfg.train.pipeline,
             "pipelined_modules": pipelined or 0,
+            **({"validation": validations} if validations else {}),
         }
-        if validations:
-            out["validation"] = validations
-        return out
+
+    def _training_batches(self, train: CriteoArrays | None) -> tuple[BatchSource, int, int, str]:
+        """(the training split's batch source, steps per epoch, the last step, what limits it)."""
+        cfg, env = self.cfg, self.env
+        source = build_batch_source(
+            cfg.data,
+            "train",
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=cfg.train.seed,
+            arrays=train,
+            device=env.device,
+            schema=self.schema,
+        )
+        per_epoch = source.num_batches()
+        if per_epoch == 0:
+            raise ConfigError(
+                f"the training split has fewer rows than one batch (data.batch_size = "
+                f"{cfg.data.batch_size}): lower the batch size or add data"
+            )
+        total = per_epoch * cfg.train.epochs
+        limit = f"train.epochs = {cfg.train.epochs} of {per_epoch} steps"
+        if cfg.train.max_steps and cfg.train.max_steps < total:
+            total, limit = cfg.train.max_steps, f"train.max_steps = {cfg.train.max_steps}"
+        return source, per_epoch, total, limit
 
     def _diverged(
         self, loss: torch.Tensor | None, step: int, rank: int, bar: Any, guard: TrainingGuard
