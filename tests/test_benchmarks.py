@@ -179,16 +179,16 @@ def test_serving_suite_files_and_keys(quick_run: Path) -> None:
     }
     # the default serving path: what --predictor auto loads among those built (quick: fp32 has
     # no AOTInductor package, so the portable program), and its speeds are the table's ratios
-    default = {d["dtype"]: d for d in res["default_path"]}
+    default = {dp["dtype"]: dp for dp in res["default_path"]}
     assert default["fp32"]["predictor"] == "export"
     assert default["int8"]["predictor"] == (
         "aoti" if by["int8", "aoti"]["status"] == "ok" else "export"
     )
-    for d in default.values():
-        r, ts = by[d["dtype"], d["predictor"]], by[d["dtype"], "torchscript"]
-        assert d["speedup_latency_b1"] == ts["latency_ms"]["median"] / r["latency_ms"]["median"]
-        assert d["meets_targets"] == (
-            d["speedup_latency_b1"] >= 1 / 1.2 and d["speedup_throughput_4096"] >= 1.0
+    for dp in default.values():
+        r, ts = by[dp["dtype"], dp["predictor"]], by[dp["dtype"], "torchscript"]
+        assert dp["speedup_latency_b1"] == ts["latency_ms"]["median"] / r["latency_ms"]["median"]
+        assert dp["meets_targets"] == (
+            dp["speedup_latency_b1"] >= 1 / 1.2 and dp["speedup_throughput_4096"] >= 1.0
         )
     # memory that follows from the config: bytes per row of each format; fbgemm's TBE pads rows
     # to 16 bytes (int8: d + 4 = 20 -> 32)

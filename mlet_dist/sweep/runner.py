@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from mlet_dist.config import Config, ConfigError, DataConfig, config_from_dict, load_config
-from mlet_dist.data.sources import source_of
 from mlet_dist.errors import MletError
 from mlet_dist.schema import schema_of
 from mlet_dist.sweep.report import markdown, plot, summarize
@@ -234,6 +233,10 @@ def sweep(
     """
     work = Path(work)
     _check_work_dir(work, cfg)
+    # (imported here: the command line reads this module's options, and `--help` must not wait
+    # for torch, which the data sources import)
+    from mlet_dist.data.sources import source_of
+
     if not source_of(cfg.data).streamed:  # streamed shards have the splits preprocess wrote
         if (
             not (cfg.data.eval_files or cfg.data.eval_fraction > 0)
