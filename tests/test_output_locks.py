@@ -32,13 +32,17 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_reliability_a import SIZES, STEP, hold_lock, one_error_line, write_criteo_tsv
+from test_reliability_a import (
+    STEP,
+    hold_lock,
+    one_error_line,
+    tiny_collapsed_run,
+)
 from test_schema import SCHEMA_TOML, write_rows
 
 from mlet_dist import cli
@@ -77,34 +81,7 @@ def listed_files(serving: Path) -> set[str]:
 def trained(tmp_path_factory):
     """A 4-step MLET run (Criteo TSV), its config file, held-out rows and its collapse; never
     modified (tests copy what they change)."""
-    tmp = tmp_path_factory.mktemp("outputs")
-    data = write_criteo_tsv(tmp / "train.tsv", 256, seed=0)
-    held = write_criteo_tsv(tmp / "held.tsv", 20, seed=1)
-    config = tmp / "tiny.toml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            [data]
-            source = "criteo"
-            train_files = ["{data}"]
-            eval_fraction = 0.0
-            num_embeddings_per_feature = {SIZES}
-            batch_size = 32
-            [model]
-            embedding_dim = 8
-            inner_dim = 16
-            dense_arch_layer_sizes = [8, 8]
-            over_arch_layer_sizes = [8, 1]
-            [train]
-            max_steps = 4
-            progress = false
-            run_dir = "{tmp / "run"}"
-            """
-        )
-    )
-    assert cli.main(["train", "--config", str(config)]) == 0
-    assert cli.main(["collapse", "--run", str(tmp / "run"), "--out", str(tmp / "served")]) == 0
-    return {"run": tmp / "run", "served": tmp / "served", "config": config, "held": held}
+    return tiny_collapsed_run(tmp_path_factory.mktemp("outputs"), 256, 20, 16, [8, 8], [8, 1])
 
 
 def copy_of(trained, tmp_path: Path, what: str) -> Path:

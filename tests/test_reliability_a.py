@@ -73,13 +73,13 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 4-step MLET run, its config file, held-out rows and its collapse (never modified: tests
-    that change a run work on a copy)."""
-    tmp = tmp_path_factory.mktemp("reliability")
-    data = write_criteo_tsv(tmp / "train.tsv", 384, seed=0)
-    held = write_criteo_tsv(tmp / "held.tsv", 100, seed=1)
+def tiny_collapsed_run(
+    tmp: Path, rows: int, held_rows: int, inner_dim: int, dense: list[int], over: list[int]
+) -> dict[str, Path]:
+    """Trains a 4-step MLET run on Criteo TSV rows in ``tmp`` and collapses it into
+    ``tmp/served``: its config file, run, data and held-out rows."""
+    data = write_criteo_tsv(tmp / "train.tsv", rows, seed=0)
+    held = write_criteo_tsv(tmp / "held.tsv", held_rows, seed=1)
     config = tmp / "tiny.toml"
     config.write_text(
         textwrap.dedent(
@@ -92,9 +92,9 @@ def trained(tmp_path_factory):
             batch_size = 32
             [model]
             embedding_dim = 8
-            inner_dim = 32
-            dense_arch_layer_sizes = [16, 8]
-            over_arch_layer_sizes = [16, 1]
+            inner_dim = {inner_dim}
+            dense_arch_layer_sizes = {dense}
+            over_arch_layer_sizes = {over}
             [train]
             max_steps = 4
             progress = false
@@ -104,7 +104,21 @@ def trained(tmp_path_factory):
     )
     assert cli.main(["train", "--config", str(config)]) == 0
     assert cli.main(["collapse", "--run", str(tmp / "run"), "--out", str(tmp / "served")]) == 0
-    return {"tmp": tmp, "config": config, "run": tmp / "run", "held": held, "data": data}
+    return {
+        "config": config,
+        "run": tmp / "run",
+        "served": tmp / "served",
+        "held": held,
+        "data": data,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step MLET run, its config file, held-out rows and its collapse (never modified: tests
+    that change a run work on a copy)."""
+    tmp = tmp_path_factory.mktemp("reliability")
+    return {"tmp": tmp, **tiny_collapsed_run(tmp, 384, 100, 32, [16, 8], [16, 1])}
 
 
 def copy_run(trained, dest: Path) -> Path:
