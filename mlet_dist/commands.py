@@ -407,7 +407,7 @@ COMMANDS: tuple[Command, ...] = (
         _train_args,
         _train,
         epilog="during training: --train.tensorboard=true (scalars in RUN/tb/, with the "
-        "RecMetrics training AUC every 100 steps and the final eval AUC; view them with "
+        "RecMetrics training AUC every 500 steps and the final eval AUC; view them with "
         "`tensorboard --logdir runs/`), --train.metrics_every=N (TorchRec RecMetrics every N "
         "steps), --train.eval_every=N (validation every N steps)",
     ),

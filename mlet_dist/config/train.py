@@ -31,11 +31,11 @@ class TrainConfig:
     sync_every: int = 10
     """Ranks agree on stop/NaN flags every N steps (and before every save and logged loss)."""
     metrics_every: int = 0
-    """Compute and log TorchRec RecMetrics (AUC, NE, calibration, throughput) every N steps; 0 = every 100 steps when `tensorboard` is on, else off; -1 = off."""
+    """Compute and log TorchRec RecMetrics (AUC, NE, calibration, throughput) every N steps; 0 = every 500 steps when `tensorboard` is on, else off; -1 = off."""
     eval_every: int = 0
     """Evaluate on the eval split every N steps during training (0 = only at the end; that evaluation also goes to TensorBoard)."""
     tensorboard: bool = False
-    """Write TensorBoard scalars to RUN/tb/ (rank 0; `tensorboard --logdir runs/`), with the RecMetrics training-window AUC (every 100 steps unless `metrics_every` says otherwise) and the final eval AUC."""
+    """Write TensorBoard scalars to RUN/tb/ (rank 0; `tensorboard --logdir runs/`), with the RecMetrics training-window AUC (every 500 steps unless `metrics_every` says otherwise) and the final eval AUC."""
 
     def check(self) -> None:
         """Checks of this section alone."""

@@ -10,7 +10,9 @@
   steps are kept and handed over in one update before each computation: TorchRec's update costs
   ~0.6 ms of Python per call whatever its rows (~9% of synthetic_small's 7 ms step on one CPU
   thread); fed once per 100 steps, RecMetrics cost ~0.09 ms a step, computations included
-  (``python -m benchmarks.recmetrics_bench``); TensorBoard with them costs ~3% of that step
+  (``python -m benchmarks.recmetrics_bench``). With ``train.tensorboard`` alone they run every
+  :data:`AUTO_METRICS_EVERY` = 500 steps: measured alone on 2 cores, every 100 steps cost 6% of
+  the samples/s (1.07x CPU time), every 500 steps 1% (0.98x CPU time; +175 MiB peak RSS)
   (benchmarks/results/train_cpu2_2026-12-04_metrics.md).
 - **Validation** (``train.eval_every = N``): the eval split's metrics (AUC, NE, log loss, and
   per id-frequency bucket) every N steps, by :func:`mlet_dist.train.evaluation.evaluate`
@@ -52,7 +54,7 @@ TASK = RecTaskInfo(
     name="ctr", label_name="label", prediction_name="prediction", weight_name="weight"
 )
 
-AUTO_METRICS_EVERY = 100
+AUTO_METRICS_EVERY = 500
 """RecMetrics cadence of a run with ``train.tensorboard = true`` and ``train.metrics_every = 0``.
 Measured: benchmarks/results/train_cpu2_2026-12-04_metrics.md (TensorBoard with these RecMetrics
 vs neither: ~3% of the step of synthetic_small's model at batch 256 on a shared 2-core CPU)."""
