@@ -453,6 +453,16 @@ def local_tensor_bytes(value: Any) -> int:
 # -- machine and versions ----------------------------------------------------------------------
 
 
+def git_output(*args: str, default: str = "") -> str:
+    """``git ARGS`` in this checkout, stripped; ``default`` where git fails or is absent."""
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return default
+
+
 def machine_info() -> dict[str, Any]:
     """Cores, CPU model, memory and GPUs of this machine."""
     import torch

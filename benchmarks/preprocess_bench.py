@@ -32,7 +32,6 @@ import logging
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
+    git_output,
     hardware_tag,
     library_versions,
     machine_info,
@@ -55,23 +55,14 @@ RESULTS_DIR = REPO / "benchmarks" / "results"  # the default of benchmarks.run t
 TRAIN_CONFIG = REPO / "configs" / "synthetic_small.toml"
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def _versions() -> dict[str, Any]:
     import pyarrow
 
     return {
         **library_versions(),
         "pyarrow": pyarrow.__version__,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": git_output("rev-parse", "HEAD"),
+        "git_dirty": bool(git_output("status", "--porcelain", "--untracked-files=no")),
     }
 
 

@@ -67,7 +67,6 @@ import os
 import pkgutil
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -76,6 +75,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
+
+from benchmarks.common import git_output, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "synthetic_small.toml"
@@ -585,38 +586,22 @@ def static_counts(package_dir: Path, names: Iterable[str] = REDERIVATIONS) -> St
 # -- the report ----------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info = machine_info()
     versions = {"python": platform.python_version()}
     for dist in ("torch", "torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             pass
-    dirty = _git("status", "--porcelain", "--", "mlet_dist")
+    dirty = git_output("status", "--porcelain", "--", "mlet_dist", default="?")
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _git("rev-parse", "--short", "HEAD")
+        "commit": git_output("rev-parse", "--short", "HEAD", default="?")
         + (" (mlet_dist/ modified)" if dirty else ""),
-        "package_commit": _git("log", "-1", "--format=%h", "--", "mlet_dist"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        "package_commit": git_output("log", "-1", "--format=%h", "--", "mlet_dist", default="?"),
+        "cpu": info["cpu_model"] or "?",
+        "cores": info["cores"],
         "platform": platform.platform(),
         "versions": versions,
     }
