@@ -293,8 +293,8 @@ def test_sweep_knows_its_total_up_front(tmp_path):
     cfg = load_config("configs/synthetic_small.toml", [])
     for extra in ({}, {"seeds": 2, "dims": [4, 64, 128], "inner_dims": [16, 64]}):
         spec = load_sweep("configs/sweep/default.toml", extra)
-        best = {0: (spec.baseline[0].name, {}, 0.5)}  # every side has a winning recipe
-        best |= {k: (spec.mlet[0].name, {}, 0.5) for k in spec.inner_dims}
+        best = {(0, spec.tune_dim): (spec.baseline[0].name, {}, 0.5)}  # every side has a winner
+        best |= {(k, spec.tune_dim): (spec.mlet[0].name, {}, 0.5) for k in spec.inner_dims}
         assert frontier_count(spec) == len(frontier_runs(cfg, spec, tmp_path, best))
 
 

@@ -88,7 +88,7 @@ def test_tuning_choice_matches_the_runs_files(swept):
     assert len(tune) == 2 + 1  # baseline: 2 learning rates; MLET k=16: 1 point
     base = [r for r in tune if r["cfg"]["model"]["inner_dim"] == 0]
     best = max(base, key=lambda r: r["eval"])
-    chosen = report["chosen_recipes"]["0"]
+    chosen = report["chosen_recipes"]["0@4"]
     assert chosen["point"]["optim.embedding_lr"] == best["cfg"]["optim"]["embedding_lr"]
     assert chosen["eval_auc"] == pytest.approx(best["eval"])
     # the frontier baselines use the chosen learning rate, unscaled

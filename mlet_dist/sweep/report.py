@@ -187,10 +187,14 @@ def summarize(
                 "epoch": r["chosen"]["epoch"],
                 "seconds": r["seconds"],
             }
-            for r in sorted(tune, key=lambda r: (r["k"], r["recipe"], json.dumps(r["point"])))
+            for r in sorted(
+                tune, key=lambda r: (r["k"], r["d"], r["recipe"], json.dumps(r["point"]))
+            )
         ],
+        # "k@d": the winner of side k (0 = baseline) tuned at d
         "chosen_recipes": {
-            str(k): {"recipe": n, "point": p, "eval_auc": a} for k, (n, p, a) in tuned.items()
+            f"{k}@{d}": {"recipe": n, "point": p, "eval_auc": a}
+            for (k, d), (n, p, a) in tuned.items()
         },
         "variants": sorted(variants.values(), key=lambda v: (v["k"], v["d"])),
         "reductions": reductions,
@@ -212,27 +216,33 @@ def markdown(report: dict[str, Any], title: str, num_tables: int) -> str:
     regime = (
         "one pass" if spec["epochs"] == 1 else f"best of up to {spec['epochs']} epochs by eval AUC"
     )
+    tuned_at = ", ".join(map(str, spec.get("tune_dims") or [spec["tune_dim"]]))
+    seeds = f"{spec['seeds']} seeds"
+    if spec.get("max_seeds"):
+        seeds += f" ({spec['max_seeds']} where their eval AUC spread > {spec['seed_spread']})"
     lines += [
         f"Regime: {regime}"
-        f" · recipes tuned at d = {spec['tune_dim']} on the eval split ({spec['tune_seeds']} "
-        f"seed(s)) · frontier: {spec['seeds']} seeds · test split reported.",
+        f" · recipes tuned at d = {tuned_at} on the eval split ({spec['tune_seeds']} "
+        f"seed(s); the frontier at d uses the winner tuned at the nearest d) · frontier: {seeds}"
+        f"{' (MLET: the best tuned k at each d)' if spec.get('frontier_k') == 'best' else ''}"
+        " · test split reported.",
         "",
         "## Tuning (eval AUC)",
         "",
-        "| side | recipe | grid point | seed | eval AUC | epoch |",
-        "|---|---|---|---|---|---|",
+        "| side | d | recipe | grid point | seed | eval AUC | epoch |",
+        "|---|---|---|---|---|---|---|",
     ]
     chosen = report["chosen_recipes"]
     for t in report["tuning"]:
         side = f"MLET k={t['k']}" if t["k"] else "baseline"
-        win = chosen.get(str(t["k"]), {})
+        win = chosen.get(f"{t['k']}@{t['d']}", {})
         mark = (
             " **(chosen)**"
             if win.get("recipe") == t["recipe"] and win.get("point") == t["point"]
             else ""
         )
         lines.append(
-            f"| {side} | {t['recipe']}{mark} | {_point_name(t['point'])} | {t['seed']} | "
+            f"| {side} | {t['d']} | {t['recipe']}{mark} | {_point_name(t['point'])} | {t['seed']} | "
             f"{t['eval_auc']:.4f} | {t['epoch']} |"
         )
     buckets = sorted({b for v in report["variants"] for b in v["test_auc_buckets"]},
@@ -245,9 +255,9 @@ def markdown(report: dict[str, Any], title: str, num_tables: int) -> str:
         "",
         "## Frontier (test split, mean ± std over seeds)",
         "",
-        "| variant | recipe | served B/row | eval AUC | test AUC | test log loss | epoch | "
+        "| variant | recipe | served B/row | seeds | eval AUC | test AUC | test log loss | epoch | "
         + " | ".join(f"AUC {b} ({bucket_rows[b]} rows)" for b in buckets) + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(buckets),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(buckets),
     ]  # fmt: skip
     for v in report["variants"]:
         cells = [
@@ -255,7 +265,8 @@ def markdown(report: dict[str, Any], title: str, num_tables: int) -> str:
         ]
         lines.append(
             f"| {v['variant']} | {v['recipe']} {_point_name(v['point'])} | "
-            f"{num_tables * v['d'] * BYTES_PER_VALUE} | {_pm(v['eval_auc'])} | {_pm(v['test_auc'])}"
+            f"{num_tables * v['d'] * BYTES_PER_VALUE} | {v['seeds']} | {_pm(v['eval_auc'])} | "
+            f"{_pm(v['test_auc'])}"
             f" | {_pm(v['test_log_loss'])} | {v['epoch']['mean']:.1f} | " + " | ".join(cells) + " |"
         )
     lines += [

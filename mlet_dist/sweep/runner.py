@@ -34,6 +34,7 @@ from mlet_dist.sweep.spec import (
     frontier_count,
     frontier_runs,
     load_sweep,
+    more_seeds,
     tune_runs,
 )
 from mlet_dist.utils.files import atomic_write_json, finite_json
@@ -289,8 +290,21 @@ def _sweep_into(
     frontier = frontier_runs(cfg, spec, work, best)
     if stage in ("all", "frontier"):
         run_all(frontier, jobs, threads, keep, shard)
-        if stage == "frontier" or shard != (0, 1):
-            return None
+    first = [r for f in frontier if (r := read_result(f)) is not None]
+    # Extra seeds (max_seeds) are decided from the first seeds' eval AUCs once all of them exist
+    # (a shard that finishes early leaves that to the next call).
+    extra = more_seeds(spec, first) if len(first) == len(frontier) else {}
+    if extra:
+        frontier = frontier_runs(cfg, spec, work, best, seeds=extra)
+        if stage in ("all", "frontier"):
+            logger.info(
+                "%d variant(s) spread over %.4f eval AUC across their %d seeds: %d seeds each (%s)",
+                len(extra), spec.seed_spread, spec.seeds, spec.max_seeds,
+                ", ".join(f"k={k} d={d}" for k, d in sorted(extra)),
+            )  # fmt: skip
+            run_all(frontier, jobs, threads, keep, shard)
+    if stage == "frontier" or (stage == "all" and shard != (0, 1)):
+        return None
     done = [r for f in frontier if (r := read_result(f)) is not None]
     partial = len(done) < len(frontier)
     if (partial and stage != "report") or not done:

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,12 +49,24 @@ class SweepSpec:
     seeds: int = 3
     """Seeds per frontier variant (train.seed = config seed + 0, 1, ...)."""
     tune_dim: int = 8
-    """d at which the recipes are tuned (eval split, one seed)."""
+    """d at which the recipes are tuned (eval split, one seed), unless ``tune_dims`` is given."""
+    tune_dims: list[int] = field(default_factory=list)
+    """Tune at each of these d (a learning rate tuned at one d need not suit another, e.g. an
+    EBC(64) tuned at d = 8); the frontier at d uses the winner tuned at the nearest of them
+    (in log2 d). Empty: ``[tune_dim]``."""
+    frontier_k: str = "all"
+    """'all': the frontier trains MLET(k, d) for every k of ``inner_dims``; 'best': at each d only
+    the k whose tuned eval AUC (at the tune d nearest d) is best."""
     tune_seeds: int = 1
     """Seeds per tune point (the eval AUC is averaged over them)."""
     epochs: int = 1
     """1 = one pass over the training data; > 1 = up to this many epochs, each run's epoch chosen
     by its eval AUC (stops after the first epoch whose eval AUC is lower than the best)."""
+    max_seeds: int = 0
+    """More seeds where the seeds disagree: a frontier variant whose eval AUC spread (std over its
+    ``seeds`` seeds) is above ``seed_spread`` is trained with ``max_seeds`` seeds. 0: off."""
+    seed_spread: float = 0.005
+    """The eval AUC std above which a variant gets ``max_seeds`` seeds."""
     epsilon: float = 0.001
     """The recommendation: the smallest served d whose mean eval AUC is within epsilon of the best."""
     baseline: list[Recipe] = field(default_factory=list)
@@ -73,6 +86,19 @@ class SweepSpec:
             raise ConfigError(f"{origin}: inner_dims must be positive integers")
         if self.seeds < 1 or self.tune_seeds < 1 or self.epochs < 1:
             raise ConfigError(f"{origin}: seeds, tune_seeds and epochs must be at least 1")
+        if any(d <= 0 or d % 4 for d in self.tune_dims):
+            raise ConfigError(
+                f"{origin}: tune_dims {self.tune_dims} must be positive multiples of 4 (as dims)"
+            )
+        if self.frontier_k not in ("all", "best"):
+            raise ConfigError(f"{origin}: frontier_k = {self.frontier_k!r}: use 'all' or 'best'")
+        if self.max_seeds and self.max_seeds <= self.seeds:
+            raise ConfigError(
+                f"{origin}: max_seeds = {self.max_seeds} must be above seeds = {self.seeds} "
+                f"(or 0: no extra seeds)"
+            )
+        if not self.seed_spread >= 0:
+            raise ConfigError(f"{origin}: seed_spread must be >= 0 (an AUC std)")
         if not self.epsilon >= 0:
             raise ConfigError(f"{origin}: epsilon must be >= 0 (an AUC margin), got {self.epsilon}")
         if not self.baseline:
@@ -111,7 +137,11 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
             isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
         ):
             raise ConfigError(f"{path}: {key} = {value!r} must be a number")
-        elif key in ("dims", "inner_dims") and not all(map(_is_int, _list(path, key, value))):
+        elif hints[key] is str and not isinstance(value, str):
+            raise ConfigError(f"{path}: {key} = {value!r} must be a string")
+        elif key in ("dims", "inner_dims", "tune_dims") and not all(
+            map(_is_int, _list(path, key, value))
+        ):
             raise ConfigError(f"{path}: {key} = {value!r} must be a list of integers")
         setattr(spec, key, value)
     spec.check(str(path))
@@ -241,6 +271,11 @@ def _sides(spec: SweepSpec, d: int) -> list[tuple[str, int, list[Recipe]]]:
     return sides
 
 
+def tune_dims(spec: SweepSpec) -> list[int]:
+    """The d values the recipes are tuned at."""
+    return sorted(spec.tune_dims) if spec.tune_dims else [spec.tune_dim]
+
+
 def check_variants(base: Config, spec: SweepSpec) -> None:
     """Builds the config of every variant the sweep may train (each d, side, recipe and grid
     point), so that a value the config refuses stops the sweep before any run starts.
@@ -248,7 +283,7 @@ def check_variants(base: Config, spec: SweepSpec) -> None:
     Raises:
         ConfigError: naming the recipe, k, d, the grid point and the key.
     """
-    for d in sorted({*spec.dims, spec.tune_dim}):
+    for d in sorted({*spec.dims, *tune_dims(spec)}):
         for _, k, recipes in _sides(spec, d):
             for recipe in recipes:
                 for point in _points(recipe):
@@ -256,62 +291,111 @@ def check_variants(base: Config, spec: SweepSpec) -> None:
 
 
 def tune_runs(base: Config, spec: SweepSpec, work: Path) -> list[RunSpec]:
-    """Stage 1: every recipe × grid point of each side at ``tune_dim``, ``tune_seeds`` seeds."""
+    """Stage 1: every recipe × grid point of each side at each tune d, ``tune_seeds`` seeds."""
     runs = []
-    d = spec.tune_dim
-    for side, k, recipes in _sides(spec, d):
-        for recipe in recipes:
-            for point in _points(recipe):
-                for seed in range(spec.tune_seeds):
-                    cfg = variant_config(base, k, d, recipe, point, seed)
-                    name = f"k{k}_d{d}_{recipe.name}_{_point_name(point)}_s{seed}"
-                    cfg.train.run_dir = str(work / "tune" / name)
-                    runs.append(
-                        RunSpec("tune", side, k, d, recipe.name, point, seed, cfg.to_dict(),
-                                spec.epochs)
-                    )  # fmt: skip
+    for d in tune_dims(spec):
+        for side, k, recipes in _sides(spec, d):
+            for recipe in recipes:
+                for point in _points(recipe):
+                    for seed in range(spec.tune_seeds):
+                        cfg = variant_config(base, k, d, recipe, point, seed)
+                        name = f"k{k}_d{d}_{recipe.name}_{_point_name(point)}_s{seed}"
+                        cfg.train.run_dir = str(work / "tune" / name)
+                        runs.append(
+                            RunSpec("tune", side, k, d, recipe.name, point, seed, cfg.to_dict(),
+                                    spec.epochs)
+                        )  # fmt: skip
     return runs
 
 
-def best_recipes(
-    spec: SweepSpec, results: list[dict[str, Any]]
-) -> dict[int, tuple[str, dict[str, Any], float]]:
-    """Per side (k; 0 = baseline), the recipe and point with the best mean eval AUC."""
-    scores: dict[tuple[int, str, str], list[float]] = {}
-    points: dict[tuple[int, str, str], dict[str, Any]] = {}
+Best = dict[tuple[int, int], tuple[str, dict[str, Any], float]]
+"""(k, tune d) -> (recipe, grid point, mean eval AUC) of the side's winner there; k = 0 is the
+baseline."""
+
+
+def best_recipes(spec: SweepSpec, results: list[dict[str, Any]]) -> Best:
+    """Per side (k; 0 = baseline) and tune d, the recipe and point with the best mean eval AUC."""
+    scores: dict[tuple[int, int, str, str], list[float]] = {}
+    points: dict[tuple[int, int, str, str], dict[str, Any]] = {}
     for r in results:
-        key = (r["k"], r["recipe"], json.dumps(r["point"], sort_keys=True))
+        key = (r["k"], r["d"], r["recipe"], json.dumps(r["point"], sort_keys=True))
         scores.setdefault(key, []).append(r["chosen"]["eval"]["auc"])
         points[key] = r["point"]
-    best: dict[int, tuple[str, dict[str, Any], float]] = {}
-    for (k, recipe, p), aucs in sorted(scores.items()):
+    best: Best = {}
+    for (k, d, recipe, p), aucs in sorted(scores.items()):
         mean = float(np.mean(aucs))
-        if k not in best or mean > best[k][2]:
-            best[k] = (recipe, points[(k, recipe, p)], mean)
+        if (k, d) not in best or mean > best[(k, d)][2]:
+            best[(k, d)] = (recipe, points[(k, d, recipe, p)], mean)
     return best
 
 
+def _nearest(d: int, tuned: list[int]) -> int | None:
+    """The tuned d nearest d in log2 (a tie goes to the smaller)."""
+    return min(tuned, key=lambda t: (abs(math.log2(t / d)), t)) if tuned else None
+
+
+def frontier_choice(
+    spec: SweepSpec, best: Best, d: int
+) -> list[tuple[str, int, str, dict[str, Any]]]:
+    """The (side, k, recipe, grid point) the frontier trains at d: each side's winner tuned at the
+    tune d nearest d; under ``frontier_k = 'best'`` only the MLET k of the best such eval AUC."""
+    chosen = []
+    scored = []
+    for side, k, _ in _sides(spec, d):
+        t = _nearest(d, [td for (kk, td) in best if kk == k])
+        if t is None:
+            continue
+        name, point, auc = best[(k, t)]
+        (chosen if side == "baseline" else scored).append(((side, k, name, point), auc))
+    if spec.frontier_k == "best" and scored:
+        scored = [max(scored, key=lambda c: c[1])]
+    return [c for c, _ in chosen + scored]
+
+
 def frontier_count(spec: SweepSpec) -> int:
-    """How many runs :func:`frontier_runs` makes (known before the tune stage picks recipes)."""
-    return sum(len(_sides(spec, d)) for d in spec.dims) * spec.seeds
+    """How many runs :func:`frontier_runs` makes before extra seeds (known before the tune stage
+    picks the recipes)."""
+    per_d = [
+        1 + (min(1, len(sides) - 1) if spec.frontier_k == "best" else len(sides) - 1)
+        for sides in (_sides(spec, d) for d in spec.dims)
+    ]
+    return sum(per_d) * spec.seeds
 
 
 def frontier_runs(
-    base: Config, spec: SweepSpec, work: Path, best: dict[int, tuple[str, dict[str, Any], float]]
+    base: Config,
+    spec: SweepSpec,
+    work: Path,
+    best: Best,
+    seeds: dict[tuple[int, int], int] | None = None,
 ) -> list[RunSpec]:
-    """Stage 2: every d with each side's winning recipe, ``seeds`` seeds."""
+    """Stage 2: every d with each side's winning recipe, ``seeds`` seeds (``seeds[(k, d)]`` for
+    a variant given more by :func:`more_seeds`)."""
     recipes = {r.name: r for r in [*spec.baseline, *spec.mlet]}
     runs = []
     for d in spec.dims:
-        for side, k, _ in _sides(spec, d):
-            if k not in best:
-                continue
-            name, point, _ = best[k]
+        for side, k, name, point in frontier_choice(spec, best, d):
             recipe = recipes[name]
-            for seed in range(spec.seeds):
+            for seed in range((seeds or {}).get((k, d), spec.seeds)):
                 cfg = variant_config(base, k, d, recipe, point, seed)
                 cfg.train.run_dir = str(work / "frontier" / f"k{k}_d{d}_{name}_s{seed}")
                 runs.append(
                     RunSpec("frontier", side, k, d, name, point, seed, cfg.to_dict(), spec.epochs)
                 )
     return runs
+
+
+def more_seeds(spec: SweepSpec, results: list[dict[str, Any]]) -> dict[tuple[int, int], int]:
+    """The variants (k, d) whose eval AUC std over their first ``seeds`` seeds is above
+    ``seed_spread``, each mapped to ``max_seeds`` (chosen on the eval split, never on test)."""
+    if not spec.max_seeds:
+        return {}
+    aucs: dict[tuple[int, int], list[float]] = {}
+    for r in results:
+        if r["seed"] < spec.seeds:
+            aucs.setdefault((r["k"], r["d"]), []).append(r["chosen"]["eval"]["auc"])
+    return {
+        kd: spec.max_seeds
+        for kd, a in aucs.items()
+        if len(a) > 1 and float(np.std(a, ddof=1)) > spec.seed_spread
+    }
