@@ -33,7 +33,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from mlet_dist.config import ConfigError, ModelConfig, OptimConfig
+from mlet_dist.config import ConfigError, OptimConfig
 
 STATE_BYTES = 4
 """Bytes of one optimizer state value: fbgemm and torch.optim keep it in fp32, also for an fp16
@@ -117,26 +117,30 @@ def _lookup(registry: Mapping[str, Any], kind: str, key: str) -> Any:
     return registry[kind]
 
 
-def w1_learning_rate(optim: OptimConfig, model: ModelConfig) -> float:
-    """The learning rate W1's fused optimizer gets: ``optim.embedding_lr``, times sqrt(d / k)
-    under ``optim.w1_lr_scaling`` = 'sqrt_d_over_k', or 'auto' when every table is factorized
-    with one k (see that key).
+def w1_learning_rate(optim: OptimConfig, d: int, k: int | None) -> float:
+    """The learning rate of one table's fused optimizer, for a table of served width ``d`` and
+    inner width ``k`` (0 or None: a single-layer table): ``optim.embedding_lr``, times
+    sqrt(d / k) for a factorized table under ``optim.w1_lr_scaling`` = 'sqrt_d_over_k' or 'auto'
+    (see that key). A single-layer table trains at embedding_lr itself.
 
-    Example: embedding_lr 0.1, d = 8, k = 32 (every table), 'auto' -> 0.1 * sqrt(8 / 32) = 0.05.
+    Each table gets its own rate (:func:`mlet_dist.distributed.parallelize.build_sharded_model`
+    puts it on the table's weight for TorchRec's sharder), so tables of different k train
+    matched in one model.
+
+    Example: embedding_lr 0.1, d = 8, k = 32, 'auto' -> 0.1 * sqrt(8 / 32) = 0.05; k = 0 -> 0.1.
     """
-    uniform = bool(model.inner_dim) and all(
-        k == model.inner_dim for k in model.inner_dim_per_table.values()
-    )
-    if optim.w1_lr_scaling in ("sqrt_d_over_k", "auto") and uniform:
-        return optim.embedding_lr * (model.embedding_dim / model.inner_dim) ** 0.5
+    if optim.w1_lr_scaling in ("sqrt_d_over_k", "auto") and k:
+        return optim.embedding_lr * (d / k) ** 0.5
     return optim.embedding_lr
 
 
 def fused_params(cfg: OptimConfig, device: torch.device) -> dict[str, Any]:
     """fbgemm's fused-optimizer parameters of W1 (the sharder's ``fused_params``).
 
-    The learning rate is ``cfg.embedding_lr`` as given: a run's caller puts W1's effective rate
-    there (:func:`w1_learning_rate`).
+    The learning rate is ``cfg.embedding_lr`` as given: the rate of every table that has no rate
+    of its own. A run gives each table its own (:func:`w1_learning_rate`) on the table's weight
+    (:func:`mlet_dist.distributed.sharding.annotate_fused_optimizer`), which TorchRec's sharder
+    puts over this one.
 
     Raises:
         ConfigError: the kind has no CPU kernel and ``device`` is not CUDA.

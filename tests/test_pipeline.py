@@ -335,7 +335,7 @@ def test_tensorboard_events_hold_the_listed_scalars(tmp_path, monkeypatch):
     assert sorted(series("train/loss")) == [2, 4, 6, 8]
     f = lr_lambda(cfg.optim)
     for tag, base in [
-        ("lr/w1", w1_learning_rate(cfg.optim, cfg.model)),
+        ("lr/w1", w1_learning_rate(cfg.optim, cfg.model.embedding_dim, cfg.model.inner_dim)),
         ("lr/dense", cfg.optim.dense_lr),
     ]:
         assert series(tag) == pytest.approx({s: base * f(s) for s in (2, 4, 6, 8)}, rel=1e-6)

@@ -108,7 +108,7 @@ def test_mlet_lr_scaling_and_init(swept):
                 and o["w1_lr_scaling"] == "sqrt_d_over_k"
             )
             run_cfg = config_from_dict(r["cfg"])
-            lr = w1_learning_rate(run_cfg.optim, run_cfg.model)
+            lr = w1_learning_rate(run_cfg.optim, d, k)
             assert lr == pytest.approx(cfg.optim.embedding_lr * math.sqrt(d / k))
             assert m["projection_init"] == "orthogonal"
             assert m["dense_arch_layer_sizes"][-1] == d

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from mlet_dist.config import ConfigError, load_config
+from mlet_dist.config import load_config
 from mlet_dist.distributed.parallelize import init_distributed
 from mlet_dist.optim import w1_learning_rate
 from mlet_dist.train import Trainer
@@ -70,28 +70,23 @@ def _cfg(tmp_path, *extra):
 @pytest.mark.parametrize("scaling,want", [("none", 0.1), ("sqrt_d_over_k", 0.1 * 0.5)])
 def test_fused_optimizer_gets_the_scaled_rate(tmp_path, scaling, want):
     cfg = _cfg(tmp_path, f"--optim.w1_lr_scaling={scaling}")
-    assert w1_learning_rate(cfg.optim, cfg.model) == pytest.approx(want)
+    assert w1_learning_rate(cfg.optim, 8, 32) == pytest.approx(want)
     trainer = Trainer(cfg, init_distributed(cfg.dist))
     lrs = [g["lr"] for g in trainer.model.fused_optimizer.param_groups]
     assert lrs and all(lr == pytest.approx(want) for lr in lrs)
-    # a plain model is not scaled
-    plain = _cfg(tmp_path, f"--optim.w1_lr_scaling={scaling}", "--model.inner_dim=0")
-    assert w1_learning_rate(plain.optim, plain.model) == pytest.approx(0.1)
+    # a single-layer table is not scaled
+    assert w1_learning_rate(cfg.optim, 8, 0) == pytest.approx(0.1)
+    assert w1_learning_rate(cfg.optim, 8, None) == pytest.approx(0.1)
 
 
-def test_scaling_needs_one_k(tmp_path):
-    with pytest.raises(ConfigError, match="needs one inner dimension"):
-        _cfg(
+def test_auto_scales_each_factorized_table(tmp_path):
+    """'auto' and 'sqrt_d_over_k' take mixed k (each table its own rate, tests/test_per_table_k.py)."""
+    for scaling in ("auto", "sqrt_d_over_k"):
+        mixed = _cfg(
             tmp_path,
-            "--optim.w1_lr_scaling=sqrt_d_over_k",
-            "--model.inner_dim_per_table={t_cat_0 = 0}",
+            f"--optim.w1_lr_scaling={scaling}",
+            "--model.inner_dim_per_table={t_cat_0 = 0, t_cat_1 = 128}",
         )
-
-
-def test_auto_scales_only_a_uniform_model(tmp_path):
-    uniform = _cfg(tmp_path, "--optim.w1_lr_scaling=auto")
-    assert w1_learning_rate(uniform.optim, uniform.model) == pytest.approx(0.05)
-    mixed = _cfg(
-        tmp_path, "--optim.w1_lr_scaling=auto", "--model.inner_dim_per_table={t_cat_0 = 0}"
-    )
-    assert w1_learning_rate(mixed.optim, mixed.model) == pytest.approx(0.1)
+        assert w1_learning_rate(mixed.optim, 8, 32) == pytest.approx(0.05)
+        assert w1_learning_rate(mixed.optim, 8, 128) == pytest.approx(0.025)
+        assert w1_learning_rate(mixed.optim, 8, 0) == pytest.approx(0.1)

@@ -34,7 +34,7 @@ from mlet_dist.config.load import (
     parse_overrides,
     validate,
 )
-from mlet_dist.config.model import ModelConfig
+from mlet_dist.config.model import ModelConfig, table_inner_dim
 from mlet_dist.config.optim import OptimConfig
 from mlet_dist.config.synthetic import SyntheticConfig
 from mlet_dist.config.train import TrainConfig
@@ -61,5 +61,6 @@ __all__ = [
     "config_from_dict",
     "load_config",
     "parse_overrides",
+    "table_inner_dim",
     "validate",
 ]

@@ -187,7 +187,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "saved config") -> Confi
 def validate(cfg: Config) -> None:
     """Each section's own check, then the checks that span sections."""
     cfg.model.check()
-    cfg.optim.check(cfg.model)
+    cfg.optim.check()
     cfg.data.check()
     cfg.train.check()
     cfg.synthetic.check()

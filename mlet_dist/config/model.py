@@ -17,7 +17,9 @@ class ModelConfig:
     inner_dim: int = 64
     """k: the inner (training) dimension of W1 = vocab × k. 0 = ordinary single-layer tables."""
     inner_dim_per_table: dict[str, int] = field(default_factory=dict)
-    """Per-table k overriding `inner_dim`, e.g. {t_cat_0 = 128}; 0 makes that table single-layer."""
+    """Per-table k overriding `inner_dim` (and `inner_dim_min_rows`), e.g. {t_cat_0 = 128}; 0 makes that table single-layer."""
+    inner_dim_min_rows: int = 0
+    """Tables with fewer rows than this are single-layer (k = 0): a small table needs no MLET. 0 = every table takes `inner_dim`; `inner_dim_per_table` still overrides per table."""
     pooling: Literal["sum", "mean"] = "sum"
     """Pooling of each bag: 'sum' or 'mean'."""
     projection_init: Literal["normal", "xavier", "orthogonal"] = "orthogonal"
@@ -47,6 +49,7 @@ class ModelConfig:
         )
         for name, k in [("model.inner_dim", m.inner_dim), *per_table]:
             check_number(name, k, 0, why="0 = a single-layer table")
+        check_number("model.inner_dim_min_rows", m.inner_dim_min_rows, 0, why="0 = no minimum")
         check_number("model.projection_init_std", m.projection_init_std, 0, why="0 = 1/sqrt(k)")
         check_number("model.dcn_num_layers", m.dcn_num_layers, 1)
         check_number("model.dcn_low_rank_dim", m.dcn_low_rank_dim, 1)
@@ -80,3 +83,17 @@ class ModelConfig:
                     f"{name} = {k} is smaller than model.embedding_dim = {m.embedding_dim}: MLET needs "
                     f"k >= d (use 0 for an ordinary single-layer table)"
                 )
+
+
+def table_inner_dim(model: ModelConfig, name: str, rows: int) -> int:
+    """k of table ``name`` with ``rows`` rows (0: single-layer), the one place it is derived:
+    ``model.inner_dim_per_table[name]`` when given, else 0 below ``model.inner_dim_min_rows``
+    rows, else ``model.inner_dim``.
+
+    Example: inner_dim 64, inner_dim_min_rows 1000: a table of 20 rows -> 0, of 5000 rows -> 64.
+    """
+    if name in model.inner_dim_per_table:
+        return model.inner_dim_per_table[name]
+    if rows < model.inner_dim_min_rows:
+        return 0
+    return model.inner_dim

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mlet_dist.config.error import ConfigError, check_number
-from mlet_dist.config.model import ModelConfig
+from mlet_dist.config.error import check_number
 
 
 @dataclass
@@ -16,7 +15,7 @@ class OptimConfig:
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     """W1 optimizer: 'rowwise_adagrad', 'adagrad', 'sgd' (fbgemm fused) or 'adam' (GPU only)."""
     embedding_lr: float = 0.1
-    """Learning rate of single-layer tables, and of W1 (times sqrt(d / k) under w1_lr_scaling). 0.1: the tuned optimum of row-wise Adagrad on the synthetic teacher and MovieLens (docs/results.md#the-recommended-recipe-the-default-and-why)."""
+    """Learning rate of single-layer tables, and of each factorized table's W1 (times sqrt(d / k) of that table's k under w1_lr_scaling). 0.1: the tuned optimum of row-wise Adagrad on the synthetic teacher and MovieLens (docs/results.md#the-recommended-recipe-the-default-and-why)."""
     dense_optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
     """Optimizer of W2 and the MLPs: 'adagrad', 'adam' or 'sgd'."""
     dense_lr: float = 0.05
@@ -24,7 +23,7 @@ class OptimConfig:
     projection_lr: float = 0.02
     """Learning rate of W2; 0 means the same as dense_lr."""
     w1_lr_scaling: Literal["none", "sqrt_d_over_k", "auto"] = "auto"
-    """'sqrt_d_over_k': W1 of MLET(k, d) trains with embedding_lr * sqrt(d / k). With row-wise Adagrad and W2 of orthonormal columns (model.projection_init = 'orthogonal') a W1 step then moves the collapsed rows W1 @ W2 exactly as far as a plain d-dim table's step at embedding_lr (docs/results.md#the-recommended-recipe-the-default-and-why), so one tuned embedding_lr serves both and MLET differs from the plain table only by what W2 learns. Needs one k for every table. 'auto': the same when every table is factorized with one k, else 'none'. 'none': embedding_lr as it is (W1's steps then move the collapsed table about sqrt(k / d) times further than a plain table's)."""
+    """'sqrt_d_over_k': W1 of each MLET(k, d) table trains with embedding_lr * sqrt(d / k), k that table's own (model.inner_dim_per_table, model.inner_dim_min_rows); single-layer tables train at embedding_lr. With row-wise Adagrad and W2 of orthonormal columns (model.projection_init = 'orthogonal') a W1 step then moves the collapsed rows W1 @ W2 exactly as far as a plain d-dim table's step at embedding_lr (docs/results.md#the-recommended-recipe-the-default-and-why), so one tuned embedding_lr serves every table and MLET differs from the plain table only by what W2 learns. Tables of different k train together, each at its own rate (its own fbgemm TBE and param group of the fused optimizer). 'auto': the same as 'sqrt_d_over_k' (a model without factorized tables trains at embedding_lr either way). 'none': embedding_lr as it is for every table (W1's steps then move the collapsed table about sqrt(k / d) times further than a plain table's)."""
     eps: float = 1e-8
     """Epsilon of the Adagrad/Adam optimizers."""
     warmup_steps: int = 0
@@ -34,9 +33,8 @@ class OptimConfig:
     decay_steps: int = 0
     """Steps over which the learning rate decays to 0 (squared polynomial, as MLPerf DLRM)."""
 
-    def check(self, model: ModelConfig) -> None:
-        """Checks of this section (the W1 scaling needs the model's inner dimensions)."""
-        m = model
+    def check(self) -> None:
+        """Checks of this section alone."""
         for key in ("embedding_lr", "dense_lr"):
             check_number(f"optim.{key}", getattr(self, key), 0, above=True,
                          why="a negative rate trains by gradient ascent")  # fmt: skip
@@ -44,11 +42,3 @@ class OptimConfig:
         check_number("optim.eps", self.eps, 0, above=True)
         for key in ("warmup_steps", "decay_start_step", "decay_steps"):
             check_number(f"optim.{key}", getattr(self, key), 0)
-        if self.w1_lr_scaling == "sqrt_d_over_k":
-            ks = {m.inner_dim, *m.inner_dim_per_table.values()}
-            if len(ks) > 1:
-                raise ConfigError(
-                    f"optim.w1_lr_scaling = {self.w1_lr_scaling!r} needs one inner dimension for "
-                    f"every table (all W1 tables share one fused optimizer), got k in {sorted(ks)}: "
-                    f"drop model.inner_dim_per_table or set optim.w1_lr_scaling = 'none'"
-                )

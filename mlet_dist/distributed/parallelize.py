@@ -10,10 +10,10 @@ optimizer and the LR schedule are built by training (:mod:`mlet_dist.optim`).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,7 @@ from mlet_dist.distributed.sharding import (
     make_topology,
 )
 from mlet_dist.models import build_dlrm
+from mlet_dist.modules.mlet import inner_dim_of
 from mlet_dist.optim import w1_learning_rate
 from mlet_dist.schema import FeatureSchema, schema_of
 
@@ -119,6 +120,7 @@ def parallelize(
     batch_size_per_rank: int,
     plan: ShardingPlan | None = None,
     data_parallel: bool | None = None,
+    table_lrs: Mapping[str, float] | None = None,
 ) -> DistributedModelParallel:
     """Plans and shards a meta-built model: W1 by the planner, W2 + MLPs replicated (DDP).
 
@@ -129,10 +131,13 @@ def parallelize(
         batch_size_per_rank: the planner's batch size (cost model).
         plan: use this plan instead of planning (e.g. a saved one).
         data_parallel: wrap W2 + MLPs in DDP; None = only when ``env.world_size > 1``.
+        table_lrs: W1's fused learning rate per table name
+            (:func:`~mlet_dist.distributed.sharding.annotate_fused_optimizer`); tables not named
+            (None: all) train at ``optim_cfg.embedding_lr``.
     """
     tables = embedding_tables(model)
     sharder = make_sharder(optim_cfg, env.device)
-    annotate_fused_optimizer(model, optim_cfg)
+    annotate_fused_optimizer(model, optim_cfg, table_lrs)
     if plan is None:
         topology = make_topology(dist_cfg, env.world_size, env.local_world_size, env.device.type)
         planner = make_planner(dist_cfg, topology, batch_size_per_rank, tables)
@@ -179,10 +184,10 @@ def build_sharded_model(
     """The one road from a config to a sharded model: build on meta, plan (or take ``plan``), shard.
 
     Used by training, evaluation, collapse and the benchmarks. W1 lives in fbgemm's TBEs with its
-    fused optimizer (rate: :func:`mlet_dist.optim.w1_learning_rate`); the dense optimizer and the
-    LR schedule are built separately, only by training
-    (:func:`mlet_dist.optim.build_optimizer`). Seeds torch with
-    ``train.seed`` first, so every rank initializes the replicated parameters identically.
+    fused optimizer (each table at its own rate: :func:`mlet_dist.optim.w1_learning_rate`); the
+    dense optimizer and the LR schedule are built separately, only by training
+    (:func:`mlet_dist.optim.build_optimizer`). Seeds torch with ``train.seed`` first, so every
+    rank initializes the replicated parameters identically.
 
     Args:
         cfg: the run's config.
@@ -202,8 +207,18 @@ def build_sharded_model(
         embedding_device=torch.device("meta"),
         dense_device=env.device,
     )
-    # W1's effective rate (optim.w1_lr_scaling) is given to fbgemm as the fused base LR.
-    optim_cfg = dataclasses.replace(cfg.optim, embedding_lr=w1_learning_rate(cfg.optim, cfg.model))
+    # Each table's W1 trains at its own base LR (optim.w1_lr_scaling: embedding_lr * sqrt(d / k),
+    # embedding_lr for a single-layer table), its TBE's param group in the LR schedule.
+    table_lrs = {
+        t.name: w1_learning_rate(cfg.optim, t.embedding_dim, inner_dim_of(t))
+        for t in embedding_tables(model)
+    }
     return parallelize(
-        model, env, cfg.dist, optim_cfg, cfg.data.batch_size // env.world_size, plan=plan
+        model,
+        env,
+        cfg.dist,
+        cfg.optim,
+        cfg.data.batch_size // env.world_size,
+        plan=plan,
+        table_lrs=table_lrs,
     )

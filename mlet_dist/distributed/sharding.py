@@ -8,6 +8,8 @@ per-table constraints and topology, one :func:`make_planner`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -72,20 +74,39 @@ def make_sharder(optim_cfg: OptimConfig, device: torch.device) -> MLETEmbeddingB
     return MLETEmbeddingBagCollectionSharder(fused_params=fused_params(optim_cfg, device))
 
 
-def annotate_fused_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> None:
-    """Tells TorchRec's planner which optimizer W1 trains with, so it counts its state.
+def annotate_fused_optimizer(
+    model: nn.Module, optim_cfg: OptimConfig, table_lrs: Mapping[str, float] | None = None
+) -> None:
+    """Tells TorchRec's planner which optimizer W1 trains with, so it counts its state, and the
+    sharder each table's own learning rate.
 
     The optimizer itself is given to fbgemm as ``fused_params``; the planner's storage estimate
     only sees optimizers recorded in a parameter's ``_optimizer_classes`` (as set by
     ``apply_optimizer_in_backward``). The class is the registered kind's ``planner_class``
     (:data:`mlet_dist.optim.W1_OPTIMIZERS`), which maps to the same fbgemm type as
     ``fused_params``, so the sharder derives an identical fused optimizer from it.
+
+    ``table_lrs`` (table name -> rate, :func:`mlet_dist.optim.w1_learning_rate`) go on each
+    table's weight as ``_optimizer_kwargs = [{"lr": rate}]``: TorchRec's EBC sharder reads them
+    per table and puts them over the sharder's ``fused_params`` (``merge_fused_params``, "lr"
+    becoming fbgemm's "learning_rate"); tables of different rates go to different TBEs, each its
+    own param group of the fused optimizer, so the LR schedule scales each from its own base.
+    This is TorchRec's own per-table mechanism, without ``apply_optimizer_in_backward``: that
+    would also set ``_optimizer_classes`` (done here) and ``_in_backward_optimizers``, a second,
+    torch.optim optimizer on the meta weight that the fused kernel never runs. Tables not named
+    (None: all) train at ``optim_cfg.embedding_lr``, the sharder's. The planner does not read the
+    rates: the plan is the same with and without them.
     """
     cls = w1_optimizer(optim_cfg).planner_class
+    lrs = dict(table_lrs or {})
     for m in model.modules():
         if isinstance(m, MLETEmbeddingBagCollection):
-            for p in m.w1.parameters():
-                p._optimizer_classes = [cls]  # type: ignore[attr-defined]
+            for name, bag in m.w1.embedding_bags.items():
+                bag.weight._optimizer_classes = [cls]  # type: ignore[attr-defined]
+                if name in lrs:
+                    bag.weight._optimizer_kwargs = [{"lr": lrs.pop(name)}]  # type: ignore[attr-defined]
+    if lrs:
+        raise ValueError(f"learning rates given for tables the model lacks: {sorted(lrs)}")
 
 
 def embedding_tables(model: nn.Module) -> list[EmbeddingBagConfig]:

@@ -24,6 +24,7 @@ def served_model_config(model_cfg: ModelConfig) -> ModelConfig:
     out = copy.deepcopy(model_cfg)
     out.inner_dim = 0
     out.inner_dim_per_table = {}
+    out.inner_dim_min_rows = 0
     out.w1_dtype = "fp32"  # the collapsed rows are fp32 whatever W1's storage was
     return out
 

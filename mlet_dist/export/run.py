@@ -204,8 +204,9 @@ def _source(
     factorized = [t.name for t in tables if inner_dim_of(t)]
     if not factorized and not allow_plain:
         raise CollapseError(
-            f"run {run_dir} has no factorized tables (model.inner_dim = 0 and no "
-            f"model.inner_dim_per_table): there is nothing to collapse. Its tables already are "
+            f"run {run_dir} has no factorized tables (model.inner_dim = 0, or every table below "
+            f"model.inner_dim_min_rows, and no model.inner_dim_per_table with k > 0): there is "
+            f"nothing to collapse. Its tables already are "
             f"the served d-dim tables; pass --allow-plain (allow_plain=True) to export them as "
             f"they are."
         )

@@ -19,7 +19,7 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain, SparseArch
 from torchrec.modules.embedding_configs import DataType, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mlet_dist.config import ConfigError, ModelConfig
+from mlet_dist.config import ConfigError, ModelConfig, table_inner_dim
 from mlet_dist.modules.mlet import MLETEmbeddingBagCollection, MLETEmbeddingBagConfig
 from mlet_dist.schema import FeatureSchema
 
@@ -44,10 +44,11 @@ def build_tables(
     num_embeddings_per_feature: list[int],
     feature_names: list[str] | None = None,
 ) -> list[MLETEmbeddingBagConfig]:
-    """One table per categorical feature, factorized when its k (inner_dim) is non-zero.
+    """One table per categorical feature, factorized when its k is non-zero
+    (:func:`mlet_dist.config.table_inner_dim`: per-table k, ``model.inner_dim_min_rows``, k).
 
     Args:
-        model_cfg: model section (d, k, per-table k, pooling).
+        model_cfg: model section (d, k, per-table k, minimum rows of MLET, pooling).
         num_embeddings_per_feature: table rows per feature.
         feature_names: defaults to Criteo's cat_0..cat_{n-1}.
     """
@@ -71,7 +72,7 @@ def build_tables(
     tables = []
     for feature, rows in zip(names, num_embeddings_per_feature):
         name = table_name(feature)
-        k = model_cfg.inner_dim_per_table.get(name, model_cfg.inner_dim)
+        k = table_inner_dim(model_cfg, name, rows)
         tables.append(
             MLETEmbeddingBagConfig(
                 name=name,
@@ -88,7 +89,7 @@ def build_tables(
 
 def schema_tables(model_cfg: ModelConfig, schema: FeatureSchema) -> list[MLETEmbeddingBagConfig]:
     """The tables of a declared schema (a shared table lists several features), factorized when
-    their k (``model.inner_dim_per_table[name]``, else ``model.inner_dim``) is non-zero; pooling
+    their k (:func:`mlet_dist.config.table_inner_dim`) is non-zero; pooling
     per table (empty: ``model.pooling``). The Criteo preset gives :func:`build_tables`' tables."""
     if schema.criteo:
         return build_tables(model_cfg, [t.num_embeddings for t in schema.tables])
@@ -107,7 +108,7 @@ def schema_tables(model_cfg: ModelConfig, schema: FeatureSchema) -> list[MLETEmb
     )
     tables = []
     for t, cfg in zip(schema.tables, base):
-        k = model_cfg.inner_dim_per_table.get(t.name, model_cfg.inner_dim)
+        k = table_inner_dim(model_cfg, t.name, t.num_embeddings)
         pooling = t.pooling or model_cfg.pooling
         tables.append(
             dataclasses.replace(

@@ -242,7 +242,7 @@ def variant_config(
     for dotted, value in {**recipe.set, **point}.items():
         _set(cfg, dotted, value, origin)
     cfg.model.inner_dim = k
-    cfg.model.inner_dim_per_table = {}
+    cfg.model.inner_dim_per_table = {}  # (model.inner_dim_min_rows stays as the recipe sets it)
     cfg.model.embedding_dim = d
     if cfg.model.dense_arch_layer_sizes:
         cfg.model.dense_arch_layer_sizes = [*cfg.model.dense_arch_layer_sizes[:-1], d]

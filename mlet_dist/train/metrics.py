@@ -142,7 +142,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def learning_rates(optimizer: Any) -> dict[str, float]:
-    """The current LR of W1 (the fused TBE optimizer), W2 (``projection``) and the dense MLPs."""
+    """The current LR of W1 (the fused TBE optimizer), W2 (``projection``) and the dense MLPs.
+
+    W1's is its first TBE's: tables of different k train at different rates (each table's base
+    rate, :func:`mlet_dist.optim.w1_learning_rate`, times the one schedule), in different TBEs.
+    """
     names = {"fused": "w1", "projection": "w2", "dense": "dense"}
     out = {}
     for key, opt in optimizer.optimizers:

@@ -148,6 +148,7 @@ def plan_report(
             "embedding_dim": cfg.model.embedding_dim,
             "inner_dim": cfg.model.inner_dim,
             "inner_dim_per_table": dict(cfg.model.inner_dim_per_table),
+            "inner_dim_min_rows": cfg.model.inner_dim_min_rows,
             "w1_dtype": cfg.model.w1_dtype,
             "num_tables": len(tables),
             "embedding_optimizer": optimizer,

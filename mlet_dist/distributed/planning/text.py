@@ -47,9 +47,12 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as readable text: tables, per-rank memory, totals."""
     tg, tot, m = report["target"], report["totals"], report["model"]
     kind = tg["memory_kind"].upper()
+    k = m["inner_dim"] or "none (single-layer)"
+    if m.get("inner_dim_per_table") or m.get("inner_dim_min_rows"):
+        k = f"{k} (varies per table, see below)"  # inner_dim_per_table, inner_dim_min_rows
     out = [
         f"Sharding plan: {m['num_tables']} tables (d={m['embedding_dim']}, "
-        f"k={m['inner_dim'] or 'none (single-layer)'}, W1 {m.get('w1_dtype', 'fp32')}) on {tg['world_size']} x {tg['device']} "
+        f"k={k}, W1 {m.get('w1_dtype', 'fp32')}) on {tg['world_size']} x {tg['device']} "
         f"({tg['local_world_size']} per node), {kind} cap {gib(tot['device_cap_bytes'])} per "
         f"rank, batch {tg['batch_size_per_rank']}/rank, W1 optimizer {m['embedding_optimizer']}",
         "",
