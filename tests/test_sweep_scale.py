@@ -205,3 +205,20 @@ def test_study_sweep_end_to_end(tmp_path):
         )
     md = (work / "sweep.md").read_text()
     assert "tuned at d = 4, 8" in md and "the best tuned k at each d" in md
+
+
+def test_a_recipe_limited_to_some_k(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(
+        SPEC.format(frontier_k="all")
+        + '\n[[mlet]]\nname = "big"\ninner_dims = [128]\nset = { "model.inner_dim_min_rows" = 100 }\n'
+    )
+    spec = load_sweep(p)
+    cfg = load_config(REPO / "configs/synthetic_small.toml", [])
+    runs = tune_runs(cfg, spec, tmp_path)
+    assert sorted({(r.k, r.d) for r in runs if r.recipe == "big"}) == [(128, 4), (128, 32)]
+    assert all(r.config["model"]["inner_dim_min_rows"] == 100 for r in runs if r.recipe == "big")
+    assert all(r.config["model"]["inner_dim_min_rows"] == 0 for r in runs if r.recipe != "big")
+    p.write_text(p.read_text().replace("inner_dims = [128]", "inner_dims = [96]"))
+    with pytest.raises(ConfigError, match="among the sweep's inner_dims"):
+        load_sweep(p)

@@ -36,6 +36,9 @@ class Recipe:
     """Fixed overrides, ``{"optim.embedding_optimizer" = "sgd", ...}`` (``section.key`` keys)."""
     grid: dict[str, list[Any]] = field(default_factory=dict)
     """Values tried in the tune stage (Cartesian product), e.g. ``{"optim.embedding_lr" = [...]}``."""
+    inner_dims: list[int] = field(default_factory=list)
+    """MLET recipes only: train this recipe at these k only (each one of the sweep's
+    ``inner_dims``); empty: at every k."""
 
 
 @dataclass
@@ -109,6 +112,17 @@ class SweepSpec:
         for r in [*self.baseline, *self.mlet]:
             if not r.name or not all(c.isalnum() or c in "-_" for c in r.name):
                 raise ConfigError(f"{origin}: recipe name {r.name!r} must be letters/digits/-/_")
+        for r in self.baseline:
+            if r.inner_dims:
+                raise ConfigError(
+                    f"{origin}: [[baseline]] {r.name}: inner_dims is for MLET recipes"
+                )
+        for r in self.mlet:
+            if not set(r.inner_dims) <= set(self.inner_dims):
+                raise ConfigError(
+                    f"{origin}: [[mlet]] {r.name}: inner_dims {r.inner_dims} must be among the "
+                    f"sweep's inner_dims {self.inner_dims}"
+                )
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"{origin}: recipe names must be unique, repeated: {dup}")
@@ -167,7 +181,7 @@ def _recipe(path: Path, key: str, i: int, table: Any) -> Recipe:
     unknown = set(table) - set(typing.get_type_hints(Recipe))
     if unknown or "name" not in table:
         raise ConfigError(
-            f"{where}: needs 'name'; unknown keys {sorted(unknown)} (valid: name, set, grid)"
+            f"{where}: needs 'name'; unknown keys {sorted(unknown)} (valid: name, set, grid, inner_dims)"
         )
     if not isinstance(table["name"], str):
         raise ConfigError(f"{where}: name = {table['name']!r} must be a string")
@@ -176,6 +190,9 @@ def _recipe(path: Path, key: str, i: int, table: Any) -> Recipe:
     grid = table.get("grid", {})
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{where}: grid must be a table of section.key = [non-empty list]")
+    dims = table.get("inner_dims", [])
+    if not isinstance(dims, list) or not all(map(_is_int, dims)):
+        raise ConfigError(f"{where}: inner_dims must be a list of integers, got {dims!r}")
     return Recipe(**table)
 
 
@@ -267,7 +284,10 @@ def _point_name(point: dict[str, Any]) -> str:
 def _sides(spec: SweepSpec, d: int) -> list[tuple[str, int, list[Recipe]]]:
     sides = [("baseline", 0, spec.baseline)]
     # k == d adds no width to train with: MLET(k, d) is swept for k > d only.
-    sides += [("mlet", k, spec.mlet) for k in spec.inner_dims if k > d]
+    for k in spec.inner_dims:
+        recipes = [r for r in spec.mlet if not r.inner_dims or k in r.inner_dims]
+        if k > d and recipes:
+            sides.append(("mlet", k, recipes))
     return sides
 
 
