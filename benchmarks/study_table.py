@@ -52,12 +52,21 @@ def seeds(report: dict[str, Any]) -> str:
     return str(n[0]) if len(n) == 1 else f"{n[0]}–{n[-1]}"
 
 
+def compute(report: dict[str, Any]) -> str:
+    """Runs and their summed wall time (each run: one process, one thread)."""
+    secs = [t["seconds"] for t in report["tuning"]]
+    secs += [v["seconds"]["mean"] * v["seeds"] for v in report["variants"]]
+    n = len(report["tuning"]) + sum(v["seeds"] for v in report["variants"])
+    return f"{n} runs, {sum(secs) / 3600:.1f} h"
+
+
 def table(sets: list[tuple[str, dict[str, Any]]], dims: tuple[int, ...] = (4, 8, 16)) -> str:
     head = ["data set", "does d matter? (best EBC − EBC(smallest d))", "seeds"]
     head += [f"reduction at d = {d} (16–84%)" for d in dims]
+    head += ["compute"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rep in sets:
-        row = [name, slope(rep), seeds(rep), *(cell(rep, d) for d in dims)]
+        row = [name, slope(rep), seeds(rep), *(cell(rep, d) for d in dims), compute(rep)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
